@@ -1,0 +1,85 @@
+//! Command-line interface: clap derive, one file per subcommand. Each parses its flags, calls
+//! one library function, prints a table (stdout) and optionally writes `--json FILE`.
+
+mod bench;
+mod generate;
+mod inspect;
+mod logprob;
+mod model_cmd;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::path::Path;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "engram",
+    version,
+    about = "Locate, edit and unlearn facts in language models"
+)]
+pub struct Cli {
+    /// Log level (error, warn, info, debug, trace); also RUST_LOG.
+    #[arg(long, global = true, default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Manage models in the cache.
+    Model(model_cmd::Args),
+    /// Show a model's architecture, sizes and tensor types.
+    Inspect(inspect::Args),
+    /// Continue a prompt (greedy or sampled).
+    Generate(generate::Args),
+    /// Mean token log-probability of a target continuation.
+    Logprob(logprob::Args),
+    /// Prefill throughput against the machine's measured matmul peak.
+    Bench(bench::Args),
+}
+
+pub fn run() -> Result<ExitCode> {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.cmd {
+        Cmd::Model(a) => model_cmd::run(a),
+        Cmd::Inspect(a) => inspect::run(a),
+        Cmd::Generate(a) => generate::run(a),
+        Cmd::Logprob(a) => logprob::run(a),
+        Cmd::Bench(a) => bench::run(a),
+    }?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Load `--model` (default alias when absent) on the CPU, or CUDA with the `cuda` feature.
+pub fn load_model(spec: Option<&str>) -> Result<engram::model::Model> {
+    let device = device()?;
+    Ok(engram::model::load(spec, &device)?)
+}
+
+pub fn device() -> Result<candle_core::Device> {
+    #[cfg(feature = "cuda")]
+    {
+        return Ok(candle_core::Device::cuda_if_available(0)?);
+    }
+    #[allow(unreachable_code)]
+    Ok(candle_core::Device::Cpu)
+}
+
+/// Write `value` as pretty JSON to `path`, atomically.
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)?;
+    engram::model::save::write_atomic(path, |w| {
+        use std::io::Write;
+        w.write_all(text.as_bytes())
+            .map_err(|e| engram::Error::io(path, e))
+    })?;
+    Ok(())
+}

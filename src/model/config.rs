@@ -1,0 +1,200 @@
+//! An architecture-neutral model configuration, parsed from a Hugging Face `config.json` or
+//! from GGUF metadata. The raw serde structs stay private; the rest of engram sees [`Config`].
+
+use crate::error::{Error, Result};
+use serde_json::Value as Json;
+use std::path::Path;
+
+/// The model families engram can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    /// Llama, Mistral, Qwen2 (q/k/v bias), SmolLM: pre-RMSNorm, RoPE, SwiGLU MLP.
+    Llama,
+    /// GPT-2: pre-LayerNorm, learned positions, GELU MLP, Conv1D weights.
+    Gpt2,
+}
+
+impl Arch {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Gpt2 => "gpt2",
+        }
+    }
+}
+
+/// The resolved configuration every model family runs from.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Config {
+    pub arch: Arch,
+    pub n_layers: usize,
+    pub d_model: usize,
+    pub d_mlp: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub max_positions: usize,
+    pub norm_eps: f64,
+    /// RoPE base frequency (Llama family only).
+    pub rope_theta: f64,
+    /// The output head shares the token embedding matrix.
+    pub tie_embeddings: bool,
+    /// q/k/v projections carry biases (Qwen2; always true for GPT-2).
+    pub attn_bias: bool,
+}
+
+const SUPPORTED: &str = "llama, mistral, qwen2, gpt2";
+
+impl Config {
+    /// Parse a Hugging Face `config.json`.
+    ///
+    /// # Errors
+    /// [`Error::UnknownArchitecture`] for a `model_type` engram cannot run,
+    /// [`Error::BadConfig`] naming the missing or impossible field.
+    pub fn from_hf_json(path: &Path, text: &str) -> Result<Config> {
+        let j: Json = serde_json::from_str(text).map_err(|e| Error::BadConfig {
+            path: path.into(),
+            field: "(file)".into(),
+            reason: format!("not valid JSON: {e}"),
+        })?;
+        let model_type =
+            j.get("model_type")
+                .and_then(Json::as_str)
+                .ok_or_else(|| Error::BadConfig {
+                    path: path.into(),
+                    field: "model_type".into(),
+                    reason: format!("missing (expected one of {SUPPORTED})"),
+                })?;
+        let get = |field: &str| -> Result<usize> {
+            j.get(field)
+                .and_then(Json::as_u64)
+                .map(|v| v as usize)
+                .ok_or_else(|| Error::BadConfig {
+                    path: path.into(),
+                    field: field.into(),
+                    reason: "missing or not a non-negative integer".into(),
+                })
+        };
+        let get_or = |field: &str, default: usize| -> Result<usize> {
+            match j.get(field) {
+                None | Some(Json::Null) => Ok(default),
+                Some(_) => get(field),
+            }
+        };
+        let getf = |field: &str, default: f64| -> f64 {
+            j.get(field).and_then(Json::as_f64).unwrap_or(default)
+        };
+        let cfg = match model_type {
+            "llama" | "mistral" | "qwen2" => {
+                let d_model = get("hidden_size")?;
+                let n_heads = get("num_attention_heads")?;
+                let head_dim = get_or("head_dim", d_model / n_heads.max(1))?;
+                Config {
+                    arch: Arch::Llama,
+                    n_layers: get("num_hidden_layers")?,
+                    d_model,
+                    d_mlp: get("intermediate_size")?,
+                    n_heads,
+                    n_kv_heads: get_or("num_key_value_heads", n_heads)?,
+                    head_dim,
+                    vocab_size: get("vocab_size")?,
+                    max_positions: get_or("max_position_embeddings", 4096)?,
+                    norm_eps: getf("rms_norm_eps", 1e-6),
+                    rope_theta: getf("rope_theta", 10000.0),
+                    tie_embeddings: j
+                        .get("tie_word_embeddings")
+                        .and_then(Json::as_bool)
+                        .unwrap_or(false),
+                    attn_bias: model_type == "qwen2"
+                        || j.get("attention_bias")
+                            .and_then(Json::as_bool)
+                            .unwrap_or(false),
+                }
+            }
+            "gpt2" => {
+                let d_model = get("n_embd")?;
+                let n_heads = get("n_head")?;
+                Config {
+                    arch: Arch::Gpt2,
+                    n_layers: get("n_layer")?,
+                    d_model,
+                    d_mlp: get_or("n_inner", 4 * d_model)?,
+                    n_heads,
+                    n_kv_heads: n_heads,
+                    head_dim: d_model / n_heads.max(1),
+                    vocab_size: get("vocab_size")?,
+                    max_positions: get_or("n_positions", 1024)?,
+                    norm_eps: getf("layer_norm_epsilon", 1e-5),
+                    rope_theta: 0.0,
+                    tie_embeddings: true,
+                    attn_bias: true,
+                }
+            }
+            other => {
+                return Err(Error::UnknownArchitecture {
+                    path: path.into(),
+                    found: other.into(),
+                    supported: SUPPORTED.into(),
+                })
+            }
+        };
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Check the numbers fit together.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |field: &str, reason: String| Error::BadConfig {
+            path: path.into(),
+            field: field.into(),
+            reason,
+        };
+        for (field, v) in [
+            ("n_layers", self.n_layers),
+            ("d_model", self.d_model),
+            ("d_mlp", self.d_mlp),
+            ("n_heads", self.n_heads),
+            ("n_kv_heads", self.n_kv_heads),
+            ("vocab_size", self.vocab_size),
+        ] {
+            if v == 0 {
+                return Err(bad(field, "must be positive".into()));
+            }
+        }
+        if self.n_heads % self.n_kv_heads != 0 {
+            return Err(bad(
+                "n_kv_heads",
+                format!(
+                    "{} does not divide the {} attention heads",
+                    self.n_kv_heads, self.n_heads
+                ),
+            ));
+        }
+        if self.arch == Arch::Gpt2 && self.d_model % self.n_heads != 0 {
+            return Err(bad(
+                "n_head",
+                format!("{} does not divide n_embd {}", self.n_heads, self.d_model),
+            ));
+        }
+        if self.arch == Arch::Llama && self.head_dim % 2 != 0 {
+            return Err(bad("head_dim", "RoPE needs an even head dimension".into()));
+        }
+        Ok(())
+    }
+
+    /// Check a layer index.
+    ///
+    /// # Errors
+    /// [`Error::LayerOutOfRange`].
+    pub fn check_layer(&self, layer: usize) -> Result<()> {
+        if layer >= self.n_layers {
+            return Err(Error::LayerOutOfRange {
+                layer,
+                n_layers: self.n_layers,
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,227 @@
+//! Building blocks shared by the model families: linear maps, norms, attention, KV cache.
+//!
+//! Each op that has a fused candle kernel without a backward pass (softmax, RMSNorm,
+//! LayerNorm) takes a `differentiable` flag and then uses the composed form, so gradients
+//! can flow (ROME's v* search, fine-tuning, unlearning). A test checks both give the same
+//! logits.
+
+use crate::error::Result;
+use candle_core::{DType, Device, Tensor, D};
+
+/// `x @ w^T + b`.
+///
+/// # Shapes
+/// `x`: `[batch, seq, in]`, `w`: `[out, in]`, `b`: `[out]`; returns `[batch, seq, out]`.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (bs, t, d) = x.dims3()?;
+    let out = w.dim(0)?;
+    let y = x.reshape((bs * t, d))?.matmul(&w.t()?)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    Ok(y.reshape((bs, t, out))?)
+}
+
+/// RMSNorm (Zhang & Sennrich 2019): `x / sqrt(mean(x²) + eps) * w`.
+///
+/// # Shapes
+/// `x`: `[batch, seq, d]`, `w`: `[d]`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, differentiable: bool) -> Result<Tensor> {
+    Ok(if differentiable {
+        candle_nn::ops::rms_norm_slow(x, w, eps as f32)?
+    } else {
+        candle_nn::ops::rms_norm(x, w, eps as f32)?
+    })
+}
+
+/// LayerNorm (Ba et al. 2016) with weight and bias.
+///
+/// # Shapes
+/// `x`: `[batch, seq, d]`, `w`, `b`: `[d]`.
+pub fn layer_norm(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+    differentiable: bool,
+) -> Result<Tensor> {
+    Ok(if differentiable {
+        candle_nn::ops::layer_norm_slow(x, w, b, eps as f32)?
+    } else {
+        candle_nn::ops::layer_norm(x, w, b, eps as f32)?
+    })
+}
+
+/// Softmax over the last dimension.
+pub fn softmax(x: &Tensor, differentiable: bool) -> Result<Tensor> {
+    Ok(if differentiable {
+        candle_nn::ops::softmax(x, D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(x)?
+    })
+}
+
+/// Keys and values of earlier positions, one entry per layer, for incremental decoding.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    /// Per layer: keys and values `[batch, n_kv_heads, past, head_dim]`.
+    pub layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> Self {
+        KvCache {
+            layers: vec![None; n_layers],
+        }
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .and_then(|(k, _)| k.dim(2).ok())
+            .unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Append this step's keys and values to layer `l` of the cache (if any) and return the
+    /// keys and values of all positions so far.
+    ///
+    /// # Shapes
+    /// `k`, `v`: `[batch, kv_heads, seq, head_dim]` -> `[batch, kv_heads, past + seq, head_dim]`.
+    pub fn extend(
+        cache: Option<&mut KvCache>,
+        l: usize,
+        k: Tensor,
+        v: Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let Some(c) = cache else {
+            return Ok((k, v));
+        };
+        let (k, v) = match c.layers[l].take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v),
+        };
+        c.layers[l] = Some((k.clone(), v.clone()));
+        Ok((k, v))
+    }
+}
+
+/// Additive attention bias `[batch, 1, seq, past + seq]`: 0 where query i (at absolute index
+/// past + i) may see key j, -inf elsewhere. A key is visible when it is not in the future and
+/// is not padding. A query always sees itself, so padded rows never become all -inf.
+///
+/// # Shapes
+/// `key_mask`: `[batch, past + seq]` of 0/1 (1 = real token), or `None` for no padding.
+pub fn attention_bias(
+    batch: usize,
+    seq: usize,
+    past: usize,
+    key_mask: Option<&[Vec<u8>]>,
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    if seq == 1 && key_mask.is_none() {
+        return Ok(None);
+    }
+    let total = past + seq;
+    let rows = if key_mask.is_some() { batch } else { 1 };
+    let mut v = vec![0f32; rows * seq * total];
+    for r in 0..rows {
+        for i in 0..seq {
+            let qi = past + i;
+            for j in 0..total {
+                let visible =
+                    j <= qi && (j == qi || key_mask.map(|m| m[r][j] != 0).unwrap_or(true));
+                if !visible {
+                    v[(r * seq + i) * total + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+    Ok(Some(Tensor::from_vec(v, (rows, 1, seq, total), device)?))
+}
+
+/// Repeat key/value heads for grouped-query attention.
+///
+/// # Shapes
+/// `x`: `[batch, n_kv_heads, seq, head_dim]` -> `[batch, n_kv_heads * n_rep, seq, head_dim]`.
+pub fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x);
+    }
+    let (b, h, t, d) = x.dims4()?;
+    Ok(x.unsqueeze(2)?
+        .expand((b, h, n_rep, t, d))?
+        .reshape((b, h * n_rep, t, d))?)
+}
+
+/// Scaled dot-product attention with an additive bias.
+///
+/// # Shapes
+/// `q`: `[batch, n_heads, seq, head_dim]`, `k`, `v`: `[batch, n_heads, total, head_dim]`,
+/// `bias`: `[batch or 1, 1, seq, total]`; returns `[batch, seq, n_heads * head_dim]`.
+pub fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    differentiable: bool,
+) -> Result<Tensor> {
+    let (b, h, t, hd) = q.dims4()?;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?; // (b, h, t, total)
+    let scores = match bias {
+        Some(bias) => scores.broadcast_add(bias)?,
+        None => scores,
+    };
+    let p = softmax(&scores, differentiable)?;
+    let y = p.matmul(&v.contiguous()?)?; // (b, h, t, hd)
+    Ok(y.transpose(1, 2)?.reshape((b, t, h * hd))?)
+}
+
+/// Position ids from a key mask: the count of real tokens before each position (padding
+/// positions get the id of the last real token before them, or 0).
+///
+/// # Shapes
+/// Returns `[batch][seq]` for the last `seq` positions of a mask of length `past + seq`.
+pub fn position_ids(
+    batch: usize,
+    seq: usize,
+    past: usize,
+    key_mask: Option<&[Vec<u8>]>,
+) -> Vec<Vec<u32>> {
+    (0..batch)
+        .map(|r| match key_mask {
+            None => (past..past + seq).map(|p| p as u32).collect(),
+            Some(m) => {
+                let mut count = 0u32;
+                let mut out = Vec::with_capacity(seq);
+                for (j, &real) in m[r].iter().enumerate() {
+                    let id = if real != 0 {
+                        count += 1;
+                        count - 1
+                    } else {
+                        count.saturating_sub(1)
+                    };
+                    if j >= past {
+                        out.push(id);
+                    }
+                }
+                out
+            }
+        })
+        .collect()
+}
+
+/// A `[batch, seq]` u32 tensor from rows of ids.
+pub fn ids_tensor(rows: &[Vec<u32>], device: &Device) -> Result<Tensor> {
+    let b = rows.len();
+    let t = rows.first().map(|r| r.len()).unwrap_or(0);
+    let flat: Vec<u32> = rows.iter().flatten().copied().collect();
+    Ok(Tensor::from_vec(flat, (b, t), device)?.to_dtype(DType::U32)?)
+}

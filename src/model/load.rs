@@ -1,0 +1,370 @@
+//! Loading checkpoints: Hugging Face directories (single or sharded safetensors), GGUF files
+//! (every tensor dequantized to f32), and aliases.
+//!
+//! Every tensor is checked by name and shape against what the architecture needs before the
+//! model is returned, so a bad checkpoint fails here with the file's name, never in a forward.
+
+use super::config::{Arch, Config};
+use super::fetch;
+use super::tokenizer::Tok;
+use super::{gpt2, llama, Model, Weights};
+use crate::error::{Error, Result};
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device, Tensor};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// Where a model came from, with what saving in the same format needs.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// The directory or `.gguf` file (after alias resolution).
+    pub path: PathBuf,
+    /// The name the user gave (an alias or a path).
+    pub spec: String,
+    pub format: Format,
+}
+
+/// The on-disk format of a checkpoint.
+#[derive(Debug, Clone)]
+pub enum Format {
+    /// A Hugging Face directory.
+    HfDir {
+        /// Original dtype of each tensor, by our name.
+        dtypes: BTreeMap<String, DType>,
+        /// Prefix stripped from every name at load (GPT-2's `transformer.`).
+        prefix: String,
+    },
+    /// A GGUF file.
+    Gguf {
+        /// Every metadata entry, in file order, to write back unchanged.
+        metadata: Vec<(String, Value)>,
+        /// Per GGUF tensor, in file order: GGUF name, our name, original quantization type.
+        tensors: Vec<(String, String, GgmlDType)>,
+    },
+}
+
+impl Format {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Format::HfDir { .. } => "huggingface-safetensors",
+            Format::Gguf { .. } => "gguf",
+        }
+    }
+}
+
+/// Resolve `--model`: `None` is the default alias; an alias is fetched on first use; anything
+/// else is a path to a Hugging Face directory or a `.gguf` file.
+///
+/// # Errors
+/// [`Error::Io`] for a path that does not exist (the message lists the aliases).
+pub fn resolve(spec: Option<&str>) -> Result<PathBuf> {
+    let spec = spec.unwrap_or(fetch::DEFAULT_MODEL);
+    if let Some(a) = fetch::alias(spec) {
+        return fetch::ensure(a);
+    }
+    let p = PathBuf::from(spec);
+    if !p.exists() {
+        let known: Vec<&str> = fetch::ALIASES.iter().map(|a| a.name).collect();
+        return Err(Error::Io {
+            path: p,
+            reason: format!(
+                "no such file or directory (and not a known alias: {})",
+                known.join(", ")
+            ),
+        });
+    }
+    Ok(p)
+}
+
+/// Load a model from an alias or path (see [`resolve`]) onto `device`.
+///
+/// # Errors
+/// Every malformed-input case names the file: missing files, truncated or inconsistent
+/// safetensors, impossible GGUF counts, unknown architectures, missing config fields, missing
+/// or misshapen tensors.
+pub fn load(spec: Option<&str>, device: &Device) -> Result<Model> {
+    let path = resolve(spec)?;
+    let spec = spec.unwrap_or(fetch::DEFAULT_MODEL).to_string();
+    if path.is_dir() {
+        load_hf_dir(&path, spec, device)
+    } else {
+        load_gguf(&path, spec, device)
+    }
+}
+
+fn check_tensors(path: &Path, cfg: &Config, w: &Weights) -> Result<()> {
+    let expected = match cfg.arch {
+        Arch::Llama => llama::expected_tensors(cfg),
+        Arch::Gpt2 => gpt2::expected_tensors(cfg),
+    };
+    for (name, shape) in expected {
+        let t = w.get(&name).map_err(|_| Error::MissingTensor {
+            path: path.into(),
+            name: name.clone(),
+        })?;
+        if t.dims() != shape.as_slice() {
+            return Err(Error::ShapeMismatch {
+                name: format!("{}: {name}", path.display()),
+                found: t.dims().to_vec(),
+                expected: shape,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Load a Hugging Face directory: `config.json`, `model.safetensors` (or the shards named by
+/// `model.safetensors.index.json`, or every `*.safetensors`), and `tokenizer.json` if present.
+pub fn load_hf_dir(dir: &Path, spec: String, device: &Device) -> Result<Model> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let cfg = Config::from_hf_json(&cfg_path, &text)?;
+
+    let files = safetensors_files(dir)?;
+    let mut map = BTreeMap::new();
+    let mut dtypes = BTreeMap::new();
+    let mut prefix = String::new();
+    for f in &files {
+        let tensors: HashMap<String, Tensor> =
+            candle_core::safetensors::load(f, device).map_err(|e| Error::bad_checkpoint(f, e))?;
+        for (name, t) in tensors {
+            let mut name = name;
+            if cfg.arch == Arch::Gpt2 {
+                if let Some(rest) = name.strip_prefix("transformer.") {
+                    prefix = "transformer.".into();
+                    name = rest.to_string();
+                }
+                if name.starts_with("lm_head.")
+                    || name.ends_with(".attn.bias")
+                    || name.ends_with(".attn.masked_bias")
+                {
+                    // Tied head and causal-mask buffers of old checkpoints: not parameters.
+                    continue;
+                }
+            }
+            dtypes.insert(name.clone(), t.dtype());
+            let mut t = t.to_dtype(DType::F32)?;
+            if cfg.arch == Arch::Gpt2 && gpt2::is_conv1d(&name) {
+                t = t.t()?.contiguous()?; // Conv1D [in, out] -> [out, in]
+            }
+            map.insert(name, t);
+        }
+    }
+    let weights = Weights::new(map);
+    check_tensors(dir, &cfg, &weights)?;
+    let tok_path = dir.join("tokenizer.json");
+    let tokenizer = if tok_path.exists() {
+        Some(Tok::from_file(&tok_path)?)
+    } else {
+        None
+    };
+    Ok(Model {
+        config: cfg,
+        weights,
+        tokenizer,
+        source: Source {
+            path: dir.into(),
+            spec,
+            format: Format::HfDir { dtypes, prefix },
+        },
+        device: device.clone(),
+    })
+}
+
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let j: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::bad_checkpoint(&index, e))?;
+        let map = j
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::bad_checkpoint(&index, "no `weight_map` object"))?;
+        let mut files: Vec<PathBuf> = map
+            .values()
+            .filter_map(|v| v.as_str())
+            .map(|s| dir.join(s))
+            .collect();
+        files.sort();
+        files.dedup();
+        return Ok(files);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().map(|x| x == "safetensors").unwrap_or(false))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::bad_checkpoint(dir, "no *.safetensors file"));
+    }
+    Ok(files)
+}
+
+/// Our (Hugging Face Llama) name for a llama.cpp tensor name.
+pub fn gguf_to_hf(name: &str) -> Option<String> {
+    match name {
+        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
+        "output_norm.weight" => return Some("model.norm.weight".into()),
+        "output.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (l, rest) = rest.split_once('.')?;
+    let l: usize = l.parse().ok()?;
+    let (part, kind) = rest.rsplit_once('.')?;
+    let hf = match part {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{l}.{hf}.{kind}"))
+}
+
+/// llama.cpp's converter permutes the rows of Q and K so that each head's rotary pairs are
+/// interleaved (`w.reshape(h, 2, hd/2, d).swapaxes(1, 2)`). `inverse = true` undoes that
+/// (GGUF -> Hugging Face layout); `false` applies it (for writing GGUF).
+///
+/// # Shapes
+/// `w`: `[n_heads * head_dim, d_in]` (a bias is `[n_heads * head_dim]`).
+pub fn permute_qk(w: &Tensor, n_heads: usize, inverse: bool) -> Result<Tensor> {
+    let dims = w.dims().to_vec();
+    let rows = dims[0];
+    let cols: usize = dims[1..].iter().product();
+    let half = rows / n_heads / 2;
+    let shaped = if inverse {
+        w.reshape((n_heads, half, 2, cols))? // GGUF layout: (h, hd/2, 2, d)
+    } else {
+        w.reshape((n_heads, 2, half, cols))? // HF layout: (h, 2, hd/2, d)
+    };
+    Ok(shaped.transpose(1, 2)?.contiguous()?.reshape(dims)?)
+}
+
+fn meta_usize(path: &Path, md: &HashMap<String, Value>, key: &str) -> Result<usize> {
+    md.get(key)
+        .and_then(|v| v.to_u64().ok().or_else(|| v.to_u32().ok().map(u64::from)))
+        .map(|v| v as usize)
+        .ok_or_else(|| Error::BadConfig {
+            path: path.into(),
+            field: key.into(),
+            reason: "missing or not an integer in GGUF metadata".into(),
+        })
+}
+
+/// Read the architecture-neutral config from GGUF metadata (llama architecture only).
+pub fn gguf_config(path: &Path, ct: &Content) -> Result<Config> {
+    let md = &ct.metadata;
+    let arch = md
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_default();
+    if arch != "llama" {
+        return Err(Error::UnknownArchitecture {
+            path: path.into(),
+            found: arch,
+            supported: "llama (GGUF)".into(),
+        });
+    }
+    let u = |k: &str| meta_usize(path, md, &format!("llama.{k}"));
+    let f = |k: &str, d: f64| {
+        md.get(&format!("llama.{k}"))
+            .and_then(|v| v.to_f32().ok())
+            .map(f64::from)
+            .unwrap_or(d)
+    };
+    let d_model = u("embedding_length")?;
+    let n_heads = u("attention.head_count")?;
+    let vocab_size = match u("vocab_size") {
+        Ok(v) => v,
+        Err(_) => ct
+            .tensor_infos
+            .get("token_embd.weight")
+            .map(|t| t.shape.dims()[0])
+            .ok_or_else(|| Error::MissingTensor {
+                path: path.into(),
+                name: "token_embd.weight".into(),
+            })?,
+    };
+    let cfg = Config {
+        arch: Arch::Llama,
+        n_layers: u("block_count")?,
+        d_model,
+        d_mlp: u("feed_forward_length")?,
+        n_heads,
+        n_kv_heads: u("attention.head_count_kv").unwrap_or(n_heads),
+        head_dim: u("rope.dimension_count").unwrap_or(d_model / n_heads.max(1)),
+        vocab_size,
+        max_positions: u("context_length").unwrap_or(4096),
+        norm_eps: f("attention.layer_norm_rms_epsilon", 1e-5),
+        rope_theta: f("rope.freq_base", 10000.0),
+        tie_embeddings: !ct.tensor_infos.contains_key("output.weight"),
+        attn_bias: ct.tensor_infos.contains_key("blk.0.attn_q.bias"),
+    };
+    cfg.validate(path)?;
+    Ok(cfg)
+}
+
+/// Load a GGUF file of the llama architecture, dequantizing every tensor to f32 and undoing
+/// llama.cpp's Q/K row permutation; the tokenizer is rebuilt from the metadata.
+pub fn load_gguf(path: &Path, spec: String, device: &Device) -> Result<Model> {
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let ct = Content::read(&mut file).map_err(|e| Error::bad_checkpoint(path, e))?;
+    let cfg = gguf_config(path, &ct)?;
+    let mut names: Vec<(&String, u64)> =
+        ct.tensor_infos.iter().map(|(n, i)| (n, i.offset)).collect();
+    names.sort_by_key(|(_, off)| *off);
+    let mut map = BTreeMap::new();
+    let mut tensors = Vec::new();
+    for (gname, _) in names {
+        let ours = gguf_to_hf(gname).ok_or_else(|| {
+            Error::bad_checkpoint(path, format!("unexpected tensor `{gname}` for llama"))
+        })?;
+        let q = ct
+            .tensor(&mut file, gname, device)
+            .map_err(|e| Error::bad_checkpoint(path, format!("tensor `{gname}`: {e}")))?;
+        tensors.push((gname.clone(), ours.clone(), q.dtype()));
+        let mut t = q.dequantize(device)?;
+        if ours.contains("self_attn.q_proj") {
+            t = permute_qk(&t, cfg.n_heads, true)?;
+        } else if ours.contains("self_attn.k_proj") {
+            t = permute_qk(&t, cfg.n_kv_heads, true)?;
+        }
+        map.insert(ours, t);
+    }
+    let weights = Weights::new(map);
+    check_tensors(path, &cfg, &weights)?;
+    let tokenizer = match Tok::from_gguf(path, &ct) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::warn!("no tokenizer: {e}");
+            None
+        }
+    };
+    let mut metadata: Vec<(String, Value)> = ct.metadata.into_iter().collect();
+    metadata.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(Model {
+        config: cfg,
+        weights,
+        tokenizer,
+        source: Source {
+            path: path.into(),
+            spec,
+            format: Format::Gguf { metadata, tensors },
+        },
+        device: device.clone(),
+    })
+}

@@ -1,0 +1,298 @@
+//! Everything about running a checkpoint: configuration, the model families, hook points,
+//! loading, saving, tokenization and generation.
+//!
+//! The model layer knows nothing about editing. Editing and unlearning talk to it through
+//! [`Model::forward`] with a [`Trace`], and through named weight access
+//! ([`Model::weight`] with a [`Site`]).
+
+pub mod config;
+pub mod fetch;
+pub mod generate;
+pub mod gpt2;
+pub mod hooks;
+pub mod layers;
+pub mod llama;
+pub mod load;
+pub mod save;
+pub mod tokenizer;
+
+pub use config::{Arch, Config};
+pub use hooks::{HookPoint, Op, Positions, Trace};
+pub use layers::KvCache;
+pub use load::{load, Format, Source};
+pub use tokenizer::Tok;
+
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use std::collections::BTreeMap;
+
+/// The tensors of a model by checkpoint name (Hugging Face naming, linear weights stored
+/// `[out, in]`, all f32).
+#[derive(Debug, Clone, Default)]
+pub struct Weights {
+    map: BTreeMap<String, Tensor>,
+}
+
+impl Weights {
+    pub fn new(map: BTreeMap<String, Tensor>) -> Self {
+        Weights { map }
+    }
+
+    /// A tensor by name.
+    ///
+    /// # Errors
+    /// [`Error::MissingTensor`] when absent (loading checks every name, so this is a bug).
+    pub fn get(&self, name: &str) -> Result<&Tensor> {
+        self.map.get(name).ok_or_else(|| Error::MissingTensor {
+            path: "(model)".into(),
+            name: name.to_string(),
+        })
+    }
+
+    pub fn insert(&mut self, name: String, t: Tensor) {
+        self.map.insert(name, t);
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.map.contains_key(name)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Tensor)> {
+        self.map.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Total number of scalar parameters.
+    pub fn n_params(&self) -> usize {
+        self.map.values().map(|t| t.elem_count()).sum()
+    }
+}
+
+/// A rewritable weight matrix of a layer, by role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Site {
+    /// The MLP output projection (`mlp.down_proj` / `mlp.c_proj`), `[d_model, d_mlp]`: the
+    /// matrix ROME, MEMIT and AlphaEdit rewrite.
+    MlpOut,
+}
+
+/// A batch of token rows, with an optional padding mask.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// `[batch][seq]` token ids (padded rows hold `pad_id` in their padding).
+    pub ids: Vec<Vec<u32>>,
+    /// `[batch][seq]`: 1 for a real token, 0 for padding; `None` when no row is padded.
+    pub mask: Option<Vec<Vec<u8>>>,
+}
+
+/// Which side padding goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PadSide {
+    /// Real tokens first (scoring: positions line up with an unpadded run).
+    Right,
+    /// Padding first (generation: every row's last token is at the end).
+    Left,
+}
+
+impl Batch {
+    /// One unpadded row.
+    pub fn single(ids: &[u32]) -> Batch {
+        Batch {
+            ids: vec![ids.to_vec()],
+            mask: None,
+        }
+    }
+
+    /// Rows of different lengths padded to the longest.
+    pub fn padded(rows: &[Vec<u32>], side: PadSide, pad_id: u32) -> Batch {
+        let t = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+        if rows.iter().all(|r| r.len() == t) {
+            return Batch {
+                ids: rows.to_vec(),
+                mask: None,
+            };
+        }
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut mask = Vec::with_capacity(rows.len());
+        for r in rows {
+            let pad = t - r.len();
+            let (mut i, mut m) = (Vec::with_capacity(t), Vec::with_capacity(t));
+            if side == PadSide::Left {
+                i.extend(std::iter::repeat_n(pad_id, pad));
+                m.extend(std::iter::repeat_n(0u8, pad));
+            }
+            i.extend_from_slice(r);
+            m.extend(std::iter::repeat_n(1u8, r.len()));
+            if side == PadSide::Right {
+                i.extend(std::iter::repeat_n(pad_id, pad));
+                m.extend(std::iter::repeat_n(0u8, pad));
+            }
+            ids.push(i);
+            mask.push(m);
+        }
+        Batch {
+            ids,
+            mask: Some(mask),
+        }
+    }
+
+    pub fn batch_size(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn seq_len(&self) -> usize {
+        self.ids.first().map(|r| r.len()).unwrap_or(0)
+    }
+}
+
+/// A loaded model: configuration, f32 weights, tokenizer, and where it came from.
+pub struct Model {
+    pub config: Config,
+    pub weights: Weights,
+    pub tokenizer: Option<Tok>,
+    pub source: Source,
+    pub device: Device,
+}
+
+impl Model {
+    /// Full-sequence logits, with the trace's interventions applied.
+    ///
+    /// If the trace has a stop point, returns the activation at that point instead.
+    ///
+    /// # Shapes
+    /// Returns `[batch, seq, vocab]` (or the stop point's `[batch, seq, dim]`).
+    ///
+    /// # Errors
+    /// Out-of-vocabulary ids, bad intervention positions, tensor errors.
+    pub fn forward(&self, batch: &Batch, trace: &mut Trace) -> Result<Tensor> {
+        self.forward_cached(batch, None, trace)
+    }
+
+    /// Like [`Model::forward`], continuing from (and extending) a KV cache. With a cache, the
+    /// batch holds only the new tokens and `batch.mask` must cover past and new positions.
+    pub fn forward_cached(
+        &self,
+        batch: &Batch,
+        cache: Option<&mut KvCache>,
+        trace: &mut Trace,
+    ) -> Result<Tensor> {
+        let v = self.config.vocab_size as u32;
+        if let Some(&bad) = batch.ids.iter().flatten().find(|&&id| id >= v) {
+            return Err(Error::invalid(
+                "token id",
+                format!("{bad} is outside the vocabulary of {v}"),
+            ));
+        }
+        let ids = layers::ids_tensor(&batch.ids, &self.device)?;
+        match self.config.arch {
+            Arch::Llama => llama::forward(
+                &self.config,
+                &self.weights,
+                &ids,
+                batch.mask.as_deref(),
+                cache,
+                trace,
+            ),
+            Arch::Gpt2 => gpt2::forward(
+                &self.config,
+                &self.weights,
+                &ids,
+                batch.mask.as_deref(),
+                cache,
+                trace,
+            ),
+        }
+    }
+
+    /// The checkpoint name of a layer's matrix.
+    ///
+    /// # Errors
+    /// [`Error::LayerOutOfRange`].
+    pub fn weight_name(&self, layer: usize, site: Site) -> Result<String> {
+        self.config.check_layer(layer)?;
+        Ok(match (self.config.arch, site) {
+            (Arch::Llama, Site::MlpOut) => format!("model.layers.{layer}.mlp.down_proj.weight"),
+            (Arch::Gpt2, Site::MlpOut) => format!("h.{layer}.mlp.c_proj.weight"),
+        })
+    }
+
+    /// A layer's matrix, `[out, in]` (for `MlpOut`: `[d_model, d_mlp]`).
+    pub fn weight(&self, layer: usize, site: Site) -> Result<&Tensor> {
+        self.weights.get(&self.weight_name(layer, site)?)
+    }
+
+    /// Replace a layer's matrix (shape and dtype must match).
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`], [`Error::NonFinite`].
+    pub fn set_weight(&mut self, layer: usize, site: Site, w: Tensor) -> Result<()> {
+        let name = self.weight_name(layer, site)?;
+        self.set_tensor(&name, w)
+    }
+
+    /// Replace a tensor by checkpoint name (shape must match; values must be finite).
+    pub fn set_tensor(&mut self, name: &str, w: Tensor) -> Result<()> {
+        let old = self.weights.get(name)?;
+        if old.dims() != w.dims() {
+            return Err(Error::ShapeMismatch {
+                name: name.into(),
+                found: w.dims().to_vec(),
+                expected: old.dims().to_vec(),
+            });
+        }
+        check_finite(name, &w)?;
+        self.weights
+            .insert(name.to_string(), w.to_dtype(DType::F32)?);
+        Ok(())
+    }
+
+    /// The tokenizer, or an error saying the checkpoint has none.
+    pub fn tok(&self) -> Result<&Tok> {
+        self.tokenizer.as_ref().ok_or_else(|| {
+            Error::Tokenizer(format!(
+                "{} has no tokenizer (tokenizer.json or GGUF tokenizer metadata)",
+                self.source.path.display()
+            ))
+        })
+    }
+
+    /// SHA-256 over every tensor's name, shape and f32 bytes, in name order: identifies the
+    /// exact weights an edit was computed against.
+    pub fn fingerprint(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for (name, t) in self.weights.iter() {
+            h.update(name.as_bytes());
+            for d in t.dims() {
+                h.update((*d as u64).to_le_bytes());
+            }
+            let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+            for x in v {
+                h.update(x.to_le_bytes());
+            }
+        }
+        Ok(format!("{:x}", h.finalize()))
+    }
+}
+
+/// Refuse tensors holding NaN or Inf.
+pub fn check_finite(name: &str, t: &Tensor) -> Result<()> {
+    // 0 * x is 0 for every finite x and NaN for NaN or ±Inf, so the sum is finite iff all are.
+    let s = t
+        .to_dtype(DType::F32)?
+        .affine(0.0, 0.0)?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    if !s.is_finite() {
+        return Err(Error::NonFinite { name: name.into() });
+    }
+    Ok(())
+}
