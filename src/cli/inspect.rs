@@ -11,6 +11,9 @@ pub struct Args {
     /// Alias, .gguf file or Hugging Face directory (default: smollm2-135m).
     #[arg(long)]
     model: Option<String>,
+    /// Also list one layer's tensors with their shapes and norms.
+    #[arg(long)]
+    layer: Option<usize>,
     /// Also write the numbers as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -26,6 +29,9 @@ struct Report {
     tensors: usize,
     /// Count of tensors per stored type (GGUF quantization or safetensors dtype).
     tensor_types: BTreeMap<String, usize>,
+    /// With `--layer`: that layer's tensors (name, shape, Frobenius norm).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    layer_tensors: Vec<(String, Vec<usize>, f64)>,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -44,6 +50,18 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     let c = &m.config;
+    let mut layer_tensors = Vec::new();
+    if let Some(l) = a.layer {
+        c.check_layer(l)?;
+        let prefix = match c.arch {
+            engram::model::Arch::Llama => format!("model.layers.{l}."),
+            engram::model::Arch::Gpt2 => format!("h.{l}."),
+        };
+        for (name, t) in m.weights.iter().filter(|(n, _)| n.starts_with(&prefix)) {
+            let norm = t.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64;
+            layer_tensors.push((name.clone(), t.dims().to_vec(), norm));
+        }
+    }
     let r = Report {
         model: m.source.spec.clone(),
         path: m.source.path.display().to_string(),
@@ -52,6 +70,7 @@ pub fn run(a: Args) -> Result<()> {
         parameters: m.weights.n_params(),
         tensors: m.weights.len(),
         tensor_types: types,
+        layer_tensors,
     };
     let mut t = Table::new();
     t.set_header(vec!["property", "value"]);
@@ -84,6 +103,14 @@ pub fn run(a: Args) -> Result<()> {
         t.add_row(vec![k.to_string(), v]);
     }
     println!("{t}");
+    if !r.layer_tensors.is_empty() {
+        let mut lt = Table::new();
+        lt.set_header(vec!["tensor", "shape", "norm"]);
+        for (n, s, norm) in &r.layer_tensors {
+            lt.add_row(vec![n.clone(), format!("{s:?}"), format!("{norm:.4}")]);
+        }
+        println!("{lt}");
+    }
     if let Some(p) = a.json {
         super::write_json(&p, &r)?;
     }

@@ -1,0 +1,48 @@
+//! Shared helpers: fixture paths, the real model (loaded once per test binary).
+
+use candle_core::{Device, Tensor};
+use engram::model::Model;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("fixtures")
+        .join(name)
+}
+
+pub fn tiny(name: &str) -> Model {
+    engram::model::load(Some(fixture(name).to_str().unwrap()), &Device::Cpu).unwrap()
+}
+
+/// smollm2-135m, dequantized to f32, shared by every test in this binary.
+pub fn real() -> &'static Model {
+    static M: OnceLock<Model> = OnceLock::new();
+    M.get_or_init(|| engram::model::load(None, &Device::Cpu).expect("load smollm2-135m"))
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+pub fn json(path: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// A `[b, t, d]` tensor from nested JSON arrays.
+pub fn tensor3(v: &serde_json::Value) -> Tensor {
+    let rows: Vec<Vec<Vec<f32>>> = serde_json::from_value(v.clone()).unwrap();
+    let (b, t, d) = (rows.len(), rows[0].len(), rows[0][0].len());
+    let flat: Vec<f32> = rows.into_iter().flatten().flatten().collect();
+    Tensor::from_vec(flat, (b, t, d), &Device::Cpu).unwrap()
+}

@@ -1,0 +1,10 @@
+//! One integration-test binary, tests filed by purpose.
+//!
+//! Tiny models (fixtures written by `scripts/make_fixtures.py` with Hugging Face transformers)
+//! check mechanics and parity; the real smollm2-135m checks the claims.
+
+mod cli_errors;
+mod common;
+mod model_core;
+mod parity;
+mod real_model;

@@ -1,0 +1,296 @@
+//! Mechanics of the model layer on tiny models: traces, gradients, padding, caching, saving.
+
+use crate::common::*;
+use candle_core::{Device, Tensor, Var, D};
+use engram::model::generate::{generate, GenParams};
+use engram::model::save::{save_hf_dir, SaveAs};
+use engram::model::{Batch, HookPoint, Op, PadSide, Positions, Trace};
+
+fn rows() -> Batch {
+    Batch {
+        ids: vec![vec![5, 17, 3, 88, 42, 9], vec![90, 2, 33, 47, 12, 76]],
+        mask: None,
+    }
+}
+
+#[test]
+fn empty_trace_is_bit_identical_to_a_capturing_trace() {
+    for name in ["tiny-llama", "tiny-gpt2"] {
+        let m = tiny(name);
+        let plain = m.forward(&rows(), &mut Trace::new()).unwrap();
+        let mut t = Trace::new();
+        for l in 0..m.config.n_layers {
+            for p in [
+                HookPoint::ResidPre(l),
+                HookPoint::AttnOut(l),
+                HookPoint::MlpIn(l),
+                HookPoint::MlpKey(l),
+                HookPoint::MlpOut(l),
+                HookPoint::ResidPost(l),
+            ] {
+                t.capture(p);
+            }
+        }
+        let hooked = m.forward(&rows(), &mut t).unwrap();
+        assert_eq!(max_abs_diff(&plain, &hooked), 0.0, "{name}");
+        assert_eq!(
+            t.get(HookPoint::MlpKey(1)).unwrap().dims(),
+            &[2, 6, m.config.d_mlp]
+        );
+    }
+}
+
+#[test]
+fn replacing_an_activation_with_itself_changes_nothing() {
+    let m = tiny("tiny-llama");
+    let mut t = Trace::new();
+    t.capture(HookPoint::ResidPre(1));
+    let base = m.forward(&rows(), &mut t).unwrap();
+    let act = t.take(HookPoint::ResidPre(1)).unwrap();
+    let mut r = Trace::new();
+    r.push(
+        HookPoint::ResidPre(1),
+        Positions::Tokens(vec![1, 4]),
+        Op::Replace(act),
+    );
+    let out = m.forward(&rows(), &mut r).unwrap();
+    assert_eq!(max_abs_diff(&base, &out), 0.0);
+}
+
+#[test]
+fn replacing_with_another_run_changes_only_later_positions() {
+    let m = tiny("tiny-llama");
+    let other = Batch {
+        ids: vec![vec![1, 1, 1, 1, 1, 1]; 2],
+        mask: None,
+    };
+    let mut t = Trace::new();
+    t.capture(HookPoint::ResidPre(0));
+    m.forward(&other, &mut t).unwrap();
+    let act = t.take(HookPoint::ResidPre(0)).unwrap();
+    let base = m.forward(&rows(), &mut Trace::new()).unwrap();
+    let mut r = Trace::new();
+    r.push(
+        HookPoint::ResidPre(0),
+        Positions::Tokens(vec![3]),
+        Op::Replace(act),
+    );
+    let out = m.forward(&rows(), &mut r).unwrap();
+    let before = max_abs_diff(
+        &base.narrow(1, 0, 3).unwrap(),
+        &out.narrow(1, 0, 3).unwrap(),
+    );
+    let after = max_abs_diff(
+        &base.narrow(1, 3, 3).unwrap(),
+        &out.narrow(1, 3, 3).unwrap(),
+    );
+    assert_eq!(
+        before, 0.0,
+        "causal attention: earlier positions cannot change"
+    );
+    assert!(after > 1e-3, "the patched position must change ({after})");
+}
+
+#[test]
+fn stop_after_returns_the_activation() {
+    let m = tiny("tiny-gpt2");
+    let mut t = Trace::new();
+    t.stop_after(HookPoint::MlpKey(0));
+    let y = m.forward(&rows(), &mut t).unwrap();
+    assert_eq!(y.dims(), &[2, 6, m.config.d_mlp]);
+}
+
+#[test]
+fn fused_and_composed_kernels_give_the_same_logits() {
+    for name in ["tiny-llama", "tiny-gpt2", "tiny-qwen2"] {
+        let m = tiny(name);
+        let a = m.forward(&rows(), &mut Trace::new()).unwrap();
+        let b = m
+            .forward(&rows(), &mut Trace::new().differentiable())
+            .unwrap();
+        let d = max_abs_diff(&a, &b);
+        println!("{name}: fused vs composed max abs diff {d:e}");
+        assert!(d <= 1e-5, "{name}: {d}");
+    }
+}
+
+/// The gradient with respect to a vector added at `mlp_out` matches central differences.
+#[test]
+fn gradient_through_add_matches_finite_differences() {
+    for name in ["tiny-llama", "tiny-gpt2"] {
+        let m = tiny(name);
+        let d = m.config.d_model;
+        let v = Var::from_tensor(&Tensor::zeros(d, candle_core::DType::F32, &Device::Cpu).unwrap())
+            .unwrap();
+        let w = Tensor::randn(0f32, 1.0, m.config.vocab_size, &Device::Cpu).unwrap();
+        let loss_of = |vec: &Tensor| -> Tensor {
+            let mut t = Trace::new().differentiable();
+            t.push(
+                HookPoint::MlpOut(0),
+                Positions::Cells(vec![(0, 2), (1, 4)]),
+                Op::Add(vec.clone()),
+            );
+            let logits = m.forward(&rows(), &mut t).unwrap(); // (2, 6, vocab)
+            let lp = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
+            lp.narrow(1, 5, 1)
+                .unwrap()
+                .broadcast_mul(&w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
+        let loss = loss_of(v.as_tensor());
+        let grads = loss.backward().unwrap();
+        let g: Vec<f32> = grads.get(v.as_tensor()).unwrap().to_vec1().unwrap();
+        let eps = 1e-2f32;
+        let mut worst = 0f32;
+        for i in [0, 3, d / 2, d - 1] {
+            let mut e = vec![0f32; d];
+            e[i] = eps;
+            let e = Tensor::from_vec(e, d, &Device::Cpu).unwrap();
+            let plus = loss_of(&e).to_scalar::<f32>().unwrap();
+            let minus = loss_of(&e.neg().unwrap()).to_scalar::<f32>().unwrap();
+            let fd = (plus - minus) / (2.0 * eps);
+            // Error relative to the gradient's scale: f32 central differences of a loss of
+            // this size carry absolute noise of about 1e-3.
+            let scale = g.iter().fold(0f32, |a, x| a.max(x.abs()));
+            let rel = (fd - g[i]).abs() / scale;
+            worst = worst.max(rel);
+            println!(
+                "{name}: coord {i}: analytic {:.5} finite-difference {fd:.5}",
+                g[i]
+            );
+        }
+        assert!(worst < 2e-2, "{name}: relative error {worst}");
+        assert!(g.iter().any(|x| x.abs() > 1e-4), "gradient must not vanish");
+    }
+}
+
+#[test]
+fn padded_rows_match_unpadded_runs() {
+    for name in ["tiny-llama", "tiny-gpt2"] {
+        let m = tiny(name);
+        let a = vec![5u32, 17, 3, 88, 42, 9];
+        let b = vec![90u32, 2, 33];
+        let single_b = m
+            .forward(&Batch::single(&b), &mut Trace::new())
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        for side in [PadSide::Right, PadSide::Left] {
+            let batch = Batch::padded(&[a.clone(), b.clone()], side, 0);
+            let out = m.forward(&batch, &mut Trace::new()).unwrap();
+            let row_b = out.get(1).unwrap();
+            let row_b = match side {
+                PadSide::Right => row_b.narrow(0, 0, 3).unwrap(),
+                PadSide::Left => row_b.narrow(0, 3, 3).unwrap(),
+            };
+            let d = max_abs_diff(&row_b, &single_b);
+            assert!(d <= 1e-4, "{name} {side:?}: {d}");
+        }
+    }
+}
+
+#[test]
+fn cached_greedy_decoding_matches_full_recomputation() {
+    for name in ["tiny-llama", "tiny-gpt2"] {
+        let m = tiny(name);
+        let prompt = vec![5u32, 17, 3, 88];
+        let p = GenParams {
+            max_new_tokens: 8,
+            stop_at_eos: false,
+            ..Default::default()
+        };
+        let cached = generate(&m, std::slice::from_ref(&prompt), &p)
+            .unwrap()
+            .remove(0);
+        let mut ids = prompt.clone();
+        for _ in 0..8 {
+            let logits = m.forward(&Batch::single(&ids), &mut Trace::new()).unwrap();
+            let last = logits.squeeze(0).unwrap().get(ids.len() - 1).unwrap();
+            ids.push(last.argmax(0).unwrap().to_scalar::<u32>().unwrap());
+        }
+        assert_eq!(cached, ids[prompt.len()..].to_vec(), "{name}");
+        // Batched, left-padded decoding gives each row what it gets alone.
+        let other = vec![90u32, 2];
+        let both = generate(&m, &[prompt.clone(), other.clone()], &p).unwrap();
+        assert_eq!(both[0], cached, "{name}");
+        assert_eq!(both[1], generate(&m, &[other], &p).unwrap()[0], "{name}");
+    }
+}
+
+#[test]
+fn sampling_is_seeded() {
+    let m = tiny("tiny-llama");
+    let p = GenParams {
+        max_new_tokens: 12,
+        temperature: 1.0,
+        top_p: 0.9,
+        seed: 3,
+        stop_at_eos: false,
+    };
+    let a = generate(&m, &[vec![5, 17]], &p).unwrap();
+    let b = generate(&m, &[vec![5, 17]], &p).unwrap();
+    let c = generate(&m, &[vec![5, 17]], &GenParams { seed: 4, ..p }).unwrap();
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+}
+
+#[test]
+fn safetensors_save_then_load_is_identical() {
+    for name in ["tiny-llama", "tiny-gpt2", "tiny-qwen2"] {
+        let m = tiny(name);
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("copy");
+        engram::model::save::save(&m, &out, SaveAs::HfDir).unwrap();
+        let back = engram::model::load(Some(out.to_str().unwrap()), &Device::Cpu).unwrap();
+        assert_eq!(back.weights.len(), m.weights.len());
+        for (n, t) in m.weights.iter() {
+            assert_eq!(
+                max_abs_diff(t, back.weights.get(n).unwrap()),
+                0.0,
+                "{name}: {n}"
+            );
+        }
+        assert_eq!(back.config, m.config);
+    }
+}
+
+#[test]
+fn saving_refuses_non_finite_weights_and_the_input_path() {
+    let mut m = tiny("tiny-llama");
+    let src = fixture("tiny-llama");
+    let err = save_hf_dir(&m, &src).unwrap_err();
+    assert!(err.to_string().contains("never overwrites"), "{err}");
+    let w = m.weight(0, engram::model::Site::MlpOut).unwrap().clone();
+    let nan = (w.ones_like().unwrap() * f64::NAN).unwrap();
+    let e = m
+        .set_weight(0, engram::model::Site::MlpOut, nan)
+        .unwrap_err();
+    assert!(matches!(e, engram::Error::NonFinite { .. }), "{e}");
+    let e = m
+        .set_weight(7, engram::model::Site::MlpOut, w.clone())
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            engram::Error::LayerOutOfRange {
+                layer: 7,
+                n_layers: 2
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn gguf_qk_permutation_round_trips() {
+    let w = Tensor::arange(0f32, 8.0 * 6.0, &Device::Cpu)
+        .unwrap()
+        .reshape((8, 6))
+        .unwrap();
+    let p = engram::model::load::permute_qk(&w, 2, false).unwrap();
+    assert!(max_abs_diff(&p, &w) > 0.0);
+    let back = engram::model::load::permute_qk(&p, 2, true).unwrap();
+    assert_eq!(max_abs_diff(&back, &w), 0.0);
+}
