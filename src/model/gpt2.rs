@@ -9,10 +9,10 @@
 
 use super::config::Config;
 use super::hooks::{HookPoint, Trace};
-use super::layers::{attend, attention_bias, layer_norm, linear, position_ids, KvCache};
+use super::layers::{attend, layer_norm, linear, BlockCtx, KvCache, Step};
 use super::Weights;
 use crate::error::Result;
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 
 /// The Conv1D weights, which are transposed at load and save.
 pub fn is_conv1d(name: &str) -> bool {
@@ -49,93 +49,108 @@ pub fn expected_tensors(cfg: &Config) -> Vec<(String, Vec<usize>)> {
     v
 }
 
-/// The GPT-2 forward pass.
+/// GPT-2 needs no per-pass tables (positions are embedded up front).
+pub fn prepare(
+    _cfg: &Config,
+    _pos: &[Vec<u32>],
+    _device: &Device,
+) -> Result<Option<(Tensor, Tensor)>> {
+    Ok(None)
+}
+
+/// Token plus learned position embeddings.
 ///
 /// # Shapes
-/// `ids`: `[batch, seq]`; `key_mask`: `[batch][past + seq]`; returns `[batch, seq, vocab]`
-/// (or the trace's stop-point activation).
-pub fn forward(
-    cfg: &Config,
-    w: &Weights,
-    ids: &Tensor,
-    key_mask: Option<&[Vec<u8>]>,
-    mut cache: Option<&mut KvCache>,
-    trace: &mut Trace,
-) -> Result<Tensor> {
+/// `ids`, `pos`: `[batch, seq]` -> `[batch, seq, d_model]`.
+pub fn embed(cfg: &Config, w: &Weights, ids: &Tensor, pos: &Tensor) -> Result<Tensor> {
     let (b, t) = ids.dims2()?;
-    let device = ids.device();
-    let diff = trace.is_differentiable();
-    let stop = trace.stop_point();
-    let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
-    let pos = position_ids(b, t, past, key_mask);
-    if let Some(&p) = pos.iter().flatten().max() {
-        if p as usize >= cfg.max_positions {
-            return Err(crate::Error::PositionOutOfRange {
-                position: p as usize,
-                seq_len: cfg.max_positions,
-            });
-        }
+    let d = cfg.d_model;
+    let max = pos.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize;
+    if max >= cfg.max_positions {
+        return Err(crate::Error::PositionOutOfRange {
+            position: max,
+            seq_len: cfg.max_positions,
+        });
     }
-    let pos = super::layers::ids_tensor(&pos, device)?;
-    let bias = attention_bias(b, t, past, key_mask, device)?;
-    let (nh, hd, d) = (cfg.n_heads, cfg.head_dim, cfg.d_model);
-
-    let wte = w.get("wte.weight")?;
-    let tok = wte.embedding(&ids.flatten_all()?)?.reshape((b, t, d))?;
+    let tok = w
+        .get("wte.weight")?
+        .embedding(&ids.flatten_all()?)?
+        .reshape((b, t, d))?;
     let pe = w
         .get("wpe.weight")?
         .embedding(&pos.flatten_all()?)?
         .reshape((b, t, d))?;
-    let mut x = trace.hook(HookPoint::Embed, (tok + pe)?)?;
-    if stop == Some(HookPoint::Embed) {
-        return Ok(x);
-    }
-    for l in 0..cfg.n_layers {
-        let p = format!("h.{l}");
-        let g = |n: &str| w.get(&format!("{p}.{n}"));
-        macro_rules! hook {
-            ($point:expr, $x:expr) => {{
-                let y = trace.hook($point, $x)?;
-                if stop == Some($point) {
-                    return Ok(y);
-                }
-                y
-            }};
-        }
-        x = hook!(HookPoint::ResidPre(l), x);
+    Ok((tok + pe)?)
+}
 
-        // Attention.
-        let h = layer_norm(&x, g("ln_1.weight")?, g("ln_1.bias")?, cfg.norm_eps, diff)?;
-        let qkv = linear(&h, g("attn.c_attn.weight")?, Some(g("attn.c_attn.bias")?))?; // (b, t, 3d)
-        let split = |i: usize| -> Result<Tensor> {
-            Ok(qkv
-                .narrow(2, i * d, d)?
-                .reshape((b, t, nh, hd))?
-                .transpose(1, 2)?) // (b, nh, t, hd)
-        };
-        let (q, k, v) = (split(0)?, split(1)?, split(2)?.contiguous()?);
-        let (k, v) = KvCache::extend(cache.as_deref_mut(), l, k, v)?; // (b, kv_heads, past + t, hd)
-        let y = attend(&q, &k, &v, bias.as_ref(), diff)?; // (b, t, d)
-        let a = linear(&y, g("attn.c_proj.weight")?, Some(g("attn.c_proj.bias")?))?;
-        let a = hook!(HookPoint::AttnOut(l), a);
-        x = (x + a)?;
-
-        // MLP.
-        let h = layer_norm(&x, g("ln_2.weight")?, g("ln_2.bias")?, cfg.norm_eps, diff)?;
-        let h = hook!(HookPoint::MlpIn(l), h);
-        let key = linear(&h, g("mlp.c_fc.weight")?, Some(g("mlp.c_fc.bias")?))?.gelu()?;
-        let key = hook!(HookPoint::MlpKey(l), key); // (b, t, d_mlp)
-        let m = linear(&key, g("mlp.c_proj.weight")?, Some(g("mlp.c_proj.bias")?))?;
-        let m = hook!(HookPoint::MlpOut(l), m);
-        x = (x + m)?;
-        x = hook!(HookPoint::ResidPost(l), x);
+/// One block: `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`, with its hook points.
+///
+/// # Shapes
+/// `x`: `[batch, seq, d_model]` (the residual entering block `l`).
+pub fn block(
+    cfg: &Config,
+    w: &Weights,
+    l: usize,
+    x: Tensor,
+    ctx: &BlockCtx,
+    cache: Option<&mut KvCache>,
+    trace: &mut Trace,
+) -> Result<Step> {
+    let (b, t, _) = x.dims3()?;
+    let diff = trace.is_differentiable();
+    let stop = trace.stop_point();
+    let (nh, hd, d) = (cfg.n_heads, cfg.head_dim, cfg.d_model);
+    let p = format!("h.{l}");
+    let g = |n: &str| w.get(&format!("{p}.{n}"));
+    macro_rules! hook {
+        ($point:expr, $x:expr) => {{
+            let y = trace.hook($point, $x)?;
+            if stop == Some($point) {
+                return Ok(Step::Stop(y));
+            }
+            y
+        }};
     }
+    let x = hook!(HookPoint::ResidPre(l), x);
+
+    // Attention.
+    let h = layer_norm(&x, g("ln_1.weight")?, g("ln_1.bias")?, cfg.norm_eps, diff)?;
+    let qkv = linear(&h, g("attn.c_attn.weight")?, Some(g("attn.c_attn.bias")?))?; // (b, t, 3d)
+    let split = |i: usize| -> Result<Tensor> {
+        Ok(qkv
+            .narrow(2, i * d, d)?
+            .reshape((b, t, nh, hd))?
+            .transpose(1, 2)?) // (b, nh, t, hd)
+    };
+    let (q, k, v) = (split(0)?, split(1)?, split(2)?.contiguous()?);
+    let (k, v) = KvCache::extend(cache, l, k, v)?; // (b, nh, past + t, hd)
+    let y = attend(&q, &k, &v, ctx.bias.as_ref(), diff)?; // (b, t, d)
+    let a = linear(&y, g("attn.c_proj.weight")?, Some(g("attn.c_proj.bias")?))?;
+    let a = hook!(HookPoint::AttnOut(l), a);
+    let x = (x + a)?;
+
+    // MLP.
+    let h = layer_norm(&x, g("ln_2.weight")?, g("ln_2.bias")?, cfg.norm_eps, diff)?;
+    let h = hook!(HookPoint::MlpIn(l), h);
+    let key = linear(&h, g("mlp.c_fc.weight")?, Some(g("mlp.c_fc.bias")?))?.gelu()?;
+    let key = hook!(HookPoint::MlpKey(l), key); // (b, t, d_mlp)
+    let m = linear(&key, g("mlp.c_proj.weight")?, Some(g("mlp.c_proj.bias")?))?;
+    let m = hook!(HookPoint::MlpOut(l), m);
+    let x = (x + m)?;
+    Ok(Step::Continue(hook!(HookPoint::ResidPost(l), x)))
+}
+
+/// Final LayerNorm and the tied output head.
+///
+/// # Shapes
+/// `x`: `[batch, seq, d_model]` -> `[batch, seq, vocab]`.
+pub fn head(cfg: &Config, w: &Weights, x: &Tensor, diff: bool) -> Result<Tensor> {
     let x = layer_norm(
-        &x,
+        x,
         w.get("ln_f.weight")?,
         w.get("ln_f.bias")?,
         cfg.norm_eps,
         diff,
     )?;
-    linear(&x, wte, None)
+    linear(&x, w.get("wte.weight")?, None)
 }

@@ -31,7 +31,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, differentiable: bool) -> Resul
     Ok(if differentiable {
         candle_nn::ops::rms_norm_slow(x, w, eps as f32)?
     } else {
-        candle_nn::ops::rms_norm(x, w, eps as f32)?
+        candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?
     })
 }
 
@@ -49,7 +49,7 @@ pub fn layer_norm(
     Ok(if differentiable {
         candle_nn::ops::layer_norm_slow(x, w, b, eps as f32)?
     } else {
-        candle_nn::ops::layer_norm(x, w, b, eps as f32)?
+        candle_nn::ops::layer_norm(&x.contiguous()?, w, b, eps as f32)?
     })
 }
 
@@ -76,10 +76,15 @@ impl KvCache {
         }
     }
 
-    /// Number of cached positions.
+    /// Number of positions cached at the first layer.
     pub fn len(&self) -> usize {
+        self.len_at(0)
+    }
+
+    /// Number of positions cached at layer `l`.
+    pub fn len_at(&self, l: usize) -> usize {
         self.layers
-            .first()
+            .get(l)
             .and_then(|l| l.as_ref())
             .and_then(|(k, _)| k.dim(2).ok())
             .unwrap_or(0)
@@ -87,6 +92,19 @@ impl KvCache {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Keep only the first `n` positions of every layer.
+    pub fn truncate(&self, n: usize) -> Result<KvCache> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|e| match e {
+                Some((k, v)) => Ok(Some((k.narrow(2, 0, n)?, v.narrow(2, 0, n)?))),
+                None => Ok(None),
+            })
+            .collect::<Result<_>>()?;
+        Ok(KvCache { layers })
     }
 
     /// Append this step's keys and values to layer `l` of the cache (if any) and return the
@@ -224,4 +242,20 @@ pub fn ids_tensor(rows: &[Vec<u32>], device: &Device) -> Result<Tensor> {
     let t = rows.first().map(|r| r.len()).unwrap_or(0);
     let flat: Vec<u32> = rows.iter().flatten().copied().collect();
     Ok(Tensor::from_vec(flat, (b, t), device)?.to_dtype(DType::U32)?)
+}
+
+/// What every block of one pass shares.
+#[derive(Debug, Clone)]
+pub struct BlockCtx {
+    /// Additive attention bias `[batch or 1, 1, seq, past + seq]`, or none (no mask needed).
+    pub bias: Option<Tensor>,
+    /// Rotary cos/sin `[batch, 1, seq, head_dim]` (Llama family).
+    pub rope: Option<(Tensor, Tensor)>,
+}
+
+/// The result of one block: go on with this residual, or stop (the trace's stop point).
+#[derive(Debug)]
+pub enum Step {
+    Continue(Tensor),
+    Stop(Tensor),
 }

@@ -8,7 +8,7 @@
 
 use super::config::Config;
 use super::hooks::{HookPoint, Trace};
-use super::layers::{attend, attention_bias, linear, position_ids, repeat_kv, rms_norm, KvCache};
+use super::layers::{attend, linear, repeat_kv, rms_norm, BlockCtx, KvCache, Step};
 use super::Weights;
 use crate::error::Result;
 use candle_core::{Device, Tensor, D};
@@ -82,107 +82,117 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     Ok((x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?)?)
 }
 
-/// The Llama forward pass.
+/// Per-pass tables shared by every block: rotary cos/sin for the pass's positions.
+pub fn prepare(
+    cfg: &Config,
+    pos: &[Vec<u32>],
+    device: &Device,
+) -> Result<Option<(Tensor, Tensor)>> {
+    Ok(Some(rope_tables(cfg, pos, device)?))
+}
+
+/// Token embeddings.
 ///
 /// # Shapes
-/// `ids`: `[batch, seq]`; `key_mask`: `[batch][past + seq]`; returns `[batch, seq, vocab]`
-/// (or the trace's stop-point activation).
-pub fn forward(
+/// `ids`: `[batch, seq]` -> `[batch, seq, d_model]`.
+pub fn embed(cfg: &Config, w: &Weights, ids: &Tensor, _pos: &Tensor) -> Result<Tensor> {
+    let (b, t) = ids.dims2()?;
+    let emb = w.get("model.embed_tokens.weight")?;
+    Ok(emb
+        .embedding(&ids.flatten_all()?)?
+        .reshape((b, t, cfg.d_model))?)
+}
+
+/// One decoder block: `x + attn(norm(x))`, then `x + mlp(norm(x))`, with its hook points.
+///
+/// # Shapes
+/// `x`: `[batch, seq, d_model]` (the residual entering block `l`).
+pub fn block(
     cfg: &Config,
     w: &Weights,
-    ids: &Tensor,
-    key_mask: Option<&[Vec<u8>]>,
-    mut cache: Option<&mut KvCache>,
+    l: usize,
+    x: Tensor,
+    ctx: &BlockCtx,
+    cache: Option<&mut KvCache>,
     trace: &mut Trace,
-) -> Result<Tensor> {
-    let (b, t) = ids.dims2()?;
-    let device = ids.device();
+) -> Result<Step> {
+    let (b, t, _) = x.dims3()?;
     let diff = trace.is_differentiable();
     let stop = trace.stop_point();
-    let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
-    let pos = position_ids(b, t, past, key_mask);
-    let (cos, sin) = rope_tables(cfg, &pos, device)?;
-    let bias = attention_bias(b, t, past, key_mask, device)?;
     let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
-
-    let emb = w.get("model.embed_tokens.weight")?;
-    let x = emb
-        .embedding(&ids.flatten_all()?)?
-        .reshape((b, t, cfg.d_model))?;
-    let mut x = trace.hook(HookPoint::Embed, x)?;
-    if stop == Some(HookPoint::Embed) {
-        return Ok(x);
-    }
-    for l in 0..cfg.n_layers {
-        let p = format!("model.layers.{l}");
-        let g = |n: &str| w.get(&format!("{p}.{n}"));
-        let opt = |n: &str| {
-            if cfg.attn_bias {
-                g(n).ok()
-            } else {
-                None
+    let (cos, sin) = ctx
+        .rope
+        .as_ref()
+        .ok_or_else(|| crate::Error::invalid("rope", "missing tables"))?;
+    let p = format!("model.layers.{l}");
+    let g = |n: &str| w.get(&format!("{p}.{n}"));
+    let opt = |n: &str| if cfg.attn_bias { g(n).ok() } else { None };
+    macro_rules! hook {
+        ($point:expr, $x:expr) => {{
+            let y = trace.hook($point, $x)?;
+            if stop == Some($point) {
+                return Ok(Step::Stop(y));
             }
-        };
-        macro_rules! hook {
-            ($point:expr, $x:expr) => {{
-                let y = trace.hook($point, $x)?;
-                if stop == Some($point) {
-                    return Ok(y);
-                }
-                y
-            }};
-        }
-        x = hook!(HookPoint::ResidPre(l), x);
-
-        // Attention.
-        let h = rms_norm(&x, g("input_layernorm.weight")?, cfg.norm_eps, diff)?;
-        let q = linear(
-            &h,
-            g("self_attn.q_proj.weight")?,
-            opt("self_attn.q_proj.bias"),
-        )?;
-        let k = linear(
-            &h,
-            g("self_attn.k_proj.weight")?,
-            opt("self_attn.k_proj.bias"),
-        )?;
-        let v = linear(
-            &h,
-            g("self_attn.v_proj.weight")?,
-            opt("self_attn.v_proj.bias"),
-        )?;
-        let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?; // (b, nh, t, hd)
-        let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?; // (b, nkv, t, hd)
-        let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?; // (b, nkv, t, hd)
-        let q = apply_rope(&q, &cos, &sin)?;
-        let k = apply_rope(&k, &cos, &sin)?;
-        let (k, v) = KvCache::extend(cache.as_deref_mut(), l, k, v)?; // (b, kv_heads, past + t, hd)
-        let k = repeat_kv(k, nh / nkv)?; // (b, nh, past + t, hd)
-        let v = repeat_kv(v, nh / nkv)?;
-        let y = attend(&q, &k, &v, bias.as_ref(), diff)?; // (b, t, nh * hd)
-        let a = linear(&y, g("self_attn.o_proj.weight")?, None)?;
-        let a = hook!(HookPoint::AttnOut(l), a);
-        x = (x + a)?;
-
-        // MLP.
-        let h = rms_norm(
-            &x,
-            g("post_attention_layernorm.weight")?,
-            cfg.norm_eps,
-            diff,
-        )?;
-        let h = hook!(HookPoint::MlpIn(l), h);
-        let gate = linear(&h, g("mlp.gate_proj.weight")?, None)?.silu()?; // (b, t, d_mlp)
-        let up = linear(&h, g("mlp.up_proj.weight")?, None)?;
-        let key = hook!(HookPoint::MlpKey(l), (gate * up)?);
-        let m = linear(&key, g("mlp.down_proj.weight")?, None)?;
-        let m = hook!(HookPoint::MlpOut(l), m);
-        x = (x + m)?;
-        x = hook!(HookPoint::ResidPost(l), x);
+            y
+        }};
     }
-    let x = rms_norm(&x, w.get("model.norm.weight")?, cfg.norm_eps, diff)?;
+    let x = hook!(HookPoint::ResidPre(l), x);
+
+    // Attention.
+    let h = rms_norm(&x, g("input_layernorm.weight")?, cfg.norm_eps, diff)?;
+    let q = linear(
+        &h,
+        g("self_attn.q_proj.weight")?,
+        opt("self_attn.q_proj.bias"),
+    )?;
+    let k = linear(
+        &h,
+        g("self_attn.k_proj.weight")?,
+        opt("self_attn.k_proj.bias"),
+    )?;
+    let v = linear(
+        &h,
+        g("self_attn.v_proj.weight")?,
+        opt("self_attn.v_proj.bias"),
+    )?;
+    let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?; // (b, nh, t, hd)
+    let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?; // (b, nkv, t, hd)
+    let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?; // (b, nkv, t, hd)
+    let q = apply_rope(&q, cos, sin)?;
+    let k = apply_rope(&k, cos, sin)?;
+    let (k, v) = KvCache::extend(cache, l, k, v)?; // (b, nkv, past + t, hd)
+    let k = repeat_kv(k, nh / nkv)?; // (b, nh, past + t, hd)
+    let v = repeat_kv(v, nh / nkv)?;
+    let y = attend(&q, &k, &v, ctx.bias.as_ref(), diff)?; // (b, t, nh * hd)
+    let a = linear(&y, g("self_attn.o_proj.weight")?, None)?;
+    let a = hook!(HookPoint::AttnOut(l), a);
+    let x = (x + a)?;
+
+    // MLP.
+    let h = rms_norm(
+        &x,
+        g("post_attention_layernorm.weight")?,
+        cfg.norm_eps,
+        diff,
+    )?;
+    let h = hook!(HookPoint::MlpIn(l), h);
+    let gate = linear(&h, g("mlp.gate_proj.weight")?, None)?.silu()?; // (b, t, d_mlp)
+    let up = linear(&h, g("mlp.up_proj.weight")?, None)?;
+    let key = hook!(HookPoint::MlpKey(l), (gate * up)?);
+    let m = linear(&key, g("mlp.down_proj.weight")?, None)?;
+    let m = hook!(HookPoint::MlpOut(l), m);
+    let x = (x + m)?;
+    Ok(Step::Continue(hook!(HookPoint::ResidPost(l), x)))
+}
+
+/// Final norm and output head.
+///
+/// # Shapes
+/// `x`: `[batch, seq, d_model]` -> `[batch, seq, vocab]`.
+pub fn head(cfg: &Config, w: &Weights, x: &Tensor, diff: bool) -> Result<Tensor> {
+    let x = rms_norm(x, w.get("model.norm.weight")?, cfg.norm_eps, diff)?;
     let head = if cfg.tie_embeddings {
-        emb
+        w.get("model.embed_tokens.weight")?
     } else {
         w.get("lm_head.weight")?
     };

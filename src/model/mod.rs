@@ -153,6 +153,12 @@ impl Batch {
     }
 }
 
+/// What a pass starts from: token ids, or a residual stream at some layer.
+enum Input<'a> {
+    Ids(&'a Tensor),
+    Resid(&'a Tensor),
+}
+
 /// A loaded model: configuration, f32 weights, tokenizer, and where it came from.
 pub struct Model {
     pub config: Config,
@@ -192,23 +198,113 @@ impl Model {
             ));
         }
         let ids = layers::ids_tensor(&batch.ids, &self.device)?;
-        match self.config.arch {
-            Arch::Llama => llama::forward(
-                &self.config,
-                &self.weights,
-                &ids,
-                batch.mask.as_deref(),
-                cache,
-                trace,
-            ),
-            Arch::Gpt2 => gpt2::forward(
-                &self.config,
-                &self.weights,
-                &ids,
-                batch.mask.as_deref(),
-                cache,
-                trace,
-            ),
+        self.run(
+            Input::Ids(&ids),
+            0,
+            batch.mask.as_deref(),
+            cache,
+            trace,
+            false,
+        )
+    }
+
+    /// Run blocks `layer..` on a given residual stream, as if it were `resid_pre(layer)`.
+    ///
+    /// With a cache, `resid` holds only the positions after the cached ones (the cache must
+    /// hold layers `layer..`); earlier layers are never recomputed. With `last_only`, the
+    /// output head runs on the last position alone. This is what makes causal tracing and
+    /// ROME's v* search cheap: the unchanged prefix of layers and positions is computed once.
+    ///
+    /// # Shapes
+    /// `resid`: `[batch, seq, d_model]`; `key_mask`: `[batch][past + seq]`; returns
+    /// `[batch, seq or 1, vocab]` (or the stop point's activation).
+    ///
+    /// # Errors
+    /// [`Error::LayerOutOfRange`], tensor errors.
+    pub fn forward_from(
+        &self,
+        layer: usize,
+        resid: &Tensor,
+        key_mask: Option<&[Vec<u8>]>,
+        cache: Option<&mut KvCache>,
+        trace: &mut Trace,
+        last_only: bool,
+    ) -> Result<Tensor> {
+        if layer > self.config.n_layers {
+            return Err(Error::LayerOutOfRange {
+                layer,
+                n_layers: self.config.n_layers,
+            });
+        }
+        self.run(
+            Input::Resid(resid),
+            layer,
+            key_mask,
+            cache,
+            trace,
+            last_only,
+        )
+    }
+
+    fn run(
+        &self,
+        input: Input<'_>,
+        start: usize,
+        key_mask: Option<&[Vec<u8>]>,
+        mut cache: Option<&mut KvCache>,
+        trace: &mut Trace,
+        last_only: bool,
+    ) -> Result<Tensor> {
+        let (cfg, w) = (&self.config, &self.weights);
+        let (b, t) = match input {
+            Input::Ids(ids) => ids.dims2()?,
+            Input::Resid(x) => {
+                let (b, t, _) = x.dims3()?;
+                (b, t)
+            }
+        };
+        let past = cache.as_ref().map(|c| c.len_at(start)).unwrap_or(0);
+        let pos = layers::position_ids(b, t, past, key_mask);
+        let ctx = layers::BlockCtx {
+            bias: layers::attention_bias(b, t, past, key_mask, &self.device)?,
+            rope: match cfg.arch {
+                Arch::Llama => llama::prepare(cfg, &pos, &self.device)?,
+                Arch::Gpt2 => gpt2::prepare(cfg, &pos, &self.device)?,
+            },
+        };
+        let mut x = match input {
+            Input::Resid(x) => x.clone(),
+            Input::Ids(ids) => {
+                let pos = layers::ids_tensor(&pos, &self.device)?;
+                let x = match cfg.arch {
+                    Arch::Llama => llama::embed(cfg, w, ids, &pos)?,
+                    Arch::Gpt2 => gpt2::embed(cfg, w, ids, &pos)?,
+                };
+                let x = trace.hook(HookPoint::Embed, x)?;
+                if trace.stop_point() == Some(HookPoint::Embed) {
+                    return Ok(x);
+                }
+                x
+            }
+        };
+        for l in start..cfg.n_layers {
+            let c = cache.as_deref_mut();
+            let step = match cfg.arch {
+                Arch::Llama => llama::block(cfg, w, l, x, &ctx, c, trace)?,
+                Arch::Gpt2 => gpt2::block(cfg, w, l, x, &ctx, c, trace)?,
+            };
+            x = match step {
+                layers::Step::Continue(x) => x,
+                layers::Step::Stop(y) => return Ok(y),
+            };
+        }
+        if last_only {
+            x = x.narrow(1, t - 1, 1)?;
+        }
+        let diff = trace.is_differentiable();
+        match cfg.arch {
+            Arch::Llama => llama::head(cfg, w, &x, diff),
+            Arch::Gpt2 => gpt2::head(cfg, w, &x, diff),
         }
     }
 

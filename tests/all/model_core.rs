@@ -294,3 +294,30 @@ fn gguf_qk_permutation_round_trips() {
     let back = engram::model::load::permute_qk(&p, 2, true).unwrap();
     assert_eq!(max_abs_diff(&back, &w), 0.0);
 }
+
+/// Starting at layer l from a captured residual, with the cache of an earlier run holding the
+/// first positions, gives the same logits as a full forward.
+#[test]
+fn forward_from_a_layer_and_position_matches_a_full_forward() {
+    for name in ["tiny-llama", "tiny-gpt2"] {
+        let m = tiny(name);
+        let b = rows();
+        let mut t = Trace::new();
+        t.capture(HookPoint::ResidPre(1));
+        let mut cache = engram::model::KvCache::new(m.config.n_layers);
+        let full = m.forward_cached(&b, Some(&mut cache), &mut t).unwrap();
+        let resid = t.take(HookPoint::ResidPre(1)).unwrap();
+        let y = m
+            .forward_from(1, &resid, None, None, &mut Trace::new(), false)
+            .unwrap();
+        assert!(max_abs_diff(&full, &y) <= 1e-5, "{name}");
+        // Positions 0..4 from the cache, 4..6 recomputed, head on the last only.
+        let mut part = cache.truncate(4).unwrap();
+        let tail = resid.narrow(1, 4, 2).unwrap();
+        let y = m
+            .forward_from(1, &tail, None, Some(&mut part), &mut Trace::new(), true)
+            .unwrap();
+        let d = max_abs_diff(&full.narrow(1, 5, 1).unwrap(), &y);
+        assert!(d <= 1e-5, "{name}: {d}");
+    }
+}
