@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod error;
 pub mod eval;
+pub mod locate;
 pub mod model;
 
 pub use error::{Error, Result};

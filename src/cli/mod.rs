@@ -4,6 +4,7 @@
 mod bench;
 mod generate;
 mod inspect;
+mod locate;
 mod logprob;
 mod model_cmd;
 
@@ -36,6 +37,8 @@ enum Cmd {
     Generate(generate::Args),
     /// Mean token log-probability of a target continuation.
     Logprob(logprob::Args),
+    /// Causal tracing: which layers and tokens carry a fact.
+    Locate(locate::Args),
     /// Prefill throughput against the machine's measured matmul peak.
     Bench(bench::Args),
 }
@@ -53,6 +56,7 @@ pub fn run() -> Result<ExitCode> {
         Cmd::Inspect(a) => inspect::run(a),
         Cmd::Generate(a) => generate::run(a),
         Cmd::Logprob(a) => logprob::run(a),
+        Cmd::Locate(a) => locate::run(a),
         Cmd::Bench(a) => bench::run(a),
     }?;
     Ok(ExitCode::SUCCESS)

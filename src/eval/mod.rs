@@ -2,5 +2,6 @@
 //! on), and the metrics and reports built from it.
 
 pub mod logprob;
+pub mod svg;
 
 pub use logprob::{target_logprobs, TargetScore};

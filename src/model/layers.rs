@@ -96,6 +96,9 @@ impl KvCache {
 
     /// Keep only the first `n` positions of every layer.
     pub fn truncate(&self, n: usize) -> Result<KvCache> {
+        if n == 0 {
+            return Ok(KvCache::new(self.layers.len()));
+        }
         let layers = self
             .layers
             .iter()

@@ -5,6 +5,7 @@
 
 mod cli_errors;
 mod common;
+mod locate;
 mod model_core;
 mod parity;
 mod real_model;

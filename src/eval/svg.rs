@@ -1,0 +1,106 @@
+//! Small hand-written SVG plots (heatmaps, bars): no plotting dependency, and the files are
+//! readable text a test can check.
+
+use std::fmt::Write;
+
+/// Escape text for SVG.
+pub fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// One heatmap panel: rows are labelled (marked rows drawn bold with a `*`), columns are
+/// numbered; colour runs from white (min) to a saturated hue (max).
+pub struct Heatmap<'a> {
+    pub title: String,
+    pub rows: &'a [String],
+    pub marked: &'a [bool],
+    pub values: &'a [Vec<f64>],
+    pub x_label: &'a str,
+    /// RGB of the maximum.
+    pub hue: (u8, u8, u8),
+}
+
+/// Draw panels side by side; returns the SVG document.
+pub fn heatmaps(panels: &[Heatmap<'_>]) -> String {
+    let cell = 14.0;
+    let label_w = 130.0;
+    let mut svg = String::new();
+    let ncols = panels
+        .iter()
+        .map(|p| p.values.first().map(|r| r.len()).unwrap_or(0))
+        .max()
+        .unwrap_or(0);
+    let nrows = panels.iter().map(|p| p.rows.len()).max().unwrap_or(0);
+    let panel_w = label_w + cell * ncols as f64 + 70.0;
+    let h = 60.0 + cell * nrows as f64 + 40.0;
+    let w = panel_w * panels.len() as f64;
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">"#
+    );
+    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    for (k, p) in panels.iter().enumerate() {
+        let x0 = k as f64 * panel_w + label_w;
+        let y0 = 40.0;
+        let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+        for v in p.values.iter().flatten() {
+            lo = lo.min(*v);
+            hi = hi.max(*v);
+        }
+        if !(hi > lo) {
+            hi = lo + 1e-12;
+        }
+        let _ = writeln!(
+            svg,
+            r#"<text x="{}" y="20" font-size="13">{}</text>"#,
+            x0,
+            esc(&p.title)
+        );
+        for (r, row) in p.values.iter().enumerate() {
+            let y = y0 + r as f64 * cell;
+            let bold = p.marked.get(r).copied().unwrap_or(false);
+            let label = format!("{}{}", esc(&p.rows[r]), if bold { "*" } else { "" });
+            let weight = if bold { "bold" } else { "normal" };
+            let _ = writeln!(
+                svg,
+                r#"<text x="{}" y="{}" text-anchor="end" font-weight="{weight}">{label}</text>"#,
+                x0 - 4.0,
+                y + cell - 3.0
+            );
+            for (c, v) in row.iter().enumerate() {
+                let f = ((v - lo) / (hi - lo)).clamp(0.0, 1.0);
+                let mix = |m: u8| (255.0 - f * (255.0 - m as f64)).round() as u8;
+                let _ = writeln!(
+                    svg,
+                    r#"<rect x="{}" y="{y}" width="{cell}" height="{cell}" fill="rgb({},{},{})"><title>{}: layer {c}: {v:.4}</title></rect>"#,
+                    x0 + c as f64 * cell,
+                    mix(p.hue.0),
+                    mix(p.hue.1),
+                    mix(p.hue.2),
+                    label
+                );
+            }
+        }
+        let yb = y0 + p.values.len() as f64 * cell;
+        for c in (0..ncols).step_by(5) {
+            let _ = writeln!(
+                svg,
+                r#"<text x="{}" y="{}" text-anchor="middle">{c}</text>"#,
+                x0 + (c as f64 + 0.5) * cell,
+                yb + 12.0
+            );
+        }
+        let _ = writeln!(
+            svg,
+            r#"<text x="{}" y="{}" text-anchor="middle">{} (range {lo:.3} .. {hi:.3})</text>"#,
+            x0 + cell * ncols as f64 / 2.0,
+            yb + 28.0,
+            esc(p.x_label)
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
