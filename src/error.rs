@@ -64,6 +64,14 @@ pub enum Error {
     #[error("fetching `{name}`: {reason}")]
     Fetch { name: String, reason: String },
 
+    /// An edit spec or removal request that does not parse or check.
+    #[error("{path}: {message}")]
+    Spec { path: PathBuf, message: String },
+
+    /// A patch file that does not fit the model it is applied to.
+    #[error("{path}: {reason}")]
+    Patch { path: PathBuf, reason: String },
+
     /// A bad value for a user-facing option.
     #[error("{option}: {reason}")]
     InvalidArgument { option: String, reason: String },

@@ -6,6 +6,7 @@
 //! [`model::Trace`].
 
 pub mod bench;
+pub mod edit;
 pub mod error;
 pub mod eval;
 pub mod locate;

@@ -19,6 +19,9 @@ pub struct Args {
     temperature: f64,
     #[arg(long, default_value_t = 1.0)]
     top_p: f64,
+    /// Keep only the k most likely tokens (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     #[arg(long)]
@@ -41,6 +44,7 @@ pub fn run(a: Args) -> Result<()> {
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,
         top_p: a.top_p,
+        top_k: a.top_k,
         seed: a.seed,
         stop_at_eos: true,
     };

@@ -2,6 +2,7 @@
 //! one library function, prints a table (stdout) and optionally writes `--json FILE`.
 
 mod bench;
+mod edit;
 mod generate;
 mod inspect;
 mod locate;
@@ -37,6 +38,8 @@ enum Cmd {
     Generate(generate::Args),
     /// Mean token log-probability of a target continuation.
     Logprob(logprob::Args),
+    /// Apply an edit spec (ROME, FT-L) and report efficacy, generalisation and locality.
+    Edit(edit::Args),
     /// Causal tracing: which layers and tokens carry a fact.
     Locate(locate::Args),
     /// Prefill throughput against the machine's measured matmul peak.
@@ -57,6 +60,7 @@ pub fn run() -> Result<ExitCode> {
         Cmd::Generate(a) => generate::run(a),
         Cmd::Logprob(a) => logprob::run(a),
         Cmd::Locate(a) => locate::run(a),
+        Cmd::Edit(a) => edit::run(a),
         Cmd::Bench(a) => bench::run(a),
     }?;
     Ok(ExitCode::SUCCESS)

@@ -66,6 +66,18 @@ pub fn subject_span(
     subject: &str,
     ids: &[u32],
 ) -> Result<(usize, usize)> {
+    subject_span_from(model, prompt, subject, ids, 0)
+}
+
+/// Like [`subject_span`], for the first occurrence at or after byte `from` (a prompt behind a
+/// context prefix).
+pub fn subject_span_from(
+    model: &Model,
+    prompt: &str,
+    subject: &str,
+    ids: &[u32],
+    from: usize,
+) -> Result<(usize, usize)> {
     let tok = model.tok()?;
     let not_found = || {
         Error::invalid(
@@ -76,7 +88,11 @@ pub fn subject_span(
     if subject.trim().is_empty() {
         return Err(Error::invalid("subject", "must not be empty"));
     }
-    let start = prompt.find(subject).ok_or_else(not_found)?;
+    let start = prompt
+        .get(from..)
+        .and_then(|p| p.find(subject))
+        .ok_or_else(not_found)?
+        + from;
     let end = start + subject.len();
     // Byte offset where each token ends, from the decoded prefixes.
     let mut ends = Vec::with_capacity(ids.len());

@@ -14,6 +14,8 @@ pub struct GenParams {
     pub temperature: f64,
     /// Nucleus mass in (0, 1]; 1 keeps every token.
     pub top_p: f64,
+    /// Keep only the k most likely tokens (0: no limit).
+    pub top_k: usize,
     pub seed: u64,
     /// Stop a row at the tokenizer's end-of-sequence id.
     pub stop_at_eos: bool,
@@ -25,6 +27,7 @@ impl Default for GenParams {
             max_new_tokens: 20,
             temperature: 0.0,
             top_p: 1.0,
+            top_k: 0,
             seed: 0,
             stop_at_eos: true,
         }
@@ -150,7 +153,7 @@ fn pick(logits: &[f32], p: &GenParams, rng: &mut impl Rng) -> u32 {
     for (i, w) in probs {
         kept.push((i, w / z));
         mass += w / z;
-        if mass >= p.top_p {
+        if mass >= p.top_p || (p.top_k > 0 && kept.len() >= p.top_k) {
             break;
         }
     }

@@ -160,6 +160,10 @@ enum Input<'a> {
 }
 
 /// A loaded model: configuration, f32 weights, tokenizer, and where it came from.
+///
+/// Cloning is cheap: tensors are reference-counted, so a clone shares storage until a weight
+/// is replaced.
+#[derive(Clone)]
 pub struct Model {
     pub config: Config,
     pub weights: Weights,
@@ -305,6 +309,17 @@ impl Model {
         match cfg.arch {
             Arch::Llama => llama::head(cfg, w, &x, diff),
             Arch::Gpt2 => gpt2::head(cfg, w, &x, diff),
+        }
+    }
+
+    /// Final norm and output head on a residual stream.
+    ///
+    /// # Shapes
+    /// `x`: `[..., d_model]` as `[batch, seq, d_model]` -> `[batch, seq, vocab]`.
+    pub fn head(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
+        match self.config.arch {
+            Arch::Llama => llama::head(&self.config, &self.weights, x, differentiable),
+            Arch::Gpt2 => gpt2::head(&self.config, &self.weights, x, differentiable),
         }
     }
 

@@ -226,6 +226,7 @@ fn sampling_is_seeded() {
         max_new_tokens: 12,
         temperature: 1.0,
         top_p: 0.9,
+        top_k: 0,
         seed: 3,
         stop_at_eos: false,
     };

@@ -1,0 +1,198 @@
+//! `engram edit SPEC.yaml [--model M] [--out PATH] [--patch PATH] [--suite FILE] [--json FILE]`.
+
+use anyhow::Result;
+use comfy_table::Table;
+use engram::edit::patch::{self, PatchMeta};
+use engram::edit::run::{run_spec, EditReport};
+use engram::edit::spec::EditSpec;
+use engram::eval::metrics::{score_rewrite, RewriteScores, Suite};
+use engram::model::save::save_like_input;
+use engram::model::Format;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The edit spec (YAML).
+    spec: PathBuf,
+    /// Overrides the spec's model.
+    #[arg(long)]
+    model: Option<String>,
+    /// Where to write the edited checkpoint (default: out/NAME.gguf or out/NAME/ for HF input).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Do not write the edited checkpoint (the patch file is still written).
+    #[arg(long)]
+    no_save: bool,
+    /// Where to write the patch (default: out/NAME.engram.safetensors).
+    #[arg(long)]
+    patch: Option<PathBuf>,
+    /// Unrelated prompts and general text for the locality report.
+    #[arg(long, default_value = "eval/unrelated.yaml")]
+    suite: PathBuf,
+    /// Skip the locality report.
+    #[arg(long)]
+    no_locality: bool,
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn pct(x: Option<f64>) -> String {
+    x.map(|v| format!("{:.0}%", 100.0 * v))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn row(t: &mut Table, name: &str, s: &RewriteScores) {
+    t.add_row(vec![
+        name.to_string(),
+        format!("{:.4}", s.p_new),
+        s.p_true.map(|p| format!("{p:.4}")).unwrap_or("-".into()),
+        pct(Some(s.es)),
+        pct(s.ps),
+        pct(s.ns),
+        format!("{:+.3}", s.es_margin),
+        s.ps_margin
+            .map(|m| format!("{m:+.3}"))
+            .unwrap_or("-".into()),
+        s.ns_margin
+            .map(|m| format!("{m:+.3}"))
+            .unwrap_or("-".into()),
+    ]);
+}
+
+pub fn print_report(r: &EditReport) {
+    for (i, w) in r.rewrites.iter().enumerate() {
+        println!(
+            "[{i}] {} | subject {:?} -> {:?} (was {:?}) | layer {} | {:.1} s | |ΔW| {:.3}",
+            w.prompt,
+            w.subject,
+            w.target_new,
+            w.target_true.as_deref().unwrap_or("?"),
+            w.layer,
+            w.edit_seconds,
+            w.delta_norm
+        );
+        if let Some(t) = &w.rome {
+            println!(
+                "    v* search: {} steps, target P {:.3}, NLL {:.3}, KL {:.4}, |delta| {:.2}",
+                t.steps, t.target_prob, t.nll, t.kl, t.delta_norm
+            );
+        }
+        let mut t = Table::new();
+        t.set_header(vec![
+            "",
+            "P(new)",
+            "P(true)",
+            "ES",
+            "PS",
+            "NS",
+            "ES margin",
+            "PS margin",
+            "NS margin",
+        ]);
+        row(&mut t, "before", &w.pre);
+        row(&mut t, "after", &w.post);
+        if let Some(q) = &w.requantized {
+            row(&mut t, "after, re-quantized", q);
+        }
+        println!("{t}");
+    }
+    if let Some(l) = &r.locality {
+        let mut t = Table::new();
+        t.set_header(vec!["locality (unrelated prompts)", "value"]);
+        t.add_row(vec!["prompts".to_string(), l.kl.len().to_string()]);
+        t.add_row(vec![
+            "mean KL(base || edited)".to_string(),
+            format!("{:.2e}", l.kl_mean),
+        ]);
+        t.add_row(vec![
+            "top-1 agreement".to_string(),
+            format!("{:.1}%", 100.0 * l.top1_agreement),
+        ]);
+        t.add_row(vec![
+            "perplexity base -> edited".to_string(),
+            format!("{:.3} -> {:.3}", l.perplexity_base, l.perplexity_edited),
+        ]);
+        println!("{t}");
+    }
+    if let Some(s) = &r.stats {
+        println!("key statistics: {s}");
+    }
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let spec = EditSpec::load(&a.spec)?;
+    let model_spec = a.model.clone().or(spec.model.clone());
+    let mut m = super::load_model(model_spec.as_deref())?;
+    spec.check_model(&a.spec, m.config.n_layers)?;
+    let suite = if a.no_locality {
+        None
+    } else {
+        Some(Suite::load(&a.suite)?)
+    };
+    let stem = a
+        .spec
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or("edit".into());
+    let is_gguf = matches!(m.source.format, Format::Gguf { .. });
+    let out = a.out.clone().unwrap_or_else(|| {
+        if is_gguf {
+            PathBuf::from(format!("out/{stem}.gguf"))
+        } else {
+            PathBuf::from(format!("out/{stem}"))
+        }
+    });
+    let patch_path = a
+        .patch
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("out/{stem}.engram.safetensors")));
+
+    let pb = indicatif::ProgressBar::new_spinner();
+    pb.enable_steady_tick(std::time::Duration::from_millis(200));
+    let (mut report, deltas, applied) = run_spec(&mut m, &spec, suite.as_ref(), &mut |msg| {
+        pb.set_message(msg.to_string())
+    })?;
+    pb.finish_and_clear();
+
+    let meta = PatchMeta {
+        engram_version: env!("CARGO_PKG_VERSION").into(),
+        method: spec.method.name().into(),
+        spec: serde_yaml::to_string(&spec)?,
+        base_fingerprint: report.base_fingerprint.clone(),
+        edited_fingerprint: report.edited_fingerprint.clone(),
+        deltas: deltas
+            .iter()
+            .map(|d| {
+                (
+                    d.name.clone(),
+                    d.layer,
+                    if matches!(d.kind, engram::edit::DeltaKind::RankOne { .. }) {
+                        "rank_one".into()
+                    } else {
+                        "dense".into()
+                    },
+                )
+            })
+            .collect(),
+    };
+    patch::write(&patch_path, &meta, &deltas, &applied)?;
+    if !a.no_save {
+        save_like_input(&m, &out)?;
+        if is_gguf {
+            // Efficacy after re-quantization to the input's types.
+            let q = engram::model::load(Some(out.to_string_lossy().as_ref()), &m.device)?;
+            for (w, r) in report.rewrites.iter_mut().zip(&spec.rewrites) {
+                w.requantized = Some(score_rewrite(&q, r)?);
+            }
+        }
+    }
+    print_report(&report);
+    println!("patch: {}", patch_path.display());
+    if !a.no_save {
+        println!("edited model: {}", out.display());
+    }
+    if let Some(j) = &a.json {
+        super::write_json(j, &report)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,180 @@
+//! Patch files (`NAME.engram.safetensors`): the weight deltas of an edit (rank-one factors
+//! where the method gives them), the weights they replaced (so that `revert` is exact), and
+//! metadata (spec, method, base and edited fingerprints).
+
+use super::{Applied, DeltaKind, WeightDelta};
+use crate::error::{Error, Result};
+use crate::model::Model;
+use candle_core::Tensor;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Metadata stored in the safetensors header.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PatchMeta {
+    pub engram_version: String,
+    pub method: String,
+    /// The spec that produced it, as YAML.
+    pub spec: String,
+    /// Fingerprint of the weights the patch applies to.
+    pub base_fingerprint: String,
+    /// Fingerprint of the weights after applying it (for `revert`).
+    pub edited_fingerprint: String,
+    /// Per delta, in application order: tensor name, layer, "rank_one" or "dense".
+    pub deltas: Vec<(String, usize, String)>,
+}
+
+/// A loaded patch.
+#[derive(Debug, Clone)]
+pub struct Patch {
+    pub meta: PatchMeta,
+    pub deltas: Vec<WeightDelta>,
+    /// The weights each delta replaced, in order.
+    pub previous: Vec<Tensor>,
+}
+
+/// Write a patch atomically.
+pub fn write(
+    path: &Path,
+    meta: &PatchMeta,
+    deltas: &[WeightDelta],
+    applied: &[Applied],
+) -> Result<()> {
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for (i, d) in deltas.iter().enumerate() {
+        match &d.kind {
+            DeltaKind::RankOne { right, left } => {
+                tensors.insert(format!("delta.{i}.right"), right.clone());
+                tensors.insert(format!("delta.{i}.left"), left.clone());
+            }
+            DeltaKind::Dense(t) => {
+                tensors.insert(format!("delta.{i}.dense"), t.clone());
+            }
+        }
+    }
+    for (i, a) in applied.iter().enumerate() {
+        tensors.insert(format!("previous.{i}"), a.previous.clone());
+    }
+    let json = serde_json::to_string(meta).map_err(|e| Error::invalid("patch", e.to_string()))?;
+    let mut md = HashMap::new();
+    md.insert("engram".to_string(), json);
+    let views: Vec<(String, Tensor)> = tensors.into_iter().collect();
+    let data: Vec<(String, TensorView)> = views
+        .iter()
+        .map(|(n, t)| (n.clone(), TensorView(t.clone())))
+        .collect();
+    let bytes = safetensors::serialize(data, Some(md))
+        .map_err(|e| Error::invalid("patch", e.to_string()))?;
+    crate::model::save::write_atomic(path, |w| {
+        use std::io::Write;
+        w.write_all(&bytes).map_err(|e| Error::io(path, e))
+    })
+}
+
+/// Read a patch.
+pub fn read(path: &Path) -> Result<Patch> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bad = |reason: String| Error::Patch {
+        path: path.into(),
+        reason,
+    };
+    let (_, header) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+    let json = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("engram"))
+        .ok_or_else(|| bad("not an engram patch (no `engram` metadata)".into()))?;
+    let meta: PatchMeta = serde_json::from_str(json).map_err(|e| bad(e.to_string()))?;
+    let t = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)
+        .map_err(|e| bad(e.to_string()))?;
+    let get = |n: String| {
+        t.get(&n)
+            .cloned()
+            .ok_or_else(|| bad(format!("missing tensor `{n}`")))
+    };
+    let mut deltas = Vec::new();
+    let mut previous = Vec::new();
+    for (i, (name, layer, kind)) in meta.deltas.iter().enumerate() {
+        let kind = if kind == "rank_one" {
+            DeltaKind::RankOne {
+                right: get(format!("delta.{i}.right"))?,
+                left: get(format!("delta.{i}.left"))?,
+            }
+        } else {
+            DeltaKind::Dense(get(format!("delta.{i}.dense"))?)
+        };
+        deltas.push(WeightDelta {
+            name: name.clone(),
+            layer: *layer,
+            kind,
+        });
+        previous.push(get(format!("previous.{i}"))?);
+    }
+    Ok(Patch {
+        meta,
+        deltas,
+        previous,
+    })
+}
+
+/// Apply a patch; refuses a model whose fingerprint is not the patch's base.
+pub fn apply(model: &mut Model, patch: &Patch, path: &Path) -> Result<()> {
+    let fp = model.fingerprint()?;
+    if fp != patch.meta.base_fingerprint {
+        return Err(Error::Patch {
+            path: path.into(),
+            reason: format!(
+                "made for base {}…, but the model is {}… (a different checkpoint or already edited)",
+                &patch.meta.base_fingerprint[..12],
+                &fp[..12]
+            ),
+        });
+    }
+    for d in &patch.deltas {
+        super::apply(model, d)?;
+    }
+    Ok(())
+}
+
+/// Undo a patch bit for bit; refuses a model that is not the patch's edited result.
+pub fn revert(model: &mut Model, patch: &Patch, path: &Path) -> Result<()> {
+    let fp = model.fingerprint()?;
+    if fp != patch.meta.edited_fingerprint {
+        return Err(Error::Patch {
+            path: path.into(),
+            reason: format!(
+                "reverts edited weights {}…, but the model is {}… (re-quantized outputs cannot be reverted exactly; use the f32 result)",
+                &patch.meta.edited_fingerprint[..12],
+                &fp[..12]
+            ),
+        });
+    }
+    for (d, prev) in patch.deltas.iter().zip(&patch.previous).rev() {
+        model.set_tensor(&d.name, prev.clone())?;
+    }
+    Ok(())
+}
+
+/// Adapter: a candle tensor as a safetensors view (f32, contiguous bytes).
+struct TensorView(Tensor);
+
+impl safetensors::View for TensorView {
+    fn dtype(&self) -> safetensors::Dtype {
+        safetensors::Dtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        self.0.dims()
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        let v: Vec<f32> = self
+            .0
+            .flatten_all()
+            .and_then(|t| t.to_vec1())
+            .unwrap_or_default();
+        std::borrow::Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+    }
+    fn data_len(&self) -> usize {
+        self.0.elem_count() * 4
+    }
+}
