@@ -8,6 +8,8 @@ mod inspect;
 mod locate;
 mod logprob;
 mod model_cmd;
+mod patch;
+mod stats;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -40,6 +42,10 @@ enum Cmd {
     Logprob(logprob::Args),
     /// Apply an edit spec (ROME, FT-L) and report efficacy, generalisation and locality.
     Edit(edit::Args),
+    /// Key statistics C = E[k k^T] of a layer (cached).
+    Stats(stats::Args),
+    /// Show, apply or revert a patch file.
+    Patch(patch::Args),
     /// Causal tracing: which layers and tokens carry a fact.
     Locate(locate::Args),
     /// Prefill throughput against the machine's measured matmul peak.
@@ -61,6 +67,8 @@ pub fn run() -> Result<ExitCode> {
         Cmd::Logprob(a) => logprob::run(a),
         Cmd::Locate(a) => locate::run(a),
         Cmd::Edit(a) => edit::run(a),
+        Cmd::Stats(a) => stats::run(a),
+        Cmd::Patch(a) => patch::run(a),
         Cmd::Bench(a) => bench::run(a),
     }?;
     Ok(ExitCode::SUCCESS)

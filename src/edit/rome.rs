@@ -237,6 +237,7 @@ pub fn compute(
         mask: Some(mask.clone()),
     };
 
+    let t_start = std::time::Instant::now();
     // One clean pass: KV cache, the residual entering L, keys and MLP outputs at the lookups.
     let mut tr = Trace::new();
     tr.capture(HookPoint::ResidPre(layer));
@@ -285,6 +286,12 @@ pub fn compute(
         .collect();
     let weights = Tensor::new(weights.as_slice(), &model.device)?;
 
+    tracing::debug!(
+        "rome: clean pass {:.2}s ({} rows x {} columns)",
+        t_start.elapsed().as_secs_f64(),
+        rows.len(),
+        width
+    );
     let resid_tail = resid.narrow(1, p_col, tail)?.detach();
     let prefix_cache = cache.truncate(p_col)?;
     let delta = Var::zeros(cfg.d_model, DType::F32, &model.device)?;
@@ -376,6 +383,10 @@ pub fn compute(
     let chol = Cholesky::factor(&c.flatten_all()?.to_vec1::<f64>()?, d_mlp)?;
     let k64: Vec<f64> = k_star.to_dtype(DType::F64)?.to_vec1()?;
     let u = chol.solve(&k64);
+    tracing::debug!(
+        "rome: solve done at {:.2}s",
+        t_start.elapsed().as_secs_f64()
+    );
     let uk: f64 = u.iter().zip(&k64).map(|(a, b)| a * b).sum();
     let v_star = (v_cur + delta.as_tensor())?;
     let wk = outs.i((0..n_prompts, p_col))?.mean(0)?; // = W k* (+ b)
