@@ -166,6 +166,7 @@ pub fn compute(
     req: &Request<'_>,
     params: &RomeParams,
     stats: &KeyStats,
+    chol: &Cholesky,
     prefixes: &[String],
 ) -> Result<(WeightDelta, RomeTrace)> {
     let layer = stats.layer;
@@ -378,9 +379,7 @@ pub fn compute(
         .to_scalar::<f32>()? as f64;
 
     // u = C^-1 k*, Λ = (v* - W k*) / (u · k*) with v* = W k* + delta.
-    let c = stats.mom2.to_dtype(DType::F64)?;
     let d_mlp = cfg.d_mlp;
-    let chol = Cholesky::factor(&c.flatten_all()?.to_vec1::<f64>()?, d_mlp)?;
     let k64: Vec<f64> = k_star.to_dtype(DType::F64)?.to_vec1()?;
     let u = chol.solve(&k64);
     tracing::debug!(

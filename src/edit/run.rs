@@ -45,6 +45,7 @@ pub struct Editor {
     pub method: Method,
     pub base_fingerprint: String,
     stats: Option<KeyStats>,
+    chol: Option<super::linalg::Cholesky>,
     prefixes: Option<Vec<String>>,
 }
 
@@ -54,6 +55,7 @@ impl Editor {
             method,
             base_fingerprint: model.fingerprint()?,
             stats: None,
+            chol: None,
             prefixes: None,
         })
     }
@@ -119,8 +121,12 @@ impl Editor {
                     .stats
                     .as_ref()
                     .ok_or_else(|| Error::invalid("rome", "statistics missing"))?;
+                let chol = self
+                    .chol
+                    .as_ref()
+                    .ok_or_else(|| Error::invalid("rome", "statistics missing"))?;
                 let prefixes = self.prefixes.as_deref().unwrap_or(&[]);
-                let (d, t) = rome::compute(model, &req, p, stats, prefixes)?;
+                let (d, t) = rome::compute(model, &req, p, stats, chol, prefixes)?;
                 Ok((d, Some(t)))
             }
             Method::Ft(p) => Ok((ft::compute(model, layer, &r.prompt, &target, p)?, None)),

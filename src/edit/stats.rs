@@ -61,6 +61,22 @@ pub struct KeyStats {
     pub cache_path: Option<PathBuf>,
 }
 
+impl KeyStats {
+    /// The Cholesky factor of C, for solving `C u = k`.
+    ///
+    /// # Errors
+    /// A covariance that is not positive definite (too few samples).
+    pub fn cholesky(&self) -> Result<super::linalg::Cholesky> {
+        let n = self.mom2.dim(0)?;
+        let flat = self
+            .mom2
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?;
+        super::linalg::Cholesky::factor(&flat, n)
+    }
+}
+
 /// Load from the cache, or compute and cache.
 ///
 /// `progress(done, total)` reports sequences processed.

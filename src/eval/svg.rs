@@ -104,3 +104,39 @@ pub fn heatmaps(panels: &[Heatmap<'_>]) -> String {
     svg.push_str("</svg>\n");
     svg
 }
+
+/// A horizontal bar chart, one bar per labelled value.
+pub fn bars(title: &str, labels: &[String], values: &[f64]) -> String {
+    let row = 12.0;
+    let (label_w, bar_w) = (330.0, 400.0);
+    let h = 50.0 + row * values.len() as f64;
+    let max = values.iter().cloned().fold(0.0f64, f64::max).max(1e-12);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{h}" font-family="sans-serif" font-size="9">"#,
+        label_w + bar_w + 80.0
+    );
+    let _ = writeln!(
+        s,
+        r#"<rect width="100%" height="100%" fill="white"/><text x="10" y="20" font-size="13">{}</text>"#,
+        esc(title)
+    );
+    for (i, (l, v)) in labels.iter().zip(values).enumerate() {
+        let y = 35.0 + i as f64 * row;
+        let w = bar_w * v / max;
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="end">{}</text><rect x="{label_w}" y="{}" width="{w:.2}" height="{}" fill="steelblue"/><text x="{}" y="{}">{v:.2e}</text>"#,
+            label_w - 4.0,
+            y + 9.0,
+            esc(l),
+            y + 1.0,
+            row - 2.0,
+            label_w + w + 3.0,
+            y + 9.0
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}

@@ -1,0 +1,248 @@
+//! `engram eval counterfact ...` and `engram eval compare ...`.
+
+use anyhow::Result;
+use clap::Subcommand;
+use comfy_table::Table;
+use engram::edit::ft::FtParams;
+use engram::edit::rome::RomeParams;
+use engram::edit::spec::{EditSpec, Method};
+use engram::eval::counterfact;
+use engram::eval::metrics::{locality, ngram_entropy, run_suite, Suite};
+use engram::model::generate::{generate, GenParams};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    cmd: EvalCmd,
+}
+
+#[derive(Subcommand)]
+enum EvalCmd {
+    /// Edit each CounterFact record from the unedited model and score ES, PS, NS.
+    Counterfact(CfArgs),
+    /// Locality of an edited model against its base: KL, top-1 agreement, perplexity, fluency.
+    Compare(CompareArgs),
+}
+
+#[derive(clap::Args)]
+struct CfArgs {
+    #[arg(long)]
+    model: Option<String>,
+    /// EasyEdit's flattened CounterFact (JSONL) or ROME's counterfact.json.
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long, default_value = "rome", value_parser = ["rome", "ft"])]
+    method: String,
+    /// Take the method and its hyper-parameters from an edit spec instead.
+    #[arg(long)]
+    spec: Option<PathBuf>,
+    /// Layer to edit (overrides the spec).
+    #[arg(long)]
+    layer: Option<usize>,
+    #[arg(long, default_value_t = 100)]
+    n: usize,
+    #[arg(long, default_value_t = 0)]
+    offset: usize,
+    /// Per-case JSONL; a rerun skips the cases already in it.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct CompareArgs {
+    #[arg(long)]
+    base: Option<String>,
+    #[arg(long)]
+    edited: String,
+    #[arg(long, default_value = "eval/unrelated.yaml")]
+    suite: PathBuf,
+    /// Prompts to generate from for the fluency measure.
+    #[arg(long, default_value_t = 20)]
+    fluency_prompts: usize,
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// SVG: KL per prompt.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    match a.cmd {
+        EvalCmd::Counterfact(a) => run_cf(a),
+        EvalCmd::Compare(a) => run_compare(a),
+    }
+}
+
+fn run_cf(a: CfArgs) -> Result<()> {
+    let mut method = match &a.spec {
+        Some(p) => EditSpec::load(p)?.method,
+        None if a.method == "ft" => Method::Ft(serde_yaml::from_str::<FtParams>("{}")?),
+        None => Method::Rome(RomeParams::default()),
+    };
+    if let Some(l) = a.layer {
+        match &mut method {
+            Method::Rome(p) => p.layer = Some(l),
+            Method::Ft(p) => p.layer = Some(l),
+        }
+    }
+    let mut m = super::load_model(a.model.as_deref())?;
+    if let Some(l) = method.layer() {
+        m.config.check_layer(l)?;
+    }
+    let cases = counterfact::load(&a.data, a.offset, a.n)?;
+    let pb = indicatif::ProgressBar::new(cases.len() as u64);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed} ETA {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    pb.set_message(format!("{} (key statistics first)", method.name()));
+    let name = method.name().to_string();
+    let rows = counterfact::run(&mut m, method, &cases, a.resume.as_deref(), &mut |r| {
+        pb.set_message(format!(
+            "case {}: ES {} NS {}",
+            r.case_id, r.post.es, r.post.ns
+        ));
+        pb.inc(1);
+    })?;
+    pb.finish_and_clear();
+    let s = counterfact::summarise(&rows, &name);
+    let mut t = Table::new();
+    t.set_header(vec!["metric", "before", "after (95% CI)"]);
+    let f = |x: f64| format!("{:.1}%", 100.0 * x);
+    t.add_row(vec![
+        "ES".into(),
+        f(s.es_pre),
+        format!("{} ± {:.1}", f(s.es), 100.0 * s.es_ci95),
+    ]);
+    t.add_row(vec![
+        "PS".into(),
+        f(s.ps_pre),
+        format!("{} ± {:.1}", f(s.ps), 100.0 * s.ps_ci95),
+    ]);
+    t.add_row(vec![
+        "NS".into(),
+        f(s.ns_pre),
+        format!("{} ± {:.1}", f(s.ns), 100.0 * s.ns_ci95),
+    ]);
+    t.add_row(vec![
+        "Score (harmonic mean)".into(),
+        f(s.score_pre),
+        f(s.score),
+    ]);
+    t.add_row(vec![
+        "margins ES / PS / NS".into(),
+        "".into(),
+        format!(
+            "{:+.3} / {:+.3} / {:+.3}",
+            s.es_margin, s.ps_margin, s.ns_margin
+        ),
+    ]);
+    t.add_row(vec![
+        "edit seconds mean / median".into(),
+        "".into(),
+        format!("{:.2} / {:.2}", s.edit_seconds_mean, s.edit_seconds_median),
+    ]);
+    t.add_row(vec![
+        "evaluation seconds per case".into(),
+        "".into(),
+        format!("{:.2}", s.eval_seconds_mean),
+    ]);
+    println!("{} on {} cases ({} failed)", s.method, s.n, s.failed);
+    println!("{t}");
+    if let Some(j) = &a.json {
+        super::write_json(
+            j,
+            &serde_json::json!({ "summary": s, "cases": rows, "n": s.n, "es": s.es, "ps": s.ps, "ns": s.ns, "score": s.score, "es_pre": s.es_pre, "ps_pre": s.ps_pre, "ns_pre": s.ns_pre, "edit_seconds_mean": s.edit_seconds_mean }),
+        )?;
+    }
+    Ok(())
+}
+
+fn run_compare(a: CompareArgs) -> Result<()> {
+    let suite = Suite::load(&a.suite)?;
+    let base = super::load_model(a.base.as_deref())?;
+    let edited = super::load_model(Some(&a.edited))?;
+    let rb = run_suite(&base, &suite)?;
+    let re = run_suite(&edited, &suite)?;
+    let loc = locality(&rb, &re)?;
+    let tok = base.tok()?;
+    let prompts: Vec<Vec<u32>> = suite
+        .prompts
+        .iter()
+        .take(a.fluency_prompts)
+        .map(|p| tok.encode(&p.prompt))
+        .collect::<engram::Result<_>>()?;
+    let gp = GenParams {
+        max_new_tokens: 40,
+        stop_at_eos: false,
+        ..Default::default()
+    };
+    let fluency = |m: &engram::model::Model| -> Result<f64> {
+        let outs = generate(m, &prompts, &gp)?;
+        let mut tot = 0.0;
+        for o in &outs {
+            tot += ngram_entropy(&tok.decode(o)?);
+        }
+        Ok(tot / outs.len().max(1) as f64)
+    };
+    let (fb, fe) = (fluency(&base)?, fluency(&edited)?);
+    let mut order: Vec<usize> = (0..loc.kl.len()).collect();
+    order.sort_by(|&i, &j| loc.kl[j].total_cmp(&loc.kl[i]));
+    let mut t = Table::new();
+    t.set_header(vec!["measure", "value"]);
+    t.add_row(vec!["prompts".to_string(), loc.kl.len().to_string()]);
+    t.add_row(vec![
+        "mean KL(base || edited)".to_string(),
+        format!("{:.3e}", loc.kl_mean),
+    ]);
+    t.add_row(vec![
+        "top-1 agreement".to_string(),
+        format!("{:.1}%", 100.0 * loc.top1_agreement),
+    ]);
+    t.add_row(vec![
+        "perplexity base / edited".to_string(),
+        format!("{:.3} / {:.3}", loc.perplexity_base, loc.perplexity_edited),
+    ]);
+    t.add_row(vec![
+        "fluency (n-gram entropy) base / edited".to_string(),
+        format!("{fb:.3} / {fe:.3}"),
+    ]);
+    println!("{t}");
+    let mut moved = Table::new();
+    moved.set_header(vec!["most moved prompts", "KL"]);
+    for &i in order.iter().take(5) {
+        moved.add_row(vec![
+            suite.prompts[i].prompt.clone(),
+            format!("{:.3e}", loc.kl[i]),
+        ]);
+    }
+    println!("{moved}");
+    if let Some(p) = &a.plot {
+        let labels: Vec<String> = suite.prompts.iter().map(|p| p.prompt.clone()).collect();
+        let svg = engram::eval::svg::bars("KL(base || edited) per prompt", &labels, &loc.kl);
+        engram::model::save::write_atomic(p, |w| {
+            use std::io::Write;
+            w.write_all(svg.as_bytes())
+                .map_err(|e| engram::Error::io(p, e))
+        })?;
+    }
+    if let Some(j) = &a.json {
+        let most: Vec<_> = order
+            .iter()
+            .take(10)
+            .map(|&i| serde_json::json!({"prompt": suite.prompts[i].prompt, "kl": loc.kl[i]}))
+            .collect();
+        super::write_json(
+            j,
+            &serde_json::json!({
+                "kl": loc.kl, "kl_mean": loc.kl_mean, "top1_agreement": loc.top1_agreement,
+                "perplexity_base": loc.perplexity_base, "perplexity_edited": loc.perplexity_edited,
+                "fluency_base": fb, "fluency_edited": fe, "most_moved": most,
+            }),
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,309 @@
+//! The CounterFact benchmark runner (Meng et al. 2022, section 4.2): every record is edited
+//! starting from the unedited model, and efficacy, paraphrase and neighbourhood success are
+//! measured before and after, as probability comparisons.
+//!
+//! Input: EasyEdit's flattened form (prompt, subject, target_new, ground_truth,
+//! rephrase_prompt, locality_prompt, locality_ground_truth), or ROME's original
+//! `counterfact.json` (requested_rewrite, paraphrase_prompts, neighborhood_prompts).
+
+use super::metrics::{harmonic_mean, mean_ci95, score_rewrite, RewriteScores};
+use crate::edit::run::Editor;
+use crate::edit::spec::{Method, Neighbor, Rewrite};
+use crate::edit::{apply, revert};
+use crate::error::{Error, Result};
+use crate::model::Model;
+use serde_json::Value;
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+/// One CounterFact case as a rewrite.
+#[derive(Debug, Clone)]
+pub struct Case {
+    pub case_id: i64,
+    pub rewrite: Rewrite,
+}
+
+/// Parse one record in either form.
+pub fn parse_record(v: &Value, line: usize, path: &Path) -> Result<Case> {
+    let bad = |field: &str| Error::Spec {
+        path: path.into(),
+        message: format!("line {line}: missing or bad field `{field}`"),
+    };
+    let s = |v: &Value, f: &str| {
+        v.get(f)
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| bad(f))
+    };
+    let case_id = v
+        .get("case_id")
+        .and_then(Value::as_i64)
+        .unwrap_or(line as i64);
+    if let Some(rr) = v.get("requested_rewrite") {
+        let subject = s(rr, "subject")?;
+        let prompt = s(rr, "prompt")?.replace("{}", &subject);
+        let tn = rr
+            .get("target_new")
+            .ok_or_else(|| bad("requested_rewrite.target_new"))?;
+        let tt = rr
+            .get("target_true")
+            .ok_or_else(|| bad("requested_rewrite.target_true"))?;
+        let list = |f: &str| -> Vec<String> {
+            v.get(f)
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        return Ok(Case {
+            case_id,
+            rewrite: Rewrite {
+                prompt,
+                subject,
+                target_new: s(tn, "str")?,
+                target_true: Some(s(tt, "str")?),
+                paraphrases: list("paraphrase_prompts"),
+                neighborhood: list("neighborhood_prompts")
+                    .into_iter()
+                    .map(|p| Neighbor {
+                        prompt: p,
+                        answer: None,
+                    })
+                    .collect(),
+            },
+        });
+    }
+    Ok(Case {
+        case_id,
+        rewrite: Rewrite {
+            prompt: s(v, "prompt")?,
+            subject: s(v, "subject")?,
+            target_new: s(v, "target_new")?,
+            target_true: Some(s(v, "ground_truth")?),
+            paraphrases: vec![s(v, "rephrase_prompt")?],
+            neighborhood: vec![Neighbor {
+                prompt: s(v, "locality_prompt")?,
+                answer: Some(s(v, "locality_ground_truth")?),
+            }],
+        },
+    })
+}
+
+/// Read `n` cases from `offset` (JSONL, or a JSON array).
+pub fn load(path: &Path, offset: usize, n: usize) -> Result<Vec<Case>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let values: Vec<(usize, Value)> = if text.trim_start().starts_with('[') {
+        let arr: Vec<Value> = serde_json::from_str(&text).map_err(|e| Error::Spec {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+        arr.into_iter()
+            .enumerate()
+            .map(|(i, v)| (i + 1, v))
+            .collect()
+    } else {
+        text.lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| {
+                serde_json::from_str(l)
+                    .map(|v| (i + 1, v))
+                    .map_err(|e| Error::Spec {
+                        path: path.into(),
+                        message: format!("line {}: {e}", i + 1),
+                    })
+            })
+            .collect::<Result<_>>()?
+    };
+    values
+        .into_iter()
+        .skip(offset)
+        .take(n)
+        .map(|(line, v)| parse_record(&v, line, path))
+        .collect()
+}
+
+/// Per-case result (one JSONL row).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CaseRow {
+    pub case_id: i64,
+    pub pre: Scores,
+    pub post: Scores,
+    pub edit_seconds: f64,
+    pub eval_seconds: f64,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// ES / PS / NS of one case as plain numbers (for JSONL).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Scores {
+    pub es: f64,
+    pub ps: f64,
+    pub ns: f64,
+    pub es_margin: f64,
+    pub ps_margin: f64,
+    pub ns_margin: f64,
+}
+
+impl From<&RewriteScores> for Scores {
+    fn from(s: &RewriteScores) -> Self {
+        Scores {
+            es: s.es,
+            ps: s.ps.unwrap_or(0.0),
+            ns: s.ns.unwrap_or(0.0),
+            es_margin: s.es_margin,
+            ps_margin: s.ps_margin.unwrap_or(0.0),
+            ns_margin: s.ns_margin.unwrap_or(0.0),
+        }
+    }
+}
+
+/// Aggregates over cases.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Summary {
+    pub n: usize,
+    pub method: String,
+    pub es: f64,
+    pub ps: f64,
+    pub ns: f64,
+    pub score: f64,
+    pub es_ci95: f64,
+    pub ps_ci95: f64,
+    pub ns_ci95: f64,
+    pub es_pre: f64,
+    pub ps_pre: f64,
+    pub ns_pre: f64,
+    pub score_pre: f64,
+    pub es_margin: f64,
+    pub ps_margin: f64,
+    pub ns_margin: f64,
+    pub edit_seconds_mean: f64,
+    pub edit_seconds_median: f64,
+    pub eval_seconds_mean: f64,
+    pub failed: usize,
+}
+
+/// Summarise rows.
+pub fn summarise(rows: &[CaseRow], method: &str) -> Summary {
+    let ok: Vec<&CaseRow> = rows.iter().filter(|r| r.error.is_none()).collect();
+    let col = |f: &dyn Fn(&CaseRow) -> f64| ok.iter().map(|r| f(r)).collect::<Vec<f64>>();
+    let (es, es_ci) = mean_ci95(&col(&|r| r.post.es));
+    let (ps, ps_ci) = mean_ci95(&col(&|r| r.post.ps));
+    let (ns, ns_ci) = mean_ci95(&col(&|r| r.post.ns));
+    let mean = |v: Vec<f64>| mean_ci95(&v).0;
+    let (es_pre, ps_pre, ns_pre) = (
+        mean(col(&|r| r.pre.es)),
+        mean(col(&|r| r.pre.ps)),
+        mean(col(&|r| r.pre.ns)),
+    );
+    let mut times = col(&|r| r.edit_seconds);
+    times.sort_by(f64::total_cmp);
+    Summary {
+        n: ok.len(),
+        method: method.into(),
+        es,
+        ps,
+        ns,
+        score: harmonic_mean(&[es, ps, ns]),
+        es_ci95: es_ci,
+        ps_ci95: ps_ci,
+        ns_ci95: ns_ci,
+        es_pre,
+        ps_pre,
+        ns_pre,
+        score_pre: harmonic_mean(&[es_pre, ps_pre, ns_pre]),
+        es_margin: mean(col(&|r| r.post.es_margin)),
+        ps_margin: mean(col(&|r| r.post.ps_margin)),
+        ns_margin: mean(col(&|r| r.post.ns_margin)),
+        edit_seconds_mean: mean(times.clone()),
+        edit_seconds_median: times.get(times.len() / 2).copied().unwrap_or(0.0),
+        eval_seconds_mean: mean(col(&|r| r.eval_seconds)),
+        failed: rows.len() - ok.len(),
+    }
+}
+
+/// Run the benchmark. Rows already in `resume` (by case id) are kept and skipped; new rows
+/// are appended to it as they finish. `progress` is called after each case.
+pub fn run(
+    model: &mut Model,
+    method: Method,
+    cases: &[Case],
+    resume: Option<&Path>,
+    progress: &mut dyn FnMut(&CaseRow),
+) -> Result<Vec<CaseRow>> {
+    let mut rows: Vec<CaseRow> = Vec::new();
+    if let Some(p) = resume.filter(|p| p.exists()) {
+        let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+        for (i, l) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let r: CaseRow = serde_json::from_str(l).map_err(|e| Error::Spec {
+                path: p.into(),
+                message: format!("line {}: {e}", i + 1),
+            })?;
+            rows.push(r);
+        }
+    }
+    let done: std::collections::HashSet<i64> = rows.iter().map(|r| r.case_id).collect();
+    let mut out = match resume {
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| Error::io(p, e))?,
+        ),
+        None => None,
+    };
+    let mut editor = Editor::new(model, method)?;
+    editor.prepare(model, &mut |_, _| {})?;
+    for c in cases.iter().filter(|c| !done.contains(&c.case_id)) {
+        let t0 = Instant::now();
+        let pre = score_rewrite(model, &c.rewrite)?;
+        let mut eval_s = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let row = match editor.compute(model, &c.rewrite) {
+            Ok((d, _)) => {
+                let edit_s = t1.elapsed().as_secs_f64();
+                let a = apply(model, &d)?;
+                let t2 = Instant::now();
+                let post = score_rewrite(model, &c.rewrite);
+                eval_s += t2.elapsed().as_secs_f64();
+                revert(model, &[a])?; // every case starts from the unedited model
+                let post = post?;
+                CaseRow {
+                    case_id: c.case_id,
+                    pre: (&pre).into(),
+                    post: (&post).into(),
+                    edit_seconds: edit_s,
+                    eval_seconds: eval_s,
+                    error: None,
+                }
+            }
+            Err(e) if e.is_bad_input() => CaseRow {
+                case_id: c.case_id,
+                pre: (&pre).into(),
+                post: Scores::default(),
+                edit_seconds: 0.0,
+                eval_seconds: eval_s,
+                error: Some(e.to_string()),
+            },
+            Err(e) => return Err(e),
+        };
+        if let Some(f) = out.as_mut() {
+            let line =
+                serde_json::to_string(&row).map_err(|e| Error::invalid("resume", e.to_string()))?;
+            writeln!(f, "{line}").map_err(|e| Error::io(resume.unwrap_or(Path::new("-")), e))?;
+        }
+        progress(&row);
+        rows.push(row);
+    }
+    Ok(rows)
+}
