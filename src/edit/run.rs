@@ -83,12 +83,9 @@ impl Editor {
                     seed: p.seed,
                     ..Default::default()
                 };
-                self.stats = Some(stats::load_or_compute(
-                    model,
-                    &self.base_fingerprint,
-                    &spec,
-                    progress,
-                )?);
+                let s = stats::load_or_compute(model, &self.base_fingerprint, &spec, progress)?;
+                self.chol = Some(s.cholesky()?); // factored once, reused by every rewrite
+                self.stats = Some(s);
             }
             if self.prefixes.is_none() {
                 self.prefixes = Some(rome::context_prefixes(model, &p.context_templates, p.seed)?);

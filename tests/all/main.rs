@@ -5,6 +5,8 @@
 
 mod cli_errors;
 mod common;
+mod edit;
+mod eval;
 mod locate;
 mod model_core;
 mod parity;
