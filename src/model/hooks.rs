@@ -191,7 +191,7 @@ impl Trace {
         self.captured.remove(&point)
     }
 
-    /// The deepest layer any intervention or the stop point touches (for early exit).
+    /// The registered interventions, in order.
     pub fn interventions(&self) -> &[Intervention] {
         &self.interventions
     }
