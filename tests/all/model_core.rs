@@ -322,3 +322,30 @@ fn forward_from_a_layer_and_position_matches_a_full_forward() {
         assert!(d <= 1e-5, "{name}: {d}");
     }
 }
+
+/// A sharded checkpoint (model.safetensors.index.json + shards) loads the same tensors.
+#[test]
+fn sharded_safetensors_load_like_a_single_file() {
+    let src = fixture("tiny-llama");
+    let all = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+    let mut names: Vec<&String> = all.keys().collect();
+    names.sort();
+    let (a, b) = names.split_at(names.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (shard, part) in [("model-00001-of-00002.safetensors", a), ("model-00002-of-00002.safetensors", b)] {
+        let sub: std::collections::HashMap<String, Tensor> = part.iter().map(|n| ((*n).clone(), all[*n].clone())).collect();
+        candle_core::safetensors::save(&sub, dir.path().join(shard)).unwrap();
+        for n in part.iter() {
+            map.insert((*n).clone(), shard.into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let sharded = engram::model::load(Some(dir.path().to_str().unwrap()), &Device::Cpu).unwrap();
+    let single = tiny("tiny-llama");
+    let a = single.forward(&rows(), &mut Trace::new()).unwrap();
+    let b = sharded.forward(&rows(), &mut Trace::new()).unwrap();
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+}
