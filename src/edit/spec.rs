@@ -81,6 +81,26 @@ pub fn continuation(target: &str) -> String {
     }
 }
 
+/// serde_yaml's message, with a line and column added where it has none: errors inside the
+/// tagged `method` map come from buffered content that has lost its position, so we point
+/// at the first occurrence of the offending name instead.
+pub fn with_location(e: &serde_yaml::Error, text: &str) -> String {
+    let msg = e.to_string();
+    if msg.contains(" line ") {
+        return msg;
+    }
+    let name = msg.split('`').nth(1).unwrap_or("");
+    if name.is_empty() {
+        return msg;
+    }
+    for (i, line) in text.lines().enumerate() {
+        if let Some(col) = line.find(name) {
+            return format!("line {} column {}: {msg}", i + 1, col + 1);
+        }
+    }
+    msg
+}
+
 impl EditSpec {
     /// Parse and check a spec file.
     ///
@@ -94,7 +114,7 @@ impl EditSpec {
     pub fn parse(path: &Path, text: &str) -> Result<EditSpec> {
         let spec: EditSpec = serde_yaml::from_str(text).map_err(|e| Error::Spec {
             path: path.into(),
-            message: e.to_string(),
+            message: with_location(&e, text),
         })?;
         spec.validate(path)?;
         Ok(spec)

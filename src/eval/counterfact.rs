@@ -316,7 +316,10 @@ mod tests {
     fn parses_both_record_forms() {
         let flat: Value = serde_json::from_str(r#"{"case_id": 7, "prompt": "The mother tongue of X is", "subject": "X", "target_new": "English", "ground_truth": "French", "rephrase_prompt": "X speaks", "locality_prompt": "Y speaks", "locality_ground_truth": "French"}"#).unwrap();
         let c = parse_record(&flat, 1, Path::new("f.jsonl")).unwrap();
-        assert_eq!((c.case_id, c.rewrite.target_true.as_deref()), (7, Some("French")));
+        assert_eq!(
+            (c.case_id, c.rewrite.target_true.as_deref()),
+            (7, Some("French"))
+        );
         assert_eq!(c.rewrite.neighborhood[0].answer.as_deref(), Some("French"));
         let rome: Value = serde_json::from_str(r#"{"case_id": 3, "requested_rewrite": {"prompt": "The mother tongue of {} is", "subject": "X", "target_new": {"str": "English"}, "target_true": {"str": "French"}}, "paraphrase_prompts": ["a", "b"], "neighborhood_prompts": ["c"]}"#).unwrap();
         let c = parse_record(&rome, 1, Path::new("f.json")).unwrap();
@@ -324,6 +327,9 @@ mod tests {
         assert_eq!(c.rewrite.paraphrases.len(), 2);
         assert!(c.rewrite.neighborhood[0].answer.is_none());
         let bad: Value = serde_json::from_str(r#"{"prompt": "p"}"#).unwrap();
-        assert!(parse_record(&bad, 4, Path::new("f.jsonl")).unwrap_err().to_string().contains("line 4"));
+        assert!(parse_record(&bad, 4, Path::new("f.jsonl"))
+            .unwrap_err()
+            .to_string()
+            .contains("line 4"));
     }
 }

@@ -71,32 +71,28 @@ pub fn score_rewrite(model: &Model, r: &Rewrite) -> Result<RewriteScores> {
         s.es_margin = lp[0].exp() - lp[1].exp();
         i = 2;
         if !r.paraphrases.is_empty() {
-            let (mut hit, mut margin) = (0.0, 0.0);
-            for _ in &r.paraphrases {
-                hit += (lp[i] > lp[i + 1]) as u8 as f64;
-                margin += lp[i].exp() - lp[i + 1].exp();
-                i += 2;
-            }
-            let k = r.paraphrases.len() as f64;
-            s.ps = Some(hit / k);
-            s.ps_margin = Some(margin / k);
+            let (hit, margin) = pairwise(&lp[i..i + 2 * r.paraphrases.len()]);
+            (s.ps, s.ps_margin) = (Some(hit), Some(margin));
+            i += 2 * r.paraphrases.len();
         }
     } else {
         s.es = (lp[0].exp() > 0.5) as u8 as f64;
         s.es_margin = lp[0].exp() - 0.5;
     }
     if !r.neighborhood.is_empty() {
-        let (mut hit, mut margin) = (0.0, 0.0);
-        for _ in &r.neighborhood {
-            hit += (lp[i] > lp[i + 1]) as u8 as f64;
-            margin += lp[i].exp() - lp[i + 1].exp();
-            i += 2;
-        }
-        let k = r.neighborhood.len() as f64;
-        s.ns = Some(hit / k);
-        s.ns_margin = Some(margin / k);
+        let (hit, margin) = pairwise(&lp[i..i + 2 * r.neighborhood.len()]);
+        (s.ns, s.ns_margin) = (Some(hit), Some(margin));
     }
     Ok(s)
+}
+
+/// For consecutive pairs (a, b) of mean log-probs: the fraction with a > b, and the mean of
+/// exp(a) - exp(b).
+fn pairwise(lp: &[f64]) -> (f64, f64) {
+    let k = (lp.len() / 2).max(1) as f64;
+    let hit = lp.chunks(2).filter(|p| p[0] > p[1]).count() as f64;
+    let margin: f64 = lp.chunks(2).map(|p| p[0].exp() - p[1].exp()).sum();
+    (hit / k, margin / k)
 }
 
 /// KL(p || q) of two distributions given as log-probabilities (natural log).

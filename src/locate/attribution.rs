@@ -8,7 +8,7 @@
 //! first-order: it is good where P is near-linear in the state, and can miss saturating
 //! effects, so the report states its rank correlation with the exact trace.
 
-use super::{setup, suggest_layer, window, Grids, LocateParams, LocateResult, Setup};
+use super::{setup, window, Grids, LocateParams, LocateResult, Setup};
 use crate::error::{Error, Result};
 use crate::model::{Batch, HookPoint, Model, Op, Positions, Trace};
 use candle_core::{DType, IndexOp, Tensor, Var};
@@ -130,27 +130,20 @@ pub fn trace_setup(model: &Model, s: &Setup, params: &LocateParams) -> Result<Lo
             grids.attn[i][l] = (lo..hi).map(|j| per[2][j][i]).sum();
         }
     }
-    let suggested_layer = suggest_layer(&grids, s.subject_range);
     let block = (rows * t * n) as u64;
-    Ok(LocateResult {
-        method: "attribution".into(),
-        prompt: String::new(),
-        subject: String::new(),
-        target: s.target,
-        target_id: s.target_id,
-        tokens: s.tokens,
-        subject_range: s.subject_range,
-        clean_p,
-        corrupted_p,
-        noise_std: s.noise_std,
-        params: params.clone(),
+    // Clean (1 row), corrupted (rows) forward, and a backward costing about two forwards.
+    let evals = ((t * n) as u64 + 3 * block, 3 * (t * n) as u64 * block);
+    let secs = t0.elapsed().as_secs_f64();
+    let ps = (clean_p, corrupted_p);
+    Ok(LocateResult::from_grids(
+        "attribution",
+        s,
+        params,
+        ps,
         grids,
-        suggested_layer,
-        // Clean (1 row), corrupted (rows) forward, and a backward costing about two forwards.
-        block_evals: (t * n) as u64 + 3 * block,
-        naive_block_evals: 3 * (t * n) as u64 * block,
-        seconds: t0.elapsed().as_secs_f64(),
-    })
+        evals,
+        secs,
+    ))
 }
 
 /// P(target) per row from `[rows, vocab]` logits (composed softmax: differentiable).

@@ -15,7 +15,7 @@
 //! - tokens before the subject are never changed by the noise, so restoring them has exactly
 //!   zero effect; they are not run.
 
-use super::{setup, suggest_layer, window, Grids, LocateParams, LocateResult, Setup, KINDS};
+use super::{setup, window, Grids, LocateParams, LocateResult, Setup, KINDS};
 use crate::error::Result;
 use crate::model::{Batch, HookPoint, KvCache, Model, Op, Positions, Trace};
 use candle_core::{DType, IndexOp, Tensor, D};
@@ -183,25 +183,17 @@ pub fn trace_setup(
     for _ in 0..sub_lo * KINDS.len() {
         progress(); // rows before the subject: exactly zero effect, nothing to run
     }
-    let suggested_layer = suggest_layer(&grids, s.subject_range);
-    Ok(LocateResult {
-        method: "causal-trace".into(),
-        prompt: String::new(),
-        subject: String::new(),
-        target: s.target,
-        target_id: s.target_id,
-        tokens: s.tokens,
-        subject_range: s.subject_range,
-        clean_p,
-        corrupted_p,
-        noise_std: s.noise_std,
-        params: params.clone(),
+    let secs = t0.elapsed().as_secs_f64();
+    let ps = (clean_p, corrupted_p);
+    Ok(LocateResult::from_grids(
+        "causal-trace",
+        s,
+        params,
+        ps,
         grids,
-        suggested_layer,
-        block_evals: evals,
-        naive_block_evals: naive,
-        seconds: t0.elapsed().as_secs_f64(),
-    })
+        (evals, naive),
+        secs,
+    ))
 }
 
 /// Tokens per batched group. Rows of a later token in a group recompute a few positions

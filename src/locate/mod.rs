@@ -190,6 +190,40 @@ pub struct LocateResult {
     pub seconds: f64,
 }
 
+impl LocateResult {
+    /// Assemble a result from a setup and its grids (prompt and subject are filled in by the
+    /// caller that has the strings).
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_grids(
+        method: &str,
+        s: Setup,
+        params: &LocateParams,
+        (clean_p, corrupted_p): (f64, f64),
+        grids: Grids,
+        (block_evals, naive_block_evals): (u64, u64),
+        seconds: f64,
+    ) -> LocateResult {
+        LocateResult {
+            method: method.into(),
+            prompt: String::new(),
+            subject: String::new(),
+            target: s.target,
+            target_id: s.target_id,
+            suggested_layer: suggest_layer(&grids, s.subject_range),
+            tokens: s.tokens,
+            subject_range: s.subject_range,
+            clean_p,
+            corrupted_p,
+            noise_std: s.noise_std,
+            params: params.clone(),
+            grids,
+            block_evals,
+            naive_block_evals,
+            seconds,
+        }
+    }
+}
+
 /// Indirect-effect grids, `[token][layer]`.
 #[derive(Debug, Clone, serde::Serialize, Default)]
 pub struct Grids {

@@ -52,8 +52,13 @@ pub fn tensor3(v: &serde_json::Value) -> Tensor {
 pub fn rome_editor() -> &'static std::sync::Mutex<engram::edit::run::Editor> {
     static E: OnceLock<std::sync::Mutex<engram::edit::run::Editor>> = OnceLock::new();
     E.get_or_init(|| {
-        let params = engram::edit::rome::RomeParams { layer: Some(5), ..Default::default() };
-        let mut e = engram::edit::run::Editor::new(real(), engram::edit::spec::Method::Rome(params)).unwrap();
+        let params = engram::edit::rome::RomeParams {
+            layer: Some(5),
+            ..Default::default()
+        };
+        let mut e =
+            engram::edit::run::Editor::new(real(), engram::edit::spec::Method::Rome(params))
+                .unwrap();
         e.prepare(real(), &mut |_, _| {}).unwrap();
         std::sync::Mutex::new(e)
     })
@@ -63,6 +68,10 @@ pub fn rome_editor() -> &'static std::sync::Mutex<engram::edit::run::Editor> {
 pub fn greedy(m: &Model, prompt: &str, n: usize) -> String {
     let tok = m.tok().unwrap();
     let ids = tok.encode(prompt).unwrap();
-    let p = engram::model::generate::GenParams { max_new_tokens: n, ..Default::default() };
-    tok.decode(&engram::model::generate::generate(m, &[ids], &p).unwrap()[0]).unwrap()
+    let p = engram::model::generate::GenParams {
+        max_new_tokens: n,
+        ..Default::default()
+    };
+    tok.decode(&engram::model::generate::generate(m, &[ids], &p).unwrap()[0])
+        .unwrap()
 }

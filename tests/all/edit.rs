@@ -6,7 +6,13 @@ use engram::edit::{apply, patch, revert};
 use std::path::Path;
 
 fn eiffel() -> Rewrite {
-    EditSpec::load(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/edits/eiffel-rome.yaml"))).unwrap().rewrites.remove(0)
+    EditSpec::load(Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/edits/eiffel-rome.yaml"
+    )))
+    .unwrap()
+    .rewrites
+    .remove(0)
 }
 
 /// The Eiffel Tower moves to Rome; a paraphrase follows; the Louvre stays in Paris. Compute
@@ -18,7 +24,11 @@ fn rome_moves_the_eiffel_tower_to_rome() {
     let fp0 = base.fingerprint().unwrap();
     let r = eiffel();
     let (delta, trace) = rome_editor().lock().unwrap().compute(base, &r).unwrap();
-    assert_eq!(base.fingerprint().unwrap(), fp0, "compute must not change the model");
+    assert_eq!(
+        base.fingerprint().unwrap(),
+        fp0,
+        "compute must not change the model"
+    );
     println!("v* search: {:?}", trace);
 
     let mut m = base.clone();
@@ -44,7 +54,13 @@ fn rome_moves_the_eiffel_tower_to_rome() {
         edited_fingerprint: fp1.clone(),
         deltas: vec![(delta.name.clone(), delta.layer, "rank_one".into())],
     };
-    patch::write(&pp, &meta, std::slice::from_ref(&delta), std::slice::from_ref(&applied)).unwrap();
+    patch::write(
+        &pp,
+        &meta,
+        std::slice::from_ref(&delta),
+        std::slice::from_ref(&applied),
+    )
+    .unwrap();
     let pt = patch::read(&pp).unwrap();
     let mut fresh = base.clone();
     patch::apply(&mut fresh, &pt, &pp).unwrap();
@@ -64,10 +80,23 @@ fn rome_moves_the_eiffel_tower_to_rome() {
 fn ft_l_respects_its_norm_bound_and_raises_the_target() {
     let base = real();
     let r = eiffel();
-    let p = engram::edit::ft::FtParams { layer: Some(5), steps: 10, lr: 5e-4, norm_constraint: 5e-4 };
+    let p = engram::edit::ft::FtParams {
+        layer: Some(5),
+        steps: 10,
+        lr: 5e-4,
+        norm_constraint: 5e-4,
+    };
     let d = engram::edit::ft::compute(base, 5, &r.prompt, " Rome", &p).unwrap();
     let dense = d.dense().unwrap();
-    let linf = dense.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let linf = dense
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(linf <= 5e-4 + 1e-7, "{linf}");
     let before = engram::eval::metrics::score_rewrite(base, &r).unwrap();
     let mut m = base.clone();
@@ -78,7 +107,10 @@ fn ft_l_respects_its_norm_bound_and_raises_the_target() {
 }
 
 fn engram(args: &[&str]) -> (i32, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_engram")).args(args).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_engram"))
+        .args(args)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(!stderr.contains("panicked"), "{stderr}");
     (out.status.code().unwrap_or(-1), stderr)
@@ -87,13 +119,26 @@ fn engram(args: &[&str]) -> (i32, String) {
 /// Bad specs: a clear error naming the file and field, exit code 2, nothing written.
 #[test]
 fn bad_specs_exit_2_and_write_nothing() {
-    let good = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/edits/eiffel-rome.yaml")).unwrap();
+    let good = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/edits/eiffel-rome.yaml"
+    ))
+    .unwrap();
     let cases = [
-        (good.replace("subject: \"The Eiffel Tower\"", "subject: \"Big Ben\""), "rewrites[0].subject"),
-        (good.replace("target_new: \"Rome\"", "target_new: \"\""), "rewrites[0].target_new"),
+        (
+            good.replace("subject: \"The Eiffel Tower\"", "subject: \"Big Ben\""),
+            "rewrites[0].subject",
+        ),
+        (
+            good.replace("target_new: \"Rome\"", "target_new: \"\""),
+            "rewrites[0].target_new",
+        ),
         (good.replace("layer: 5 ", "layer: 99 "), "method.layer"),
         (good.replace("method: rome", "method: romeo"), "romeo"),
-        (good.replace("layer: 5 ", "layer: 5\n  kl_factr: 1 "), "kl_factr"),
+        (
+            good.replace("layer: 5 ", "layer: 5\n  kl_factr: 1 "),
+            "kl_factr",
+        ),
     ];
     let dir = tempfile::tempdir().unwrap();
     for (i, (text, needle)) in cases.iter().enumerate() {
@@ -101,13 +146,29 @@ fn bad_specs_exit_2_and_write_nothing() {
         std::fs::write(&spec, text).unwrap();
         let out = dir.path().join(format!("out{i}.gguf"));
         let patch = dir.path().join(format!("p{i}.engram.safetensors"));
-        let (code, err) = engram(&["edit", spec.to_str().unwrap(), "--out", out.to_str().unwrap(), "--patch", patch.to_str().unwrap()]);
+        let (code, err) = engram(&[
+            "edit",
+            spec.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--patch",
+            patch.to_str().unwrap(),
+        ]);
         assert_eq!(code, 2, "case {i}: {err}");
-        assert!(err.contains(&format!("bad{i}.yaml")) && err.contains(needle), "case {i}: {err}");
-        assert!(!out.exists() && !patch.exists(), "case {i}: something was written");
+        assert!(
+            err.contains(&format!("bad{i}.yaml")) && err.contains(needle),
+            "case {i}: {err}"
+        );
+        assert!(
+            !out.exists() && !patch.exists(),
+            "case {i}: something was written"
+        );
     }
     // Leftover temporary files would show as extra entries.
-    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names.len(), cases.len(), "{names:?}");
 }
 
@@ -118,7 +179,11 @@ fn patch_on_the_wrong_base_exits_2() {
     let dir = tempfile::tempdir().unwrap();
     let pp = dir.path().join("x.engram.safetensors");
     let w = m.weight(0, engram::model::Site::MlpOut).unwrap();
-    let d = engram::edit::WeightDelta { name: "model.layers.0.mlp.down_proj.weight".into(), layer: 0, kind: engram::edit::DeltaKind::Dense(w.zeros_like().unwrap()) };
+    let d = engram::edit::WeightDelta {
+        name: "model.layers.0.mlp.down_proj.weight".into(),
+        layer: 0,
+        kind: engram::edit::DeltaKind::Dense(w.zeros_like().unwrap()),
+    };
     let meta = patch::PatchMeta {
         engram_version: "test".into(),
         method: "ft".into(),
@@ -127,11 +192,25 @@ fn patch_on_the_wrong_base_exits_2() {
         edited_fingerprint: "1".repeat(64),
         deltas: vec![(d.name.clone(), 0, "dense".into())],
     };
-    let applied = engram::edit::Applied { name: d.name.clone(), previous: w.clone() };
+    let applied = engram::edit::Applied {
+        name: d.name.clone(),
+        previous: w.clone(),
+    };
     patch::write(&pp, &meta, &[d], &[applied]).unwrap();
     let out = dir.path().join("out");
-    let (code, err) = engram(&["patch", "apply", pp.to_str().unwrap(), "--model", fixture("tiny-llama").to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let (code, err) = engram(&[
+        "patch",
+        "apply",
+        pp.to_str().unwrap(),
+        "--model",
+        fixture("tiny-llama").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("x.engram.safetensors") && err.contains("base"), "{err}");
+    assert!(
+        err.contains("x.engram.safetensors") && err.contains("base"),
+        "{err}"
+    );
     assert!(!out.exists());
 }

@@ -5,7 +5,11 @@ use engram::eval::metrics::{locality, run_suite, Suite};
 use std::path::Path;
 
 fn suite() -> Suite {
-    Suite::load(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/eval/unrelated.yaml"))).unwrap()
+    Suite::load(Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/eval/unrelated.yaml"
+    )))
+    .unwrap()
 }
 
 #[test]
@@ -25,25 +29,43 @@ fn compare_against_itself_and_a_scaled_copy() {
     assert_eq!(same.perplexity_base, same.perplexity_edited);
     let mut scaled = m.clone();
     let w = (scaled.weight(3, engram::model::Site::MlpOut).unwrap() * 1.1).unwrap();
-    scaled.set_weight(3, engram::model::Site::MlpOut, w).unwrap();
+    scaled
+        .set_weight(3, engram::model::Site::MlpOut, w)
+        .unwrap();
     let moved = locality(&base, &run_suite(&scaled, &s).unwrap()).unwrap();
-    println!("scaled layer 3 MLP out by 1.1: KL {:.3e}, agreement {:.3}", moved.kl_mean, moved.top1_agreement);
+    println!(
+        "scaled layer 3 MLP out by 1.1: KL {:.3e}, agreement {:.3}",
+        moved.kl_mean, moved.top1_agreement
+    );
     assert!(moved.kl_mean > 0.0);
 }
 
 /// The runner on 20 records (FT-L, cheap), with ES_pre checked a second way.
 #[test]
 fn counterfact_runner_on_20_records() {
-    let data = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/counterfact/dev-2000.jsonl"));
+    let data = Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/data/counterfact/dev-2000.jsonl"
+    ));
     let cases = engram::eval::counterfact::load(data, 0, 20).unwrap();
     assert_eq!(cases.len(), 20);
     let mut m = real().clone();
-    let method = engram::edit::spec::Method::Ft(engram::edit::ft::FtParams { layer: Some(5), steps: 3, lr: 5e-4, norm_constraint: 5e-4 });
+    let method = engram::edit::spec::Method::Ft(engram::edit::ft::FtParams {
+        layer: Some(5),
+        steps: 3,
+        lr: 5e-4,
+        norm_constraint: 5e-4,
+    });
     let dir = tempfile::tempdir().unwrap();
     let resume = dir.path().join("rows.jsonl");
-    let rows = engram::eval::counterfact::run(&mut m, method.clone(), &cases, Some(&resume), &mut |_| {}).unwrap();
+    let rows =
+        engram::eval::counterfact::run(&mut m, method.clone(), &cases, Some(&resume), &mut |_| {})
+            .unwrap();
     assert_eq!(rows.len(), 20);
-    assert_eq!(std::fs::read_to_string(&resume).unwrap().lines().count(), 20);
+    assert_eq!(
+        std::fs::read_to_string(&resume).unwrap().lines().count(),
+        20
+    );
     let s = engram::eval::counterfact::summarise(&rows, "ft");
     // Second way: P(new) > P(true) straight from the log-probabilities.
     let mut wins = 0;
@@ -51,13 +73,22 @@ fn counterfact_runner_on_20_records() {
         let r = &c.rewrite;
         let new = format!(" {}", r.target_new);
         let old = format!(" {}", r.target_true.as_ref().unwrap());
-        let lp = engram::eval::target_logprobs(real(), &[(&r.prompt, &new), (&r.prompt, &old)]).unwrap();
+        let lp =
+            engram::eval::target_logprobs(real(), &[(&r.prompt, &new), (&r.prompt, &old)]).unwrap();
         wins += (lp[0].mean_logprob > lp[1].mean_logprob) as usize;
     }
     assert_eq!(s.es_pre, wins as f64 / 20.0);
-    assert_eq!(m.fingerprint().unwrap(), real().fingerprint().unwrap(), "every case reverts");
+    assert_eq!(
+        m.fingerprint().unwrap(),
+        real().fingerprint().unwrap(),
+        "every case reverts"
+    );
     // Resuming skips what is done.
-    let again = engram::eval::counterfact::run(&mut m, method, &cases, Some(&resume), &mut |_| {}).unwrap();
+    let again =
+        engram::eval::counterfact::run(&mut m, method, &cases, Some(&resume), &mut |_| {}).unwrap();
     assert_eq!(again.len(), 20);
-    assert_eq!(std::fs::read_to_string(&resume).unwrap().lines().count(), 20);
+    assert_eq!(
+        std::fs::read_to_string(&resume).unwrap().lines().count(),
+        20
+    );
 }
