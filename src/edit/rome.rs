@@ -244,9 +244,17 @@ pub fn compute(
     tr.capture(HookPoint::ResidPre(layer));
     tr.capture(HookPoint::MlpKey(layer));
     tr.capture(HookPoint::MlpOut(layer));
+    // Stop before the head: only the KL row's lookup position needs logits.
+    tr.stop_after(HookPoint::ResidPost(n - 1));
     let mut cache = KvCache::new(n);
-    let logits = model.forward_cached(&batch, Some(&mut cache), &mut tr)?;
-    let kl_base = candle_nn::ops::log_softmax(&logits.i((kl_row, p_col))?, D::Minus1)?.detach(); // (vocab)
+    let last = model.forward_cached(&batch, Some(&mut cache), &mut tr)?; // (b, width, d)
+    let kl_logits = model.head(
+        &last
+            .i((kl_row..kl_row + 1, p_col..p_col + 1))?
+            .contiguous()?,
+        false,
+    )?;
+    let kl_base = candle_nn::ops::log_softmax(&kl_logits.flatten_all()?, D::Minus1)?.detach(); // (vocab)
     let resid = tr
         .take(HookPoint::ResidPre(layer))
         .ok_or_else(|| Error::invalid("rome", "no residual"))?;

@@ -385,9 +385,16 @@ impl Model {
             for d in t.dims() {
                 h.update((*d as u64).to_le_bytes());
             }
-            let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
-            for x in v {
-                h.update(x.to_le_bytes());
+            // In slices of about 1M values, so that hashing never copies a whole embedding.
+            let flat = t.flatten_all()?;
+            let n = flat.elem_count();
+            let mut start = 0;
+            while start < n {
+                let len = (1 << 20).min(n - start);
+                let v: Vec<f32> = flat.narrow(0, start, len)?.to_vec1()?;
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                h.update(&bytes);
+                start += len;
             }
         }
         Ok(format!("{:x}", h.finalize()))
