@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The benchmarks behind the README's "Measured" table. Run from the repository root after
+# `cargo build --release`. They are benchmarks, not tests: numbers depend on the machine.
+set -euo pipefail
+E=./target/release/engram
+CF=../shared/data/counterfact/dev-2000.jsonl
+mkdir -p out
+$E bench --json out/bench.json
+$E locate --prompt "The Eiffel Tower is located in the city of" --subject "The Eiffel Tower" \
+  --target " Paris" --method attribution --compare-exact --json out/locate-eiffel.json --plot out/locate-eiffel.svg
+$E locate --prompt "The mother tongue of Danielle Darrieux is said to be" --subject "Danielle Darrieux" \
+  --target " French" --method attribution --compare-exact --json out/locate-darrieux.json
+$E eval counterfact --data $CF --method rome --layer 5 --n 100 --json out/cf-rome-l5.json --resume out/cf-rome-l5.jsonl
+$E eval counterfact --data $CF --method ft --layer 5 --n 100 --json out/cf-ft-l5.json --resume out/cf-ft-l5.jsonl
+$E edit edits/eiffel-rome.yaml --json out/edit-eiffel.json
