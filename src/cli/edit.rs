@@ -1,12 +1,13 @@
 //! `engram edit SPEC.yaml [--model M] [--out PATH] [--patch PATH] [--suite FILE] [--json FILE]`.
 
 use anyhow::Result;
+use candle_core::quantized::GgmlDType;
 use comfy_table::Table;
 use engram::edit::patch::{self, PatchMeta};
 use engram::edit::run::{run_spec, EditReport};
 use engram::edit::spec::EditSpec;
 use engram::eval::metrics::{score_rewrite, RewriteScores, Suite};
-use engram::model::save::save_like_input;
+use engram::model::save::{save, save_like_input, SaveAs};
 use engram::model::Format;
 use std::path::PathBuf;
 
@@ -20,6 +21,10 @@ pub struct Args {
     /// Where to write the edited checkpoint (default: out/NAME.gguf or out/NAME/ for HF input).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// GGUF output tensor types: `input` (each tensor re-quantized to its input type), `f16`
+    /// or `f32` (matrices; norms stay f32).
+    #[arg(long, default_value = "input", value_parser = ["input", "f16", "f32"])]
+    out_type: String,
     /// Do not write the edited checkpoint (the patch file is still written).
     #[arg(long)]
     no_save: bool,
@@ -177,7 +182,11 @@ pub fn run(a: Args) -> Result<()> {
     };
     patch::write(&patch_path, &meta, &deltas, &applied)?;
     if !a.no_save {
-        save_like_input(&m, &out)?;
+        match (is_gguf, a.out_type.as_str()) {
+            (true, "f16") => save(&m, &out, SaveAs::Gguf(Some(GgmlDType::F16)))?,
+            (true, "f32") => save(&m, &out, SaveAs::Gguf(Some(GgmlDType::F32)))?,
+            _ => save_like_input(&m, &out)?,
+        }
         if is_gguf {
             // Efficacy after re-quantization to the input's types.
             let q = engram::model::load(Some(out.to_string_lossy().as_ref()), &m.device)?;
