@@ -267,3 +267,54 @@ fn eiffel_tower_trace_on_smollm2() {
     assert!(best < 2 * m.config.n_layers / 3, "layer {best} is late");
     assert!(r.block_evals * 2 < r.naive_block_evals);
 }
+
+/// The CLI's JSON carries the documented keys and the plot is an SVG with three panels.
+#[test]
+fn locate_cli_writes_json_and_svg() {
+    let dir = tempfile::tempdir().unwrap();
+    let (j, p) = (dir.path().join("t.json"), dir.path().join("t.svg"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_engram"))
+        .args([
+            "locate",
+            "--prompt",
+            "The Eiffel Tower is located in the city of",
+            "--subject",
+            "The Eiffel Tower",
+        ])
+        .args([
+            "--method",
+            "attribution",
+            "--json",
+            j.to_str().unwrap(),
+            "--plot",
+            p.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json(&j);
+    for k in [
+        "clean_p",
+        "corrupted_p",
+        "tokens",
+        "subject_range",
+        "suggested_layer",
+    ] {
+        assert!(v.get(k).is_some(), "missing {k}");
+    }
+    assert_eq!(
+        v["target"], " Paris",
+        "default target is the greedy next token"
+    );
+    for k in ["hidden", "mlp", "attn"] {
+        let g = v["grids"][k].as_array().unwrap();
+        assert_eq!(g.len(), 10);
+        assert_eq!(g[0].as_array().unwrap().len(), 30);
+    }
+    let svg = std::fs::read_to_string(&p).unwrap();
+    assert!(svg.starts_with("<svg") && svg.matches("<rect x=").count() >= 3 * 10 * 30);
+}
