@@ -67,24 +67,32 @@ pub fn run(a: Args) -> Result<()> {
             patch: p,
             model,
             out,
-        } => {
-            let pt = patch::read(&p)?;
-            let mut m = super::load_model(model.as_deref())?;
-            patch::apply(&mut m, &pt, &p)?;
-            engram::model::save::save_like_input(&m, &out)?;
-            println!("applied {} delta(s) -> {}", pt.deltas.len(), out.display());
-        }
+        } => change(&p, model, &out, true)?,
         PatchCmd::Revert {
             patch: p,
             model,
             out,
-        } => {
-            let pt = patch::read(&p)?;
-            let mut m = super::load_model(model.as_deref())?;
-            patch::revert(&mut m, &pt, &p)?;
-            engram::model::save::save_like_input(&m, &out)?;
-            println!("reverted {} delta(s) -> {}", pt.deltas.len(), out.display());
-        }
+        } => change(&p, model, &out, false)?,
     }
+    Ok(())
+}
+
+/// Apply (or revert) a patch on a loaded model and save it in the input's format.
+fn change(
+    p: &std::path::Path,
+    model: Option<String>,
+    out: &std::path::Path,
+    apply: bool,
+) -> Result<()> {
+    let pt = patch::read(p)?;
+    let mut m = super::load_model(model.as_deref())?;
+    if apply {
+        patch::apply(&mut m, &pt, p)?;
+    } else {
+        patch::revert(&mut m, &pt, p)?;
+    }
+    engram::model::save::save_like_input(&m, out)?;
+    let verb = if apply { "applied" } else { "reverted" };
+    println!("{verb} {} delta(s) -> {}", pt.deltas.len(), out.display());
     Ok(())
 }
