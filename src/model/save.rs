@@ -157,6 +157,13 @@ pub fn save_gguf(model: &Model, out: &Path, dtype: Option<GgmlDType>) -> Result<
         ));
     };
     let cfg = &model.config;
+    // Tensors the model did not change are copied from the input file byte for byte, so
+    // that an edit touches only what it edited (re-quantizing a dequantized tensor is not
+    // always exact).
+    let src_path = &model.source.path;
+    let mut src = std::fs::File::open(src_path).map_err(|e| Error::io(src_path, e))?;
+    let src_ct =
+        gguf_file::Content::read(&mut src).map_err(|e| Error::bad_checkpoint(src_path, e))?;
     let mut qtensors = Vec::with_capacity(tensors.len());
     for (gname, ours, orig) in tensors {
         let mut t = model.weights.get(ours)?.clone();
@@ -169,6 +176,22 @@ pub fn save_gguf(model: &Model, out: &Path, dtype: Option<GgmlDType>) -> Result<
             Some(d) if t.rank() >= 2 => d,
             _ => *orig,
         };
+        if target == *orig {
+            let q = src_ct
+                .tensor(&mut src, gname, &t.device().clone())
+                .map_err(|e| Error::bad_checkpoint(src_path, e))?;
+            let unchanged = q
+                .dequantize(t.device())?
+                .eq(&t)?
+                .to_dtype(DType::F32)?
+                .min_all()?
+                .to_scalar::<f32>()?
+                == 1.0;
+            if unchanged {
+                qtensors.push((gname.clone(), q));
+                continue;
+            }
+        }
         let q = QTensor::quantize(&t, target).map_err(|e| {
             Error::invalid(
                 "dtype",
