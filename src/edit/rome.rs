@@ -5,8 +5,9 @@
 //! last token selects a value v = W k written into the residual stream. ROME finds
 //! - k*: the mean key at the subject's last token over the prompt and prefixed variants;
 //! - v*: by gradient descent, the MLP output that makes the model say the new object, with a
-//!   KL term that keeps "{subject} is a" unchanged and a weight decay;
-//! and writes the rank-one update `W' = W + Λ (C^-1 k*)^T` with
+//!   KL term that keeps "{subject} is a" unchanged and a weight decay.
+//!
+//! It then writes the rank-one update `W' = W + Λ (C^-1 k*)^T` with
 //! `Λ = (v* - W k*) / ((C^-1 k*)^T k*)`, which maps k* to v* while moving other keys (in the
 //! metric of their covariance C) as little as possible.
 //!
@@ -17,6 +18,7 @@
 //!   recomputed at each step;
 //! - the output head runs only at the positions the loss reads;
 //! - only the delta is trainable.
+//!
 //! One departure in substance: v* is `W k* + delta` (the reference uses the bare prompt's key
 //! in place of k*), so that the update's formula is exactly the paper's.
 

@@ -50,7 +50,7 @@ pub fn heatmaps(panels: &[Heatmap<'_>]) -> String {
             lo = lo.min(*v);
             hi = hi.max(*v);
         }
-        if !(hi > lo) {
+        if hi.partial_cmp(&lo) != Some(std::cmp::Ordering::Greater) {
             hi = lo + 1e-12;
         }
         let _ = writeln!(

@@ -335,7 +335,7 @@ pub fn bucket(grid: &[Vec<f64>], subject_range: (usize, usize)) -> Vec<Option<Ve
         if hi - 1 > lo { vec![hi - 1] } else { vec![] },
         if hi < t - 1 { vec![hi] } else { vec![] },
         (hi + 1..t.saturating_sub(1)).collect(),
-        if t - 1 >= hi { vec![t - 1] } else { vec![] },
+        if t > hi { vec![t - 1] } else { vec![] },
     ];
     groups
         .iter()

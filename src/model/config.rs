@@ -163,7 +163,7 @@ impl Config {
                 return Err(bad(field, "must be positive".into()));
             }
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(bad(
                 "n_kv_heads",
                 format!(
@@ -172,13 +172,13 @@ impl Config {
                 ),
             ));
         }
-        if self.arch == Arch::Gpt2 && self.d_model % self.n_heads != 0 {
+        if self.arch == Arch::Gpt2 && !self.d_model.is_multiple_of(self.n_heads) {
             return Err(bad(
                 "n_head",
                 format!("{} does not divide n_embd {}", self.n_heads, self.d_model),
             ));
         }
-        if self.arch == Arch::Llama && self.head_dim % 2 != 0 {
+        if self.arch == Arch::Llama && !self.head_dim.is_multiple_of(2) {
             return Err(bad("head_dim", "RoPE needs an even head dimension".into()));
         }
         Ok(())
