@@ -9,7 +9,7 @@
 
 use super::config::Config;
 use super::hooks::{HookPoint, Trace};
-use super::layers::{attend, layer_norm, linear, BlockCtx, KvCache, Step};
+use super::layers::{attend, hook, layer_norm, linear, BlockCtx, KvCache, Step};
 use super::Weights;
 use crate::error::Result;
 use candle_core::{Device, Tensor};
@@ -102,16 +102,7 @@ pub fn block(
     let (nh, hd, d) = (cfg.n_heads, cfg.head_dim, cfg.d_model);
     let p = format!("h.{l}");
     let g = |n: &str| w.get(&format!("{p}.{n}"));
-    macro_rules! hook {
-        ($point:expr, $x:expr) => {{
-            let y = trace.hook($point, $x)?;
-            if stop == Some($point) {
-                return Ok(Step::Stop(y));
-            }
-            y
-        }};
-    }
-    let x = hook!(HookPoint::ResidPre(l), x);
+    let x = hook!(trace, stop, HookPoint::ResidPre(l), x);
 
     // Attention.
     let h = layer_norm(&x, g("ln_1.weight")?, g("ln_1.bias")?, cfg.norm_eps, diff)?;
@@ -126,18 +117,23 @@ pub fn block(
     let (k, v) = KvCache::extend(cache, l, k, v)?; // (b, nh, past + t, hd)
     let y = attend(&q, &k, &v, ctx.bias.as_ref(), diff)?; // (b, t, d)
     let a = linear(&y, g("attn.c_proj.weight")?, Some(g("attn.c_proj.bias")?))?;
-    let a = hook!(HookPoint::AttnOut(l), a);
+    let a = hook!(trace, stop, HookPoint::AttnOut(l), a);
     let x = (x + a)?;
 
     // MLP.
     let h = layer_norm(&x, g("ln_2.weight")?, g("ln_2.bias")?, cfg.norm_eps, diff)?;
-    let h = hook!(HookPoint::MlpIn(l), h);
+    let h = hook!(trace, stop, HookPoint::MlpIn(l), h);
     let key = linear(&h, g("mlp.c_fc.weight")?, Some(g("mlp.c_fc.bias")?))?.gelu()?;
-    let key = hook!(HookPoint::MlpKey(l), key); // (b, t, d_mlp)
+    let key = hook!(trace, stop, HookPoint::MlpKey(l), key); // (b, t, d_mlp)
     let m = linear(&key, g("mlp.c_proj.weight")?, Some(g("mlp.c_proj.bias")?))?;
-    let m = hook!(HookPoint::MlpOut(l), m);
+    let m = hook!(trace, stop, HookPoint::MlpOut(l), m);
     let x = (x + m)?;
-    Ok(Step::Continue(hook!(HookPoint::ResidPost(l), x)))
+    Ok(Step::Continue(hook!(
+        trace,
+        stop,
+        HookPoint::ResidPost(l),
+        x
+    )))
 }
 
 /// Final LayerNorm and the tied output head.

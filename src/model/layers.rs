@@ -255,6 +255,20 @@ pub fn ids_tensor(rows: &[Vec<u32>], device: &Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(flat, (b, t), device)?.to_dtype(DType::U32)?)
 }
 
+/// Run the trace's interventions at a hook point inside a block; if the trace stops after
+/// that point, return from the block with [`Step::Stop`]. One call per site:
+/// `let x = hook!(trace, stop, HookPoint::ResidPre(l), x);`
+macro_rules! hook {
+    ($trace:expr, $stop:expr, $point:expr, $x:expr) => {{
+        let y = $trace.hook($point, $x)?;
+        if $stop == Some($point) {
+            return Ok($crate::model::layers::Step::Stop(y));
+        }
+        y
+    }};
+}
+pub(crate) use hook;
+
 /// What every block of one pass shares.
 #[derive(Debug, Clone)]
 pub struct BlockCtx {

@@ -8,7 +8,7 @@
 
 use super::config::Config;
 use super::hooks::{HookPoint, Trace};
-use super::layers::{attend, linear, repeat_kv, rms_norm, BlockCtx, KvCache, Step};
+use super::layers::{attend, hook, linear, repeat_kv, rms_norm, BlockCtx, KvCache, Step};
 use super::Weights;
 use crate::error::Result;
 use candle_core::{Device, Tensor, D};
@@ -127,16 +127,7 @@ pub fn block(
     let p = format!("model.layers.{l}");
     let g = |n: &str| w.get(&format!("{p}.{n}"));
     let opt = |n: &str| if cfg.attn_bias { g(n).ok() } else { None };
-    macro_rules! hook {
-        ($point:expr, $x:expr) => {{
-            let y = trace.hook($point, $x)?;
-            if stop == Some($point) {
-                return Ok(Step::Stop(y));
-            }
-            y
-        }};
-    }
-    let x = hook!(HookPoint::ResidPre(l), x);
+    let x = hook!(trace, stop, HookPoint::ResidPre(l), x);
 
     // Attention.
     let h = rms_norm(&x, g("input_layernorm.weight")?, cfg.norm_eps, diff)?;
@@ -165,7 +156,7 @@ pub fn block(
     let v = repeat_kv(v, nh / nkv)?;
     let y = attend(&q, &k, &v, ctx.bias.as_ref(), diff)?; // (b, t, nh * hd)
     let a = linear(&y, g("self_attn.o_proj.weight")?, None)?;
-    let a = hook!(HookPoint::AttnOut(l), a);
+    let a = hook!(trace, stop, HookPoint::AttnOut(l), a);
     let x = (x + a)?;
 
     // MLP.
@@ -175,14 +166,19 @@ pub fn block(
         cfg.norm_eps,
         diff,
     )?;
-    let h = hook!(HookPoint::MlpIn(l), h);
+    let h = hook!(trace, stop, HookPoint::MlpIn(l), h);
     let gate = linear(&h, g("mlp.gate_proj.weight")?, None)?.silu()?; // (b, t, d_mlp)
     let up = linear(&h, g("mlp.up_proj.weight")?, None)?;
-    let key = hook!(HookPoint::MlpKey(l), (gate * up)?);
+    let key = hook!(trace, stop, HookPoint::MlpKey(l), (gate * up)?);
     let m = linear(&key, g("mlp.down_proj.weight")?, None)?;
-    let m = hook!(HookPoint::MlpOut(l), m);
+    let m = hook!(trace, stop, HookPoint::MlpOut(l), m);
     let x = (x + m)?;
-    Ok(Step::Continue(hook!(HookPoint::ResidPost(l), x)))
+    Ok(Step::Continue(hook!(
+        trace,
+        stop,
+        HookPoint::ResidPost(l),
+        x
+    )))
 }
 
 /// Final norm and output head.

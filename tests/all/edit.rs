@@ -88,15 +88,7 @@ fn ft_l_respects_its_norm_bound_and_raises_the_target() {
     };
     let d = engram::edit::ft::compute(base, 5, &r.prompt, " Rome", &p).unwrap();
     let dense = d.dense().unwrap();
-    let linf = dense
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let linf = max_abs(&dense);
     assert!(linf <= 5e-4 + 1e-7, "{linf}");
     let before = engram::eval::metrics::score_rewrite(base, &r).unwrap();
     let mut m = base.clone();

@@ -79,15 +79,7 @@ fn gguf_save_then_load_keeps_types() {
     let mut worst = 0f32;
     for (n, t) in m.weights.iter() {
         let d = max_abs_diff(t, back.weights.get(n).unwrap());
-        let scale = t
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let scale = max_abs(t);
         // Q4_1 has 16 levels per block of 32: re-quantizing a dequantized tensor may move a
         // value by at most one step of its block, 1/15 of the block's range.
         worst = worst.max(d / scale.max(1e-6));
@@ -114,15 +106,7 @@ fn gguf_save_then_load_keeps_types() {
             back2.weights.get(n).unwrap(),
         );
         if *n == name {
-            let scale = w2
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let scale = max_abs(&w2);
             println!(
                 "edited matrix after Q4_1 re-quantization: max diff / max value = {:.4}",
                 d / scale
