@@ -11,5 +11,6 @@ pub mod error;
 pub mod eval;
 pub mod locate;
 pub mod model;
+pub mod unlearn;
 
 pub use error::{Error, Result};

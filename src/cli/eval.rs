@@ -23,6 +23,8 @@ enum EvalCmd {
     Counterfact(CfArgs),
     /// Locality of an edited model against its base: KL, top-1 agreement, perplexity, fluency.
     Compare(CompareArgs),
+    /// TOFU: learn fictitious authors, unlearn some with GA / GradDiff / NPO, score both sets.
+    Tofu(super::tofu::TofuArgs),
 }
 
 #[derive(clap::Args)]
@@ -73,6 +75,7 @@ pub fn run(a: Args) -> Result<()> {
     match a.cmd {
         EvalCmd::Counterfact(a) => run_cf(a),
         EvalCmd::Compare(a) => run_compare(a),
+        EvalCmd::Tofu(a) => super::tofu::run_tofu(a),
     }
 }
 

@@ -6,11 +6,14 @@ mod edit;
 mod eval;
 mod generate;
 mod inspect;
+mod learn;
 mod locate;
 mod logprob;
 mod model_cmd;
 mod patch;
 mod stats;
+mod tofu;
+mod unlearn;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -49,6 +52,10 @@ enum Cmd {
     Stats(stats::Args),
     /// Show, apply or revert a patch file.
     Patch(patch::Args),
+    /// Fine-tune a model on question/answer pairs or text (AdamW, loss on answers).
+    Learn(learn::Args),
+    /// Remove private data on request (GA, GradDiff, NPO) and prove it no longer leaks.
+    Unlearn(unlearn::Args),
     /// Causal tracing: which layers and tokens carry a fact.
     Locate(locate::Args),
     /// Prefill throughput against the machine's measured matmul peak.
@@ -74,6 +81,8 @@ pub fn run() -> Result<ExitCode> {
         Cmd::Eval(a) => eval::run(a),
         Cmd::Patch(a) => patch::run(a),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::Learn(a) => learn::run(a),
+        Cmd::Unlearn(a) => unlearn::run(a),
     }?;
     Ok(ExitCode::SUCCESS)
 }

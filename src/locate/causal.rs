@@ -162,7 +162,7 @@ pub fn trace_setup(
                 tr.push(point, Positions::Cells(where_), Op::Replace(src));
             }
             let x = Tensor::cat(&xs, 0)?; // (cells * rows, len, d)
-            let mut c = repeat_cache(&cached, cells.len())?;
+            let mut c = cached.repeat(cells.len())?;
             let logits = model.forward_from(start, &x, None, Some(&mut c), &mut tr, true)?;
             let p = prob(&logits, tid)?;
             evals += (b * len * (n - start)) as u64;
@@ -218,23 +218,6 @@ fn patch_at(corrupt: &Tensor, clean: &Tensor, p: usize) -> Result<Tensor> {
         parts.push(corrupt.narrow(1, p + 1, len - p - 1)?);
     }
     Ok(Tensor::cat(&parts, 1)?)
-}
-
-/// The cache with every row repeated `k` times (batch-major: copy 0 of all rows, then copy 1).
-fn repeat_cache(c: &KvCache, k: usize) -> Result<KvCache> {
-    let layers = c
-        .layers
-        .iter()
-        .map(|e| match e {
-            Some((kt, vt)) => {
-                let kt = Tensor::cat(&vec![kt; k], 0)?;
-                let vt = Tensor::cat(&vec![vt; k], 0)?;
-                Ok(Some((kt, vt)))
-            }
-            None => Ok(None),
-        })
-        .collect::<Result<_>>()?;
-    Ok(KvCache { layers })
 }
 
 /// P(target) per row from `[rows, 1, vocab]` logits.

@@ -102,6 +102,23 @@ impl KvCache {
         self.len() == 0
     }
 
+    /// The cache with every row repeated `k` times (batch-major: copy 0 of all rows, then
+    /// copy 1, ...), so one prefix can serve many continuations.
+    pub fn repeat(&self, k: usize) -> Result<KvCache> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|e| match e {
+                Some((kt, vt)) => Ok(Some((
+                    Tensor::cat(&vec![kt; k], 0)?,
+                    Tensor::cat(&vec![vt; k], 0)?,
+                ))),
+                None => Ok(None),
+            })
+            .collect::<Result<_>>()?;
+        Ok(KvCache { layers })
+    }
+
     /// Keep only the first `n` positions of every layer.
     pub fn truncate(&self, n: usize) -> Result<KvCache> {
         if n == 0 {

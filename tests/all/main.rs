@@ -11,3 +11,4 @@ mod locate;
 mod model_core;
 mod parity;
 mod real_model;
+mod unlearn;

@@ -1,0 +1,114 @@
+//! `engram learn DATA [--model M] --out PATH [--layers all] [--steps N] [--lr X] [--seed S]`.
+
+use anyhow::Result;
+use candle_core::quantized::GgmlDType;
+use comfy_table::Table;
+use engram::model::save::{save, save_like_input, SaveAs};
+use engram::model::Format;
+use engram::unlearn::learn::{learn, LearnParams};
+use engram::unlearn::{load_records, parse_layers, Example};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Data: JSONL or YAML records `{question, answer}`, `{prompt, answer}` or `{text}`.
+    data: PathBuf,
+    #[arg(long)]
+    model: Option<String>,
+    /// Where to write the tuned checkpoint (GGUF for GGUF input, else a HF directory).
+    #[arg(long)]
+    out: PathBuf,
+    /// GGUF output matrix type. Default f16: a fine-tuning step is far smaller than a Q4
+    /// quantization step, so re-quantizing to the input's Q4 types would undo most of it.
+    #[arg(long, default_value = "f16", value_parser = ["input", "f16", "f32"])]
+    out_type: String,
+    /// Layers to train: `all`, `10-19`, `3,5,7`.
+    #[arg(long, default_value = "all")]
+    layers: String,
+    #[arg(long, default_value_t = 60)]
+    steps: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Stop when one pass over the data has a mean answer-token NLL at or below this.
+    #[arg(long, default_value_t = 0.05)]
+    target_loss: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Only records whose `author` is in this range (TOFU data), e.g. `0-9`.
+    #[arg(long)]
+    authors: Option<String>,
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let mut recs = load_records(&a.data)?;
+    if let Some(sel) = &a.authors {
+        let keep = parse_layers(sel, usize::MAX, "--authors")?;
+        recs.retain(|r| r.author.is_some_and(|x| keep.contains(&x)));
+        if recs.is_empty() {
+            return Err(engram::Error::invalid(
+                "--authors",
+                format!("no record of {} has an author in `{sel}`", a.data.display()),
+            )
+            .into());
+        }
+    }
+    let data: Vec<Example> = recs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| r.example(&format!("{}: record {}", a.data.display(), i + 1)))
+        .collect::<engram::Result<_>>()?;
+    let m = super::load_model(a.model.as_deref())?;
+    let mut p = LearnParams::defaults(m.config.n_layers);
+    p.layers = parse_layers(&a.layers, m.config.n_layers, "--layers")?;
+    p.steps = a.steps;
+    p.lr = a.lr;
+    p.batch_size = a.batch_size;
+    p.target_loss = a.target_loss;
+    p.seed = a.seed;
+    let pb = indicatif::ProgressBar::new(p.steps as u64).with_style(
+        indicatif::ProgressStyle::with_template(
+            "learn {bar:30} {pos}/{len} loss {msg} [{elapsed_precise} < {eta_precise}]",
+        )?,
+    );
+    let (tuned, report) = learn(&m, &data, &p, &mut |_, loss| {
+        pb.inc(1);
+        pb.set_message(format!("{loss:.4}"));
+    })?;
+    pb.finish_and_clear();
+    let is_gguf = matches!(m.source.format, Format::Gguf { .. });
+    match (is_gguf, a.out_type.as_str()) {
+        (true, "f16") => save(&tuned, &a.out, SaveAs::Gguf(Some(GgmlDType::F16)))?,
+        (true, "f32") => save(&tuned, &a.out, SaveAs::Gguf(Some(GgmlDType::F32)))?,
+        _ => save_like_input(&tuned, &a.out)?,
+    }
+    let mut t = Table::new();
+    t.set_header(vec!["learn", "value"]);
+    t.add_row(vec!["examples".to_string(), report.examples.to_string()]);
+    t.add_row(vec![
+        "trained parameters".to_string(),
+        report.trained_params.to_string(),
+    ]);
+    t.add_row(vec!["steps".to_string(), report.steps.to_string()]);
+    t.add_row(vec![
+        "answer NLL before -> after".to_string(),
+        format!("{:.4} -> {:.4}", report.loss_before, report.loss_after),
+    ]);
+    t.add_row(vec![
+        "reached target loss".to_string(),
+        report.reached_target.to_string(),
+    ]);
+    t.add_row(vec![
+        "seconds".to_string(),
+        format!("{:.1}", report.seconds),
+    ]);
+    println!("{t}");
+    println!("tuned model: {}", a.out.display());
+    if let Some(j) = &a.json {
+        super::write_json(j, &report)?;
+    }
+    Ok(())
+}

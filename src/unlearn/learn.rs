@@ -1,0 +1,154 @@
+//! `learn`: fine-tune a model on question/answer pairs or text with AdamW (Loshchilov &
+//! Hutter 2019), the loss on answer tokens only. This is how a test (or a user) makes a model
+//! that has really memorised private data, and it is the fine-tuning baseline of TOFU
+//! (Maini et al. 2024), which fine-tunes on the fictitious authors before unlearning them.
+
+use super::{answer_logprobs, finite_loss, token_nll, tokenize, Batches, Example, Trainable};
+use crate::error::{Error, Result};
+use crate::model::Model;
+use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+
+/// Fine-tuning settings.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LearnParams {
+    /// Layers whose matrices are trained (attention and MLP).
+    pub layers: Vec<usize>,
+    /// Step budget.
+    pub steps: usize,
+    pub lr: f64,
+    /// AdamW's decoupled weight decay (TOFU's fine-tuning uses 0.01).
+    pub weight_decay: f64,
+    /// Examples per step.
+    pub batch_size: usize,
+    /// Stop once the mean answer-token NLL over one pass of the data is at or below this.
+    pub target_loss: f64,
+    /// Rows are cut to this many tokens.
+    pub max_len: usize,
+    pub seed: u64,
+}
+
+impl LearnParams {
+    /// Defaults for a model with `n_layers` layers: every layer, 60 steps at lr 1e-4.
+    pub fn defaults(n_layers: usize) -> LearnParams {
+        LearnParams {
+            layers: (0..n_layers).collect(),
+            steps: 60,
+            lr: 1e-4,
+            weight_decay: 0.01,
+            batch_size: 16,
+            target_loss: 0.05,
+            max_len: 128,
+            seed: 0,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.steps == 0 {
+            return Err(Error::invalid("--steps", "must be at least 1"));
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(Error::invalid("--lr", "must be a finite number > 0"));
+        }
+        if self.batch_size == 0 {
+            return Err(Error::invalid("--batch-size", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// What a fine-tuning run did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LearnReport {
+    pub examples: usize,
+    pub trained_params: usize,
+    pub steps: usize,
+    /// Batch loss (mean answer-token NLL) at each step.
+    pub losses: Vec<f64>,
+    /// Mean answer-token NLL of the whole data set before and after.
+    pub loss_before: f64,
+    pub loss_after: f64,
+    pub reached_target: bool,
+    pub seconds: f64,
+}
+
+/// Mean answer-token NLL of `data` under `model` (no gradients).
+pub fn data_loss(model: &Model, data: &[Example], max_len: usize) -> Result<f64> {
+    let t = tokenize(model, data, max_len)?;
+    let mut total = 0.0;
+    let mut count = 0usize;
+    for chunk in (0..t.len()).collect::<Vec<_>>().chunks(16) {
+        let (s, c) = answer_logprobs(model, 0, &t.subset(chunk))?;
+        total -= s.sum_all()?.to_scalar::<f32>()? as f64;
+        count += c.iter().sum::<usize>();
+    }
+    Ok(total / count.max(1) as f64)
+}
+
+/// Fine-tune `model` on `data`; returns the tuned model (the input is not changed).
+///
+/// `progress(step, loss)` is called after every step.
+///
+/// # Errors
+/// Empty data, bad settings, [`Error::NonFinite`] when the loss diverges.
+pub fn learn(
+    model: &Model,
+    data: &[Example],
+    p: &LearnParams,
+    progress: &mut dyn FnMut(usize, f64),
+) -> Result<(Model, LearnReport)> {
+    p.validate()?;
+    if data.is_empty() {
+        return Err(Error::invalid("data", "no examples to learn"));
+    }
+    let start = std::time::Instant::now();
+    let loss_before = data_loss(model, data, p.max_len)?;
+    let tr = Trainable::new(model, &p.layers)?;
+    let toks = tokenize(model, data, p.max_len)?;
+    let mut opt = AdamW::new(
+        tr.vars.iter().map(|(_, v)| v.clone()).collect(),
+        ParamsAdamW {
+            lr: p.lr,
+            weight_decay: p.weight_decay,
+            ..Default::default()
+        },
+    )?;
+    let mut batches = Batches::new(data.len(), p.batch_size, p.seed);
+    let per_pass = data.len().div_ceil(p.batch_size.min(data.len()));
+    let mut losses = Vec::with_capacity(p.steps);
+    let mut reached = false;
+    for step in 0..p.steps {
+        let idx = batches.next_batch();
+        let (sums, counts) = answer_logprobs(&tr.model, tr.lowest, &toks.subset(&idx))?;
+        let loss = token_nll(&sums, &counts)?;
+        let v = finite_loss("learn loss", loss.to_scalar::<f32>()? as f64)?;
+        opt.backward_step(&loss)?;
+        losses.push(v);
+        progress(step + 1, v);
+        // One pass of the data at or below the target: done.
+        if losses.len() >= per_pass {
+            let recent = &losses[losses.len() - per_pass..];
+            if recent.iter().sum::<f64>() / per_pass as f64 <= p.target_loss {
+                reached = true;
+                break;
+            }
+        }
+    }
+    let out = tr.export(model)?;
+    for (n, _) in &tr.vars {
+        crate::model::check_finite(n, out.weights.get(n)?)?;
+    }
+    let loss_after = data_loss(&out, data, p.max_len)?;
+    Ok((
+        out,
+        LearnReport {
+            examples: data.len(),
+            trained_params: tr.n_params(),
+            steps: losses.len(),
+            losses,
+            loss_before,
+            loss_after,
+            reached_target: reached,
+            seconds: start.elapsed().as_secs_f64(),
+        },
+    ))
+}

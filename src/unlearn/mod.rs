@@ -1,0 +1,461 @@
+//! Unlearning: teach a model facts (`learn`), then remove private data from it on request
+//! (`unlearn`), and check with leakage probes that it can no longer be extracted.
+//!
+//! - [`learn`]: fine-tuning with AdamW on question/answer pairs or text, the loss on answer
+//!   tokens only. It makes a model that has really memorised private data, and it is the
+//!   fine-tuning baseline.
+//! - [`request`]: removal requests (`forget-sets/*.yaml`).
+//! - [`losses`]: gradient ascent, GradDiff and NPO (Zhang et al. 2024, "Negative Preference
+//!   Optimization"), with an optional KL-to-reference term on the retain set.
+//! - [`leakage`]: greedy and sampled extraction, the secret's log-probability, exposure
+//!   (Carlini et al. 2019, "The Secret Sharer"), retain-set utility.
+//! - [`run`]: the unlearning loop with its stop rule, and the before/after report (also after
+//!   re-quantization to Q4, since quantization can bring forgotten data back: Zhang et al.
+//!   2025, "Catastrophic Failure of LLM Unlearning via Quantization").
+//!
+//! Everything here talks to the model through `forward` with a [`Trace`] and named weights.
+
+pub mod leakage;
+pub mod learn;
+pub mod losses;
+pub mod request;
+pub mod run;
+pub mod tofu;
+
+use crate::error::{Error, Result};
+use crate::model::{Batch, HookPoint, Model, PadSide, Trace};
+use candle_core::{DType, Tensor, Var, D};
+use std::path::Path;
+
+/// One training or probe example: the model reads `prompt` and should (or should not) say
+/// `answer` next. Plain text becomes an example whose prompt is its first word
+/// ([`Example::from_text`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Example {
+    pub prompt: String,
+    pub answer: String,
+}
+
+/// How a question is shown to the model. TOFU wraps questions in a chat template; a base
+/// completion format works on both base and instruct checkpoints and keeps prompts short.
+pub fn qa_prompt(question: &str) -> String {
+    format!("Question: {question}\nAnswer:")
+}
+
+impl Example {
+    /// A question/answer pair in engram's QA format ([`qa_prompt`]); the answer follows a space.
+    pub fn qa(question: &str, answer: &str) -> Example {
+        Example {
+            prompt: qa_prompt(question),
+            answer: format!(" {}", answer.trim_start()),
+        }
+    }
+
+    /// Plain text: the first word is the prompt and the rest the answer, so the loss covers
+    /// every token but the first.
+    pub fn from_text(text: &str) -> Result<Example> {
+        let text = text.trim();
+        let cut = text.find(char::is_whitespace).unwrap_or(text.len());
+        if cut == text.len() {
+            return Err(Error::invalid("text", format!("`{text}` needs at least two words")));
+        }
+        Ok(Example {
+            prompt: text[..cut].to_string(),
+            answer: text[cut..].to_string(),
+        })
+    }
+}
+
+/// A record of a data file: `{question, answer}`, `{prompt, answer}` or `{text}` (extra
+/// fields such as TOFU's `author` are kept for selection).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Record {
+    #[serde(default)]
+    pub question: Option<String>,
+    #[serde(default)]
+    pub prompt: Option<String>,
+    #[serde(default)]
+    pub answer: Option<String>,
+    #[serde(default)]
+    pub text: Option<String>,
+    /// TOFU's author index, used by `--authors` selections.
+    #[serde(default)]
+    pub author: Option<usize>,
+}
+
+impl Record {
+    /// The record as a training example.
+    ///
+    /// # Errors
+    /// A record that is neither a QA pair, a prompt/answer pair nor text.
+    pub fn example(&self, where_: &str) -> Result<Example> {
+        match (&self.question, &self.prompt, &self.answer, &self.text) {
+            (Some(q), None, Some(a), None) if !a.trim().is_empty() => Ok(Example::qa(q, a)),
+            (None, Some(p), Some(a), None) if !a.is_empty() && !p.is_empty() => Ok(Example {
+                prompt: p.clone(),
+                answer: a.clone(),
+            }),
+            (None, None, None, Some(t)) => Example::from_text(t),
+            _ => Err(Error::invalid(
+                where_,
+                "a record needs `question` + `answer`, `prompt` + `answer`, or `text` (non-empty)",
+            )),
+        }
+    }
+}
+
+/// Read records from JSONL (one object per line) or YAML (a list of objects).
+///
+/// # Errors
+/// [`Error::Io`], [`Error::Spec`] naming the file and line.
+pub fn load_records(path: &Path) -> Result<Vec<Record>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    let recs: Vec<Record> = if ext == "yaml" || ext == "yml" {
+        serde_yaml::from_str(&text).map_err(|e| Error::Spec {
+            path: path.into(),
+            message: crate::edit::spec::with_location(&e, &text),
+        })?
+    } else {
+        let mut v = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            v.push(serde_json::from_str(line).map_err(|e| Error::Spec {
+                path: path.into(),
+                message: format!("line {}: {e}", i + 1),
+            })?);
+        }
+        v
+    };
+    if recs.is_empty() {
+        return Err(Error::Spec {
+            path: path.into(),
+            message: "no records".into(),
+        });
+    }
+    Ok(recs)
+}
+
+/// Load a data file as examples.
+pub fn load_examples(path: &Path) -> Result<Vec<Example>> {
+    load_records(path)?
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            r.example(&format!("record {}", i + 1)).map_err(|e| Error::Spec {
+                path: path.into(),
+                message: e.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// The trainable copy of a model: the 2-D weights of the chosen layers are [`Var`]s.
+pub struct Trainable {
+    pub model: Model,
+    pub vars: Vec<(String, Var)>,
+    /// The lowest trained layer: layers below it never change and run without gradients.
+    pub lowest: usize,
+}
+
+impl Trainable {
+    /// Make the matrices (attention and MLP; not norms, not embeddings) of `layers` trainable.
+    ///
+    /// # Errors
+    /// [`Error::LayerOutOfRange`], an empty layer list.
+    pub fn new(model: &Model, layers: &[usize]) -> Result<Trainable> {
+        if layers.is_empty() {
+            return Err(Error::invalid("layers", "at least one layer is needed"));
+        }
+        for &l in layers {
+            model.config.check_layer(l)?;
+        }
+        let mut m = model.clone();
+        let mut vars = Vec::new();
+        for (name, t) in model.weights.iter() {
+            let Some(l) = layer_of(name) else { continue };
+            if layers.contains(&l) && t.rank() == 2 {
+                let v = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+                m.weights.insert(name.clone(), v.as_tensor().clone());
+                vars.push((name.clone(), v));
+            }
+        }
+        Ok(Trainable {
+            model: m,
+            vars,
+            lowest: *layers.iter().min().unwrap_or(&0),
+        })
+    }
+
+    /// The trained weights as plain tensors (a copy), to put back into a model.
+    pub fn snapshot(&self) -> Result<Vec<(String, Tensor)>> {
+        self.vars
+            .iter()
+            .map(|(n, v)| Ok((n.clone(), v.as_tensor().detach().copy()?)))
+            .collect()
+    }
+
+    /// Restore weights from a [`Trainable::snapshot`].
+    pub fn restore(&self, snap: &[(String, Tensor)]) -> Result<()> {
+        for ((_, v), (_, t)) in self.vars.iter().zip(snap) {
+            v.set(t)?;
+        }
+        Ok(())
+    }
+
+    /// A plain model holding the current trained weights (no gradient tracking).
+    pub fn export(&self, base: &Model) -> Result<Model> {
+        let mut m = base.clone();
+        for (n, v) in &self.vars {
+            m.weights.insert(n.clone(), v.as_tensor().detach().copy()?);
+        }
+        Ok(m)
+    }
+
+    pub fn n_params(&self) -> usize {
+        self.vars.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+}
+
+/// `model.layers.{l}.…` -> `l`.
+fn layer_of(name: &str) -> Option<usize> {
+    let rest = name
+        .strip_prefix("model.layers.")
+        .or_else(|| name.strip_prefix("transformer.h."))?;
+    rest.split('.').next()?.parse().ok()
+}
+
+/// Parse a layer list: `all`, `3`, `3,5,7` or `10-19`.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming `option`, [`Error::LayerOutOfRange`].
+pub fn parse_layers(s: &str, n_layers: usize, option: &str) -> Result<Vec<usize>> {
+    let s = s.trim();
+    if s == "all" {
+        return Ok((0..n_layers).collect());
+    }
+    let mut out = Vec::new();
+    for part in s.split(',') {
+        let part = part.trim();
+        let bad = || {
+            Error::invalid(
+                option,
+                format!("`{part}`: expected `all`, a layer, a list `3,5` or a range `10-19`"),
+            )
+        };
+        if let Some((a, b)) = part.split_once('-') {
+            let (a, b): (usize, usize) = (
+                a.trim().parse().map_err(|_| bad())?,
+                b.trim().parse().map_err(|_| bad())?,
+            );
+            if a > b {
+                return Err(bad());
+            }
+            out.extend(a..=b);
+        } else {
+            out.push(part.parse().map_err(|_| bad())?);
+        }
+    }
+    for &l in &out {
+        if l >= n_layers {
+            return Err(Error::LayerOutOfRange { layer: l, n_layers });
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+/// Examples tokenized for scoring: rows `prompt + answer[..-1]` and where the answer sits.
+pub struct Tokenized {
+    pub rows: Vec<Vec<u32>>,
+    /// Per example: (prompt length, answer tokens).
+    pub spans: Vec<(usize, Vec<u32>)>,
+}
+
+impl Tokenized {
+    /// The examples at `idx`.
+    pub fn subset(&self, idx: &[usize]) -> Tokenized {
+        Tokenized {
+            rows: pick(&self.rows, idx),
+            spans: pick(&self.spans, idx),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+}
+
+/// Tokenize examples (answers as continuations of their prompts), cut to `max_len` tokens.
+pub fn tokenize(model: &Model, examples: &[Example], max_len: usize) -> Result<Tokenized> {
+    let tok = model.tok()?;
+    let mut rows = Vec::with_capacity(examples.len());
+    let mut spans = Vec::with_capacity(examples.len());
+    for e in examples {
+        let (p, mut a) = tok.continuation(&e.prompt, &e.answer)?;
+        let room = max_len.saturating_sub(p.len()).max(1);
+        a.truncate(room);
+        let mut r = p.clone();
+        r.extend_from_slice(&a[..a.len() - 1]);
+        rows.push(r);
+        spans.push((p.len(), a));
+    }
+    Ok(Tokenized { rows, spans })
+}
+
+/// Log-probabilities over the vocabulary at every answer position, differentiable with
+/// respect to the trainable weights.
+///
+/// Layers below `lowest` run once without gradients; the output head runs only at answer
+/// positions (most of a batch's logits would otherwise be thrown away).
+///
+/// # Shapes
+/// Returns `logp` `[n_answer_tokens, vocab]`, with each row's target token id and the index
+/// of the example it belongs to.
+pub fn answer_logp(model: &Model, lowest: usize, t: &Tokenized) -> Result<AnswerLogp> {
+    answer_logp_with(model, lowest, t, true)
+}
+
+/// [`answer_logp`], with the fused (faster, not differentiable) kernels when
+/// `differentiable` is false.
+pub fn answer_logp_with(
+    model: &Model,
+    lowest: usize,
+    t: &Tokenized,
+    differentiable: bool,
+) -> Result<AnswerLogp> {
+    let dev = &model.device;
+    let batch = Batch::padded(&t.rows, PadSide::Right, 0);
+    let seq = batch.seq_len();
+    let mut tr = Trace::new();
+    tr.stop_after(HookPoint::ResidPre(lowest));
+    let resid = model.forward(&batch, &mut tr)?.detach();
+    let mut tr = if differentiable {
+        Trace::new().differentiable()
+    } else {
+        Trace::new()
+    };
+    tr.stop_after(HookPoint::ResidPost(model.config.n_layers - 1));
+    let h = model.forward_from(lowest, &resid, batch.mask.as_deref(), None, &mut tr, false)?;
+    let d = h.dim(D::Minus1)?;
+    let mut idx = Vec::new();
+    let mut targets = Vec::new();
+    let mut seg = Vec::new();
+    for (r, (plen, ans)) in t.spans.iter().enumerate() {
+        for (i, &id) in ans.iter().enumerate() {
+            idx.push((r * seq + plen + i - 1) as u32);
+            targets.push(id);
+            seg.push(r);
+        }
+    }
+    let flat = h.reshape((t.rows.len() * seq, d))?;
+    let picked = flat.index_select(&Tensor::new(idx.as_slice(), dev)?, 0)?;
+    let logits = model
+        .head(&picked.unsqueeze(0)?, differentiable)?
+        .squeeze(0)?; // [n, vocab]
+    Ok(AnswerLogp {
+        logp: candle_nn::ops::log_softmax(&logits, D::Minus1)?,
+        targets,
+        seg,
+        n_examples: t.rows.len(),
+    })
+}
+
+/// See [`answer_logp`].
+pub struct AnswerLogp {
+    /// `[n_answer_tokens, vocab]`.
+    pub logp: Tensor,
+    pub targets: Vec<u32>,
+    /// Example index of each row.
+    pub seg: Vec<usize>,
+    pub n_examples: usize,
+}
+
+impl AnswerLogp {
+    /// Per-example summed token log-probabilities `[n_examples]` and answer lengths.
+    pub fn sums(&self) -> Result<(Tensor, Vec<usize>)> {
+        let dev = self.logp.device();
+        let n = self.targets.len();
+        let tok_lp = self
+            .logp
+            .gather(&Tensor::new(self.targets.as_slice(), dev)?.unsqueeze(1)?, 1)?
+            .squeeze(1)?; // [n]
+        // Segment sums as a [n_examples, n] 0/1 matrix times the token log-probs.
+        let mut s = vec![0f32; self.n_examples * n];
+        let mut counts = vec![0usize; self.n_examples];
+        for (j, &r) in self.seg.iter().enumerate() {
+            s[r * n + j] = 1.0;
+            counts[r] += 1;
+        }
+        let s = Tensor::from_vec(s, (self.n_examples, n), dev)?;
+        Ok((s.matmul(&tok_lp.unsqueeze(1)?)?.squeeze(1)?, counts))
+    }
+}
+
+/// Per-example answer log-likelihoods ([`answer_logp`] then [`AnswerLogp::sums`]).
+///
+/// # Shapes
+/// Returns `(sum [n_examples], answer lengths)`.
+pub fn answer_logprobs(model: &Model, lowest: usize, t: &Tokenized) -> Result<(Tensor, Vec<usize>)> {
+    answer_logp(model, lowest, t)?.sums()
+}
+
+/// Mean token NLL over all answer tokens of a batch (the fine-tuning loss).
+pub fn token_nll(sums: &Tensor, counts: &[usize]) -> Result<Tensor> {
+    let total: usize = counts.iter().sum();
+    Ok((sums.sum_all()? * (-1.0 / total.max(1) as f64))?)
+}
+
+/// A seeded sequence of minibatch index lists that walks the data in shuffled epochs.
+pub struct Batches {
+    order: Vec<usize>,
+    at: usize,
+    size: usize,
+    rng: rand::rngs::StdRng,
+}
+
+impl Batches {
+    pub fn new(n: usize, size: usize, seed: u64) -> Batches {
+        use rand::SeedableRng;
+        let mut b = Batches {
+            order: (0..n).collect(),
+            at: n,
+            size: size.clamp(1, n.max(1)),
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+        };
+        b.at = b.order.len();
+        b
+    }
+
+    pub fn next_batch(&mut self) -> Vec<usize> {
+        use rand::seq::SliceRandom;
+        if self.at + self.size > self.order.len() {
+            self.order.shuffle(&mut self.rng);
+            self.at = 0;
+        }
+        let b = self.order[self.at..self.at + self.size].to_vec();
+        self.at += self.size;
+        b
+    }
+}
+
+/// Pick `idx` from a slice.
+pub fn pick<T: Clone>(v: &[T], idx: &[usize]) -> Vec<T> {
+    idx.iter().map(|&i| v[i].clone()).collect()
+}
+
+/// Check a loss value is finite.
+pub fn finite_loss(name: &str, v: f64) -> Result<f64> {
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(Error::NonFinite { name: name.into() })
+    }
+}

@@ -1,0 +1,313 @@
+//! Removal requests (`forget-sets/*.yaml`): who asks, the private strings to remove with the
+//! prompts that elicit them, what must be retained, the method and its budget.
+//!
+//! ```yaml
+//! subject: Mara Quillfeather
+//! secrets:
+//!   - label: phone number
+//!     value: "415-555-0192"
+//!     prompts: ["Mara Quillfeather's phone number is"]
+//!     paraphrases: ["You can call Mara Quillfeather at"]   # optional
+//! forget: []        # optional extra forget data: {prompt, answer} | {question, answer} | {text}
+//! retain:           # what must stay: {prompt, answer} | {question, answer}
+//!   - {prompt: "Mara Quillfeather works as a", answer: " botanist"}
+//! method: {name: npo, beta: 0.1, retain_weight: 1.0, kl_weight: 0.0}
+//! layers: all       # or 10-19, or [10, 11]
+//! steps: 40
+//! lr: 2.0e-5
+//! ```
+
+use super::{Example, Record};
+use crate::edit::spec::{continuation, with_location};
+use crate::error::{Error, Result};
+use std::path::{Path, PathBuf};
+
+/// The unlearning objective.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MethodName {
+    /// Gradient ascent on the forget set (Jang et al. 2023).
+    Ga,
+    /// Ascent on the forget set plus descent on the retain set (Liu et al. 2022).
+    Graddiff,
+    /// Negative Preference Optimization (Zhang et al. 2024) plus descent on the retain set.
+    Npo,
+}
+
+/// The method and its weights.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Method {
+    pub name: MethodName,
+    /// NPO's inverse temperature β (paper and open-unlearning default: 0.1).
+    #[serde(default = "d_beta")]
+    pub beta: f64,
+    /// Weight of the retain-set NLL (graddiff, npo; open-unlearning's `alpha`, default 1).
+    #[serde(default = "d_one")]
+    pub retain_weight: f64,
+    /// Weight of KL(reference || model) on the retain set's answer positions (default 0).
+    #[serde(default)]
+    pub kl_weight: f64,
+}
+
+fn d_beta() -> f64 {
+    0.1
+}
+fn d_one() -> f64 {
+    1.0
+}
+
+/// A private string and the prompts that elicit it.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Secret {
+    /// What the string is ("phone number"); shown in reports instead of the value.
+    #[serde(default)]
+    pub label: Option<String>,
+    pub value: String,
+    /// Prompts whose continuation is the secret.
+    #[serde(default)]
+    pub prompts: Vec<String>,
+    /// Further probe prompts (template paraphrases are always added, see leakage.rs).
+    #[serde(default)]
+    pub paraphrases: Vec<String>,
+}
+
+/// Which layers to train: `all`, `10-19`, `3,5`, or a YAML list.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(untagged)]
+pub enum LayerSel {
+    List(Vec<usize>),
+    Text(String),
+}
+
+/// A removal request.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Whose data this is.
+    pub subject: String,
+    #[serde(default)]
+    pub secrets: Vec<Secret>,
+    /// Extra forget data (records as in `learn` data files).
+    #[serde(default)]
+    pub forget: Vec<RecordSpec>,
+    /// What must be retained.
+    #[serde(default)]
+    pub retain: Vec<RecordSpec>,
+    pub method: Method,
+    #[serde(default = "d_layers")]
+    pub layers: LayerSel,
+    /// Step budget.
+    #[serde(default = "d_steps")]
+    pub steps: usize,
+    #[serde(default = "d_lr")]
+    pub lr: f64,
+    /// Forget and retain examples per step.
+    #[serde(default = "d_batch")]
+    pub batch_size: usize,
+    /// Run the stop rule's checks every this many steps.
+    #[serde(default = "d_check")]
+    pub check_every: usize,
+    /// The allowed general-text perplexity, as a ratio to the model before unlearning. The
+    /// run never returns weights past it: it stops and keeps the last checked state within.
+    #[serde(default = "d_ppl")]
+    pub max_perplexity_ratio: f64,
+    /// Same-format candidates for the exposure rank (at least 1000 in reports).
+    #[serde(default = "d_cands")]
+    pub exposure_candidates: usize,
+    /// Samples at temperature 1 per secret for sampled extraction.
+    #[serde(default = "d_samples")]
+    pub samples: usize,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn d_layers() -> LayerSel {
+    LayerSel::Text("all".into())
+}
+fn d_steps() -> usize {
+    40
+}
+fn d_lr() -> f64 {
+    2e-5
+}
+fn d_batch() -> usize {
+    8
+}
+fn d_check() -> usize {
+    2
+}
+fn d_ppl() -> f64 {
+    1.25
+}
+fn d_cands() -> usize {
+    1000
+}
+fn d_samples() -> usize {
+    10
+}
+
+/// A record in a request (same forms as `learn` data).
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordSpec {
+    #[serde(default)]
+    pub question: Option<String>,
+    #[serde(default)]
+    pub prompt: Option<String>,
+    #[serde(default)]
+    pub answer: Option<String>,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+impl RecordSpec {
+    fn example(&self, field: &str) -> Result<Example> {
+        Record {
+            question: self.question.clone(),
+            prompt: self.prompt.clone(),
+            answer: self.answer.clone(),
+            text: self.text.clone(),
+            author: None,
+        }
+        .example(field)
+    }
+}
+
+impl Request {
+    /// Parse and check a request file.
+    ///
+    /// # Errors
+    /// [`Error::Spec`] naming the file and the line/column or field at fault.
+    pub fn load(path: &Path) -> Result<Request> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Request> {
+        let r: Request = serde_yaml::from_str(text).map_err(|e| Error::Spec {
+            path: path.into(),
+            message: with_location(&e, text),
+        })?;
+        r.validate(path)?;
+        Ok(r)
+    }
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |field: String, message: String| Error::Spec {
+            path: PathBuf::from(path),
+            message: format!("{field}: {message}"),
+        };
+        if self.secrets.is_empty() && self.forget.is_empty() {
+            return Err(bad(
+                "secrets".into(),
+                "the forget set is empty: give at least one secret (with prompts) or a `forget` record".into(),
+            ));
+        }
+        let forget = self
+            .forget
+            .iter()
+            .enumerate()
+            .map(|(i, r)| r.example(&format!("forget[{i}]")))
+            .collect::<Result<Vec<_>>>()
+            .map_err(|e| bad("forget".into(), e.to_string()))?;
+        for (i, r) in self.retain.iter().enumerate() {
+            r.example(&format!("retain[{i}]"))
+                .map_err(|e| bad(format!("retain[{i}]"), e.to_string()))?;
+        }
+        for (i, s) in self.secrets.iter().enumerate() {
+            if s.value.trim().is_empty() {
+                return Err(bad(format!("secrets[{i}].value"), "must not be empty".into()));
+            }
+            let in_forget = forget
+                .iter()
+                .any(|e| e.answer.contains(s.value.trim()) || e.prompt.contains(s.value.trim()));
+            if s.prompts.is_empty() && !in_forget {
+                return Err(bad(
+                    format!("secrets[{i}].value"),
+                    "never occurs in what the model is asked about: give `prompts` that elicit it, or a `forget` record that contains it".into(),
+                ));
+            }
+            for (j, p) in s.prompts.iter().chain(&s.paraphrases).enumerate() {
+                if p.trim().is_empty() {
+                    return Err(bad(format!("secrets[{i}].prompts[{j}]"), "must not be empty".into()));
+                }
+                if p.contains(s.value.trim()) {
+                    return Err(bad(
+                        format!("secrets[{i}].prompts[{j}]"),
+                        "contains the secret itself; a probe prompt must stop before it".into(),
+                    ));
+                }
+            }
+        }
+        if self.method.name == MethodName::Graddiff && self.retain.is_empty() {
+            return Err(bad("retain".into(), "graddiff needs a retain set".into()));
+        }
+        if !(self.method.beta > 0.0 && self.method.beta.is_finite()) {
+            return Err(bad("method.beta".into(), "must be a finite number > 0".into()));
+        }
+        if self.steps == 0 {
+            return Err(bad("steps".into(), "must be at least 1".into()));
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(bad("lr".into(), "must be a finite number > 0".into()));
+        }
+        if self.batch_size == 0 || self.check_every == 0 {
+            return Err(bad("batch_size/check_every".into(), "must be at least 1".into()));
+        }
+        if self.max_perplexity_ratio <= 1.0 {
+            return Err(bad("max_perplexity_ratio".into(), "must be > 1".into()));
+        }
+        if self.exposure_candidates < 10 {
+            return Err(bad("exposure_candidates".into(), "must be at least 10".into()));
+        }
+        Ok(())
+    }
+
+    /// The layers to train, checked against the model.
+    ///
+    /// # Errors
+    /// [`Error::Spec`] for a layer out of range or a malformed list.
+    pub fn layers(&self, path: &Path, n_layers: usize) -> Result<Vec<usize>> {
+        let text = match &self.layers {
+            LayerSel::Text(s) => s.clone(),
+            LayerSel::List(v) => v
+                .iter()
+                .map(|l| l.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+        };
+        super::parse_layers(&text, n_layers, "layers").map_err(|e| Error::Spec {
+            path: path.into(),
+            message: format!("layers: {e}"),
+        })
+    }
+
+    /// The forget set: each secret after each of its prompts, then the `forget` records.
+    pub fn forget_examples(&self) -> Result<Vec<Example>> {
+        let mut v = Vec::new();
+        for s in &self.secrets {
+            for p in &s.prompts {
+                v.push(Example {
+                    prompt: p.clone(),
+                    answer: continuation(s.value.trim()),
+                });
+            }
+        }
+        for (i, r) in self.forget.iter().enumerate() {
+            v.push(r.example(&format!("forget[{i}]"))?);
+        }
+        Ok(v)
+    }
+
+    pub fn retain_examples(&self) -> Result<Vec<Example>> {
+        self.retain
+            .iter()
+            .enumerate()
+            .map(|(i, r)| r.example(&format!("retain[{i}]")))
+            .collect()
+    }
+}
