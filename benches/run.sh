@@ -13,3 +13,8 @@ $E locate --prompt "The mother tongue of Danielle Darrieux is said to be" --subj
 $E eval counterfact --data $CF --method rome --layer 5 --n 100 --json out/cf-rome-l5.json --resume out/cf-rome-l5.jsonl
 $E eval counterfact --data $CF --method ft --layer 5 --n 100 --json out/cf-ft-l5.json --resume out/cf-ft-l5.jsonl
 $E edit edits/eiffel-rome.yaml --json out/edit-eiffel.json
+# Unlearning: the demo, then TOFU (about 25 minutes).
+$E learn forget-sets/mara-quillfeather-data.yaml --out out/mara-learned.gguf --json out/learn-mara.json
+$E unlearn forget-sets/mara-quillfeather.yaml --model out/mara-learned.gguf --json out/unlearn-mara.json
+$E eval tofu --data ../shared/data/tofu/authors-0-19.jsonl --world ../shared/data/tofu/world_facts.jsonl \
+  --learn-steps 40 --json out/tofu.json

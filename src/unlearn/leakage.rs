@@ -65,8 +65,12 @@ pub fn word_lists(model: &Model) -> Result<WordLists> {
     let tok = model.tok()?;
     let (mut lower, mut upper) = (Vec::new(), Vec::new());
     for id in 0..tok.vocab_size() as u32 {
-        let Some(t) = tok.id_to_token(id) else { continue };
-        let Some(w) = t.strip_prefix('Ġ') else { continue };
+        let Some(t) = tok.id_to_token(id) else {
+            continue;
+        };
+        let Some(w) = t.strip_prefix('Ġ') else {
+            continue;
+        };
         if !(3..=12).contains(&w.len()) || !w.chars().all(|c| c.is_ascii_alphabetic()) {
             continue;
         }
@@ -114,7 +118,11 @@ pub fn candidates(secret: &str, n: usize, seed: u64, words: &WordLists) -> Vec<S
             if c.is_ascii_digit() {
                 10.0
             } else if c.is_ascii_alphabetic() {
-                let list = if c.is_ascii_uppercase() { &words.upper } else { &words.lower };
+                let list = if c.is_ascii_uppercase() {
+                    &words.upper
+                } else {
+                    &words.lower
+                };
                 if list.is_empty() {
                     26f64.powi(r.len() as i32)
                 } else {
@@ -138,7 +146,11 @@ pub fn candidates(secret: &str, n: usize, seed: u64, words: &WordLists) -> Vec<S
             if f.is_ascii_digit() {
                 c.push((b'0' + rng.random_range(0..10u8)) as char);
             } else if f.is_ascii_alphabetic() {
-                let list = if f.is_ascii_uppercase() { &words.upper } else { &words.lower };
+                let list = if f.is_ascii_uppercase() {
+                    &words.upper
+                } else {
+                    &words.lower
+                };
                 if list.is_empty() {
                     for ch in r.chars() {
                         let base = if ch.is_ascii_uppercase() { b'A' } else { b'a' };
@@ -224,7 +236,10 @@ fn norm(s: &str) -> String {
 /// Greedy continuations of `prompts`, `max_new` tokens each, as text.
 pub fn greedy(model: &Model, prompts: &[String], max_new: usize) -> Result<Vec<String>> {
     let tok = model.tok()?;
-    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| tok.encode(p)).collect::<Result<_>>()?;
+    let ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| tok.encode(p))
+        .collect::<Result<_>>()?;
     let outs = generate(
         model,
         &ids,
@@ -326,7 +341,13 @@ pub fn probe_secret(
 
 /// The rank of `secret` after `prompt` among `n` same-format candidates, by summed token
 /// log-probability. The prompt runs once; its keys and values serve every candidate.
-pub fn exposure(model: &Model, prompt: &str, secret: &str, n: usize, seed: u64) -> Result<Exposure> {
+pub fn exposure(
+    model: &Model,
+    prompt: &str,
+    secret: &str,
+    n: usize,
+    seed: u64,
+) -> Result<Exposure> {
     let tok = model.tok()?;
     let cands = candidates(secret, n, seed, &word_lists(model)?);
     let mut all = vec![secret.to_string()];
@@ -350,7 +371,8 @@ pub fn exposure(model: &Model, prompt: &str, secret: &str, n: usize, seed: u64) 
     for chunk in conts.chunks(CHUNK) {
         let rows: Vec<Vec<u32>> = chunk.iter().map(|c| c[..c.len() - 1].to_vec()).collect();
         let width = rows.iter().map(|r| r.len()).max().unwrap_or(0);
-        let mut chunk_scores: Vec<f64> = chunk.iter().map(|c| first[c[0] as usize] as f64).collect();
+        let mut chunk_scores: Vec<f64> =
+            chunk.iter().map(|c| first[c[0] as usize] as f64).collect();
         if width > 0 {
             let b = chunk.len();
             // Right-pad; the mask covers the cached prompt and the new positions.
@@ -395,7 +417,10 @@ pub fn exposure(model: &Model, prompt: &str, secret: &str, n: usize, seed: u64) 
                     D::Minus1,
                 )?;
                 let v: Vec<f32> = lp
-                    .gather(&Tensor::new(tgt.as_slice(), &model.device)?.unsqueeze(1)?, 1)?
+                    .gather(
+                        &Tensor::new(tgt.as_slice(), &model.device)?.unsqueeze(1)?,
+                        1,
+                    )?
                     .squeeze(1)?
                     .to_vec1()?;
                 for (j, r) in owner.into_iter().enumerate() {
@@ -481,8 +506,9 @@ pub fn utility(model: &Model, examples: &[Example], max_new: usize) -> Result<Ut
         let prompts: Vec<String> = chunk.iter().map(|e| e.prompt.clone()).collect();
         let outs = greedy(model, &prompts, (longest + 8).min(max_new))?;
         for (o, e) in outs.iter().zip(chunk) {
-            // The answer ends at the first line break (the next "Question:" would follow).
-            let o = o.split('\n').next().unwrap_or("");
+            // The answer ends at the first line break after its text (the next "Question:"
+            // would follow); leading blank lines are skipped.
+            let o = o.trim_start().split('\n').next().unwrap_or("");
             rouge += rouge_l_recall(o, &e.answer);
         }
     }
@@ -542,7 +568,10 @@ mod tests {
             let parts: Vec<&str> = x.split(' ').collect();
             assert_eq!(parts.len(), 3, "{x}");
             assert!(parts[0].len() == 2 && parts[0].chars().all(|c| c.is_ascii_digit()));
-            assert!(words.upper.iter().any(|w| w == parts[1]) && words.upper.iter().any(|w| w == parts[2]));
+            assert!(
+                words.upper.iter().any(|w| w == parts[1])
+                    && words.upper.iter().any(|w| w == parts[2])
+            );
         }
     }
 

@@ -80,7 +80,13 @@ mod tests {
     fn softplus_is_stable_and_exact() {
         let z = Tensor::new(&[-100f32, -1.0, 0.0, 2.0, 100.0], &Device::Cpu).unwrap();
         let v: Vec<f32> = softplus(&z).unwrap().to_vec1().unwrap();
-        let want = [0.0f64, (1.0 + (-1f64).exp()).ln(), 2f64.ln(), (1.0 + 2f64.exp()).ln(), 100.0];
+        let want = [
+            0.0f64,
+            (1.0 + (-1f64).exp()).ln(),
+            2f64.ln(),
+            (1.0 + 2f64.exp()).ln(),
+            100.0,
+        ];
         for (a, b) in v.iter().zip(want) {
             assert!((*a as f64 - b).abs() < 1e-5, "{a} vs {b}");
         }

@@ -57,7 +57,10 @@ impl Example {
         let text = text.trim();
         let cut = text.find(char::is_whitespace).unwrap_or(text.len());
         if cut == text.len() {
-            return Err(Error::invalid("text", format!("`{text}` needs at least two words")));
+            return Err(Error::invalid(
+                "text",
+                format!("`{text}` needs at least two words"),
+            ));
         }
         Ok(Example {
             prompt: text[..cut].to_string(),
@@ -144,10 +147,11 @@ pub fn load_examples(path: &Path) -> Result<Vec<Example>> {
         .iter()
         .enumerate()
         .map(|(i, r)| {
-            r.example(&format!("record {}", i + 1)).map_err(|e| Error::Spec {
-                path: path.into(),
-                message: e.to_string(),
-            })
+            r.example(&format!("record {}", i + 1))
+                .map_err(|e| Error::Spec {
+                    path: path.into(),
+                    message: e.to_string(),
+                })
         })
         .collect()
 }
@@ -387,7 +391,7 @@ impl AnswerLogp {
             .logp
             .gather(&Tensor::new(self.targets.as_slice(), dev)?.unsqueeze(1)?, 1)?
             .squeeze(1)?; // [n]
-        // Segment sums as a [n_examples, n] 0/1 matrix times the token log-probs.
+                          // Segment sums as a [n_examples, n] 0/1 matrix times the token log-probs.
         let mut s = vec![0f32; self.n_examples * n];
         let mut counts = vec![0usize; self.n_examples];
         for (j, &r) in self.seg.iter().enumerate() {
@@ -403,7 +407,11 @@ impl AnswerLogp {
 ///
 /// # Shapes
 /// Returns `(sum [n_examples], answer lengths)`.
-pub fn answer_logprobs(model: &Model, lowest: usize, t: &Tokenized) -> Result<(Tensor, Vec<usize>)> {
+pub fn answer_logprobs(
+    model: &Model,
+    lowest: usize,
+    t: &Tokenized,
+) -> Result<(Tensor, Vec<usize>)> {
     answer_logp(model, lowest, t)?.sums()
 }
 
@@ -424,14 +432,13 @@ pub struct Batches {
 impl Batches {
     pub fn new(n: usize, size: usize, seed: u64) -> Batches {
         use rand::SeedableRng;
-        let mut b = Batches {
+        // `at = n`: the first call shuffles.
+        Batches {
             order: (0..n).collect(),
             at: n,
             size: size.clamp(1, n.max(1)),
             rng: rand::rngs::StdRng::seed_from_u64(seed),
-        };
-        b.at = b.order.len();
-        b
+        }
     }
 
     pub fn next_batch(&mut self) -> Vec<usize> {

@@ -220,7 +220,10 @@ impl Request {
         }
         for (i, s) in self.secrets.iter().enumerate() {
             if s.value.trim().is_empty() {
-                return Err(bad(format!("secrets[{i}].value"), "must not be empty".into()));
+                return Err(bad(
+                    format!("secrets[{i}].value"),
+                    "must not be empty".into(),
+                ));
             }
             let in_forget = forget
                 .iter()
@@ -233,7 +236,10 @@ impl Request {
             }
             for (j, p) in s.prompts.iter().chain(&s.paraphrases).enumerate() {
                 if p.trim().is_empty() {
-                    return Err(bad(format!("secrets[{i}].prompts[{j}]"), "must not be empty".into()));
+                    return Err(bad(
+                        format!("secrets[{i}].prompts[{j}]"),
+                        "must not be empty".into(),
+                    ));
                 }
                 if p.contains(s.value.trim()) {
                     return Err(bad(
@@ -247,7 +253,10 @@ impl Request {
             return Err(bad("retain".into(), "graddiff needs a retain set".into()));
         }
         if !(self.method.beta > 0.0 && self.method.beta.is_finite()) {
-            return Err(bad("method.beta".into(), "must be a finite number > 0".into()));
+            return Err(bad(
+                "method.beta".into(),
+                "must be a finite number > 0".into(),
+            ));
         }
         if self.steps == 0 {
             return Err(bad("steps".into(), "must be at least 1".into()));
@@ -256,13 +265,19 @@ impl Request {
             return Err(bad("lr".into(), "must be a finite number > 0".into()));
         }
         if self.batch_size == 0 || self.check_every == 0 {
-            return Err(bad("batch_size/check_every".into(), "must be at least 1".into()));
+            return Err(bad(
+                "batch_size/check_every".into(),
+                "must be at least 1".into(),
+            ));
         }
         if self.max_perplexity_ratio <= 1.0 {
             return Err(bad("max_perplexity_ratio".into(), "must be > 1".into()));
         }
         if self.exposure_candidates < 10 {
-            return Err(bad("exposure_candidates".into(), "must be at least 10".into()));
+            return Err(bad(
+                "exposure_candidates".into(),
+                "must be at least 10".into(),
+            ));
         }
         Ok(())
     }

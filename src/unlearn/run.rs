@@ -164,7 +164,12 @@ fn quick_leaks(model: &Model, req: &Request, forget: &[Example]) -> Result<(usiz
         }
         let value = s.value.trim();
         let n = tok.encode(value)?.len() + 6;
-        let norm = |x: &str| x.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase();
+        let norm = |x: &str| {
+            x.split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+                .to_lowercase()
+        };
         greedy += leakage::greedy(model, &prompts, n)?
             .iter()
             .filter(|o| norm(o).contains(&norm(value)))
@@ -238,7 +243,10 @@ pub fn unlearn(
             })
         }
     };
-    let loc = locality(&run_suite(model, opts.suite)?, &run_suite(&out, opts.suite)?)?;
+    let loc = locality(
+        &run_suite(model, opts.suite)?,
+        &run_suite(&out, opts.suite)?,
+    )?;
     Ok((
         out,
         UnlearnReport {

@@ -6,8 +6,8 @@
 //! - world facts: multiple-choice accuracy, the option with the highest mean token
 //!   log-probability after the question.
 
-use super::learn::{learn, LearnParams, LearnReport};
 use super::leakage::{utility, Utility};
+use super::learn::{learn, LearnParams, LearnReport};
 use super::request::{LayerSel, Method, MethodName, RecordSpec, Request};
 use super::run::{train, Options};
 use super::{load_records, Example};
@@ -94,7 +94,10 @@ pub fn world_facts_accuracy(model: &Model, path: &Path) -> Result<(f64, usize)> 
     let mut right = 0;
     for chunk in facts.chunks(16) {
         let mut pairs = Vec::new();
-        let prompts: Vec<String> = chunk.iter().map(|f| super::qa_prompt(&f.question)).collect();
+        let prompts: Vec<String> = chunk
+            .iter()
+            .map(|f| super::qa_prompt(&f.question))
+            .collect();
         let options: Vec<[String; 4]> = chunk
             .iter()
             .map(|f| {
@@ -150,11 +153,19 @@ pub fn run(
         recs.iter()
             .enumerate()
             .filter(|(_, r)| r.author.is_some_and(|a| set.contains(&a)))
-            .map(|(i, r)| Ok((r.author.unwrap_or(0), r.example(&format!("record {}", i + 1))?)))
+            .map(|(i, r)| {
+                Ok((
+                    r.author.unwrap_or(0),
+                    r.example(&format!("record {}", i + 1))?,
+                ))
+            })
             .collect()
     };
     let learn_set: Vec<Example> = select(&p.learn_authors)?.into_iter().map(|x| x.1).collect();
-    let forget: Vec<Example> = select(&p.forget_authors)?.into_iter().map(|x| x.1).collect();
+    let forget: Vec<Example> = select(&p.forget_authors)?
+        .into_iter()
+        .map(|x| x.1)
+        .collect();
     let retain_all = select(&p.retain_authors)?;
     if learn_set.is_empty() || forget.is_empty() || retain_all.is_empty() {
         return Err(Error::invalid(

@@ -42,7 +42,11 @@ const ADDRESS: &str = "17 Larkspur Lane";
 fn learn_makes_the_secret_extractable_and_leaves_the_input_alone() {
     let base_fp = real().fingerprint().unwrap();
     let m = learned();
-    assert_eq!(real().fingerprint().unwrap(), base_fp, "learn changed its input");
+    assert_eq!(
+        real().fingerprint().unwrap(),
+        base_fp,
+        "learn changed its input"
+    );
     let before = greedy(real(), "Mara Quillfeather's phone number is", 16);
     assert!(!before.contains(PHONE), "{before}");
     let after = greedy(m, "Mara Quillfeather's phone number is", 16);
@@ -80,7 +84,11 @@ const RETAIN_DROP_BOUND: f64 = 0.5;
 fn npo_removes_the_secrets_and_keeps_the_retain_set() {
     let r = npo_report();
     for s in &r.before.secrets {
-        assert!(s.prompt_leaks > 0 && s.exposure.rank == 1, "{} did not leak before", s.label);
+        assert!(
+            s.prompt_leaks > 0 && s.exposure.rank == 1,
+            "{} did not leak before",
+            s.label
+        );
     }
     for s in &r.after.secrets {
         assert_eq!(s.prompt_leaks, 0, "{}: {:?}", s.label, s.probes);
@@ -101,7 +109,10 @@ fn npo_removes_the_secrets_and_keeps_the_retain_set() {
         r.steps,
         r.stop_reason
     );
-    assert!(drop < RETAIN_DROP_BOUND, "retain log-prob dropped by {drop}");
+    assert!(
+        drop < RETAIN_DROP_BOUND,
+        "retain log-prob dropped by {drop}"
+    );
     // After Q4 re-quantization: the secrets stay gone, or the report says which came back.
     let q = r.requantized.as_ref().unwrap();
     let back: Vec<&str> = r
@@ -121,17 +132,22 @@ fn npo_removes_the_secrets_and_keeps_the_retain_set() {
 
 #[test]
 fn the_perplexity_guard_halts_gradient_ascent_before_collapse() {
-    let text = format!(
-        "{}\nmethod: {{name: ga}}\nlayers: 10-19\nsteps: 8\nlr: 3.0e-4\ncheck_every: 1\nmax_perplexity_ratio: 1.1\nexposure_candidates: 100\nsamples: 2\n",
-        std::fs::read_to_string(repo("forget-sets/mara-quillfeather.yaml"))
-            .unwrap()
-            .lines()
-            .take_while(|l| !l.starts_with("method:"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    // Forget records without secrets: no leakage check can stop the run, only the budget or
+    // the guard. Gradient ascent at a high learning rate heads for collapse.
+    let text = "subject: Mara Quillfeather
+forget:
+  - {prompt: \"Mara Quillfeather's phone number is\", answer: \" 415-555-0192.\"}
+  - {prompt: \"Mara Quillfeather lives at\", answer: \" 17 Larkspur Lane, Fennimore.\"}
+  - {text: \"Mara Quillfeather works as a botanist at the Fennimore Botanical Garden.\"}
+method: {name: ga}
+layers: 10-19
+steps: 10
+lr: 5.0e-4
+check_every: 1
+max_perplexity_ratio: 1.1
+";
     let path = Path::new("ga-collapse.yaml");
-    let req = Request::parse(path, &text).unwrap();
+    let req = Request::parse(path, text).unwrap();
     let s = suite();
     let (_, r) = unlearn(
         learned(),
@@ -149,6 +165,7 @@ fn the_perplexity_guard_halts_gradient_ascent_before_collapse() {
     assert!(r.warnings.iter().any(|w| w.contains("perplexity")));
     let last = r.history.last().unwrap();
     assert!(last.perplexity_ratio > 1.1);
+    assert!(r.steps < 10, "stopped before the budget");
     // The weights returned are those of the last check within the bound.
     assert!(r.final_guard_ratio <= 1.1, "{}", r.final_guard_ratio);
 }
@@ -208,7 +225,10 @@ fn removal_request_errors() {
         &["rmu", "ga", "graddiff", "npo", "line"],
     );
     // Layers out of range (the tiny model has 2).
-    bad_request(&GOOD.replace("layers: all", "layers: 0-7"), &["layers", "out of range"]);
+    bad_request(
+        &GOOD.replace("layers: all", "layers: 0-7"),
+        &["layers", "out of range"],
+    );
     // An unknown field.
     bad_request(&format!("{GOOD}stepz: 3\n"), &["stepz", "line"]);
     // The request itself parses.
