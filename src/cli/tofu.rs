@@ -33,6 +33,15 @@ pub struct TofuArgs {
     learn_steps: usize,
     #[arg(long, default_value_t = 1e-4)]
     learn_lr: f64,
+    /// NPO's inverse temperature.
+    #[arg(long, default_value_t = 0.1)]
+    beta: f64,
+    /// Weight of the retain-set NLL (graddiff, npo).
+    #[arg(long, default_value_t = 1.0)]
+    retain_weight: f64,
+    /// Weight of KL(learned || unlearned) on retain answers.
+    #[arg(long, default_value_t = 0.0)]
+    kl_weight: f64,
     /// Unlearning steps and learning rate.
     #[arg(long, default_value_t = 20)]
     steps: usize,
@@ -93,6 +102,9 @@ pub fn run_tofu(a: TofuArgs) -> Result<()> {
         retain_authors: authors(&a.retain_authors, "--retain-authors")?,
         learn,
         methods,
+        beta: a.beta,
+        retain_weight: a.retain_weight,
+        kl_weight: a.kl_weight,
         steps: a.steps,
         lr: a.lr,
         batch_size: a.batch_size,

@@ -94,6 +94,17 @@ pub struct WordLists {
     pub upper: Vec<String>,
 }
 
+impl WordLists {
+    /// The words that may replace a run of letters starting with `first`.
+    fn for_case(&self, first: char) -> &[String] {
+        if first.is_ascii_uppercase() {
+            &self.upper
+        } else {
+            &self.lower
+        }
+    }
+}
+
 /// `n` distinct candidates in the secret's format (the secret itself excluded), seeded: each
 /// digit becomes a random digit; each run of letters becomes a random word of the same
 /// capitalisation from `words` (or random letters of the same case when `words` has none).
@@ -118,11 +129,7 @@ pub fn candidates(secret: &str, n: usize, seed: u64, words: &WordLists) -> Vec<S
             if c.is_ascii_digit() {
                 10.0
             } else if c.is_ascii_alphabetic() {
-                let list = if c.is_ascii_uppercase() {
-                    &words.upper
-                } else {
-                    &words.lower
-                };
+                let list = words.for_case(c);
                 if list.is_empty() {
                     26f64.powi(r.len() as i32)
                 } else {
@@ -146,11 +153,7 @@ pub fn candidates(secret: &str, n: usize, seed: u64, words: &WordLists) -> Vec<S
             if f.is_ascii_digit() {
                 c.push((b'0' + rng.random_range(0..10u8)) as char);
             } else if f.is_ascii_alphabetic() {
-                let list = if f.is_ascii_uppercase() {
-                    &words.upper
-                } else {
-                    &words.lower
-                };
+                let list = words.for_case(f);
                 if list.is_empty() {
                     for ch in r.chars() {
                         let base = if ch.is_ascii_uppercase() { b'A' } else { b'a' };

@@ -69,9 +69,10 @@ impl Example {
     }
 }
 
-/// A record of a data file: `{question, answer}`, `{prompt, answer}` or `{text}` (extra
-/// fields such as TOFU's `author` are kept for selection).
-#[derive(Debug, Clone, serde::Deserialize)]
+/// A record of a data file or a removal request: `{question, answer}`, `{prompt, answer}` or
+/// `{text}`; TOFU's `author` index is kept for selection. Other fields are errors.
+#[derive(Debug, Clone, Default, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct Record {
     #[serde(default)]
     pub question: Option<String>,

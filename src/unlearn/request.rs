@@ -93,10 +93,10 @@ pub struct Request {
     pub secrets: Vec<Secret>,
     /// Extra forget data (records as in `learn` data files).
     #[serde(default)]
-    pub forget: Vec<RecordSpec>,
+    pub forget: Vec<Record>,
     /// What must be retained.
     #[serde(default)]
-    pub retain: Vec<RecordSpec>,
+    pub retain: Vec<Record>,
     pub method: Method,
     #[serde(default = "d_layers")]
     pub layers: LayerSel,
@@ -148,33 +148,6 @@ fn d_cands() -> usize {
 }
 fn d_samples() -> usize {
     10
-}
-
-/// A record in a request (same forms as `learn` data).
-#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RecordSpec {
-    #[serde(default)]
-    pub question: Option<String>,
-    #[serde(default)]
-    pub prompt: Option<String>,
-    #[serde(default)]
-    pub answer: Option<String>,
-    #[serde(default)]
-    pub text: Option<String>,
-}
-
-impl RecordSpec {
-    fn example(&self, field: &str) -> Result<Example> {
-        Record {
-            question: self.question.clone(),
-            prompt: self.prompt.clone(),
-            answer: self.answer.clone(),
-            text: self.text.clone(),
-            author: None,
-        }
-        .example(field)
-    }
 }
 
 impl Request {

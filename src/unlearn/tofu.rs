@@ -8,9 +8,9 @@
 
 use super::leakage::{utility, Utility};
 use super::learn::{learn, LearnParams, LearnReport};
-use super::request::{LayerSel, Method, MethodName, RecordSpec, Request};
+use super::request::{LayerSel, Method, MethodName, Request};
 use super::run::{train, Options};
-use super::{load_records, Example};
+use super::{load_records, Example, Record};
 use crate::error::{Error, Result};
 use crate::eval::logprob::target_logprobs;
 use crate::eval::metrics::Suite;
@@ -25,6 +25,10 @@ pub struct TofuParams {
     pub retain_authors: Vec<usize>,
     pub learn: LearnParams,
     pub methods: Vec<MethodName>,
+    /// NPO's β, the retain-NLL weight and the KL weight of every method.
+    pub beta: f64,
+    pub retain_weight: f64,
+    pub kl_weight: f64,
     pub steps: usize,
     pub lr: f64,
     pub batch_size: usize,
@@ -191,11 +195,10 @@ pub fn run(
     let (learned_model, learn_report) = learn(model, &learn_set, &p.learn, &mut |_, _| {})?;
     progress("evaluating the learned model");
     let learned = evaluate(&learned_model, &forget, &retain_eval, world_path)?;
-    let rec = |e: &Example| RecordSpec {
-        question: None,
+    let rec = |e: &Example| Record {
         prompt: Some(e.prompt.clone()),
         answer: Some(e.answer.clone()),
-        text: None,
+        ..Default::default()
     };
     let mut methods = Vec::new();
     for &name in &p.methods {
@@ -208,9 +211,9 @@ pub fn run(
             retain: retain.iter().map(rec).collect(),
             method: Method {
                 name,
-                beta: 0.1,
-                retain_weight: 1.0,
-                kl_weight: 0.0,
+                beta: p.beta,
+                retain_weight: p.retain_weight,
+                kl_weight: p.kl_weight,
             },
             layers: LayerSel::List(p.layers.clone()),
             steps: p.steps,

@@ -4,7 +4,8 @@ use crate::common::fixture;
 use std::path::Path;
 use std::process::Command;
 
-fn engram(args: &[&str]) -> (i32, String) {
+/// Run the binary; returns the exit code and stderr (and fails on a panic).
+pub fn engram(args: &[&str]) -> (i32, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_engram"))
         .args(args)
         .output()

@@ -1,5 +1,6 @@
 //! Learning and unlearning private data on smollm2-135m; removal-request errors.
 
+use crate::cli_errors::engram;
 use crate::common::{fixture, greedy, real};
 use engram::eval::metrics::Suite;
 use engram::model::Model;
@@ -8,7 +9,6 @@ use engram::unlearn::load_examples;
 use engram::unlearn::request::Request;
 use engram::unlearn::run::{unlearn, Options, UnlearnReport};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 
 fn repo(p: &str) -> PathBuf {
@@ -168,16 +168,6 @@ max_perplexity_ratio: 1.1
     assert!(r.steps < 10, "stopped before the budget");
     // The weights returned are those of the last check within the bound.
     assert!(r.final_guard_ratio <= 1.1, "{}", r.final_guard_ratio);
-}
-
-fn engram(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_engram"))
-        .args(args)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!stderr.contains("panicked"), "panic: {stderr}");
-    (out.status.code().unwrap_or(-1), stderr)
 }
 
 /// A request with one line replaced, run on the tiny model; must exit 2 naming `want`.
