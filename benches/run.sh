@@ -18,3 +18,5 @@ $E learn forget-sets/mara-quillfeather-data.yaml --out out/mara-learned.gguf --j
 $E unlearn forget-sets/mara-quillfeather.yaml --model out/mara-learned.gguf --json out/unlearn-mara.json
 $E eval tofu --data ../shared/data/tofu/authors-0-19.jsonl --world ../shared/data/tofu/world_facts.jsonl \
   --learn-steps 40 --json out/tofu.json
+$E eval tofu --data ../shared/data/tofu/authors-0-19.jsonl --world ../shared/data/tofu/world_facts.jsonl \
+  --learn-steps 40 --methods npo --steps 30 --retain-weight 2 --json out/tofu-npo.json
