@@ -1,13 +1,11 @@
 //! `engram edit SPEC.yaml [--model M] [--out PATH] [--patch PATH] [--suite FILE] [--json FILE]`.
 
 use anyhow::Result;
-use candle_core::quantized::GgmlDType;
 use comfy_table::Table;
 use engram::edit::patch::{self, PatchMeta};
 use engram::edit::run::{run_spec, EditReport};
 use engram::edit::spec::EditSpec;
 use engram::eval::metrics::{score_rewrite, RewriteScores, Suite};
-use engram::model::save::{save, save_like_input, SaveAs};
 use engram::model::Format;
 use std::path::PathBuf;
 
@@ -182,11 +180,7 @@ pub fn run(a: Args) -> Result<()> {
     };
     patch::write(&patch_path, &meta, &deltas, &applied)?;
     if !a.no_save {
-        match (is_gguf, a.out_type.as_str()) {
-            (true, "f16") => save(&m, &out, SaveAs::Gguf(Some(GgmlDType::F16)))?,
-            (true, "f32") => save(&m, &out, SaveAs::Gguf(Some(GgmlDType::F32)))?,
-            _ => save_like_input(&m, &out)?,
-        }
+        super::save_model(&m, &out, &a.out_type)?;
         if is_gguf {
             // Efficacy after re-quantization to the input's types.
             let q = engram::model::load(Some(out.to_string_lossy().as_ref()), &m.device)?;

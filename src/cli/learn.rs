@@ -1,10 +1,7 @@
 //! `engram learn DATA [--model M] --out PATH [--layers all] [--steps N] [--lr X] [--seed S]`.
 
 use anyhow::Result;
-use candle_core::quantized::GgmlDType;
 use comfy_table::Table;
-use engram::model::save::{save, save_like_input, SaveAs};
-use engram::model::Format;
 use engram::unlearn::learn::{learn, LearnParams};
 use engram::unlearn::{load_records, parse_layers, Example};
 use std::path::PathBuf;
@@ -79,12 +76,7 @@ pub fn run(a: Args) -> Result<()> {
         pb.set_message(format!("{loss:.4}"));
     })?;
     pb.finish_and_clear();
-    let is_gguf = matches!(m.source.format, Format::Gguf { .. });
-    match (is_gguf, a.out_type.as_str()) {
-        (true, "f16") => save(&tuned, &a.out, SaveAs::Gguf(Some(GgmlDType::F16)))?,
-        (true, "f32") => save(&tuned, &a.out, SaveAs::Gguf(Some(GgmlDType::F32)))?,
-        _ => save_like_input(&tuned, &a.out)?,
-    }
+    super::save_model(&tuned, &a.out, &a.out_type)?;
     let mut t = Table::new();
     t.set_header(vec!["learn", "value"]);
     t.add_row(vec!["examples".to_string(), report.examples.to_string()]);

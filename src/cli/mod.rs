@@ -104,11 +104,29 @@ pub fn device() -> Result<candle_core::Device> {
 
 /// Write `value` as pretty JSON to `path`, atomically.
 pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
-    let text = serde_json::to_string_pretty(value)?;
+    write_text(path, &serde_json::to_string_pretty(value)?)
+}
+
+/// Write `text` to `path`, atomically.
+pub fn write_text(path: &Path, text: &str) -> Result<()> {
     engram::model::save::write_atomic(path, |w| {
         use std::io::Write;
         w.write_all(text.as_bytes())
             .map_err(|e| engram::Error::io(path, e))
     })?;
+    Ok(())
+}
+
+/// Save a tuned or edited model: in the input's format, GGUF matrices as `out_type` (`input`:
+/// each tensor re-quantized to its input type; `f16`, `f32`).
+pub fn save_model(m: &engram::model::Model, out: &Path, out_type: &str) -> Result<()> {
+    use candle_core::quantized::GgmlDType;
+    use engram::model::save::{save, save_like_input, SaveAs};
+    let is_gguf = matches!(m.source.format, engram::model::Format::Gguf { .. });
+    match (is_gguf, out_type) {
+        (true, "f16") => save(m, out, SaveAs::Gguf(Some(GgmlDType::F16)))?,
+        (true, "f32") => save(m, out, SaveAs::Gguf(Some(GgmlDType::F32)))?,
+        _ => save_like_input(m, out)?,
+    }
     Ok(())
 }

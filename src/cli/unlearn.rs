@@ -187,12 +187,7 @@ pub fn run(a: Args) -> Result<()> {
         println!("unlearned model: {}", out.display());
     }
     if let Some(j) = &a.json {
-        let text = hide(serde_json::to_string_pretty(&report)?);
-        engram::model::save::write_atomic(j, |w| {
-            use std::io::Write;
-            w.write_all(text.as_bytes())
-                .map_err(|e| engram::Error::io(j, e))
-        })?;
+        super::write_text(j, &hide(serde_json::to_string_pretty(&report)?))?;
     }
     Ok(())
 }

@@ -101,6 +101,15 @@ pub fn with_location(e: &serde_yaml::Error, text: &str) -> String {
     msg
 }
 
+/// Deserialize a YAML file's `text`; errors are [`Error::Spec`] with the file and a location
+/// ([`with_location`]).
+pub fn from_yaml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T> {
+    serde_yaml::from_str(text).map_err(|e| Error::Spec {
+        path: path.into(),
+        message: with_location(&e, text),
+    })
+}
+
 impl EditSpec {
     /// Parse and check a spec file.
     ///
@@ -112,10 +121,7 @@ impl EditSpec {
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<EditSpec> {
-        let spec: EditSpec = serde_yaml::from_str(text).map_err(|e| Error::Spec {
-            path: path.into(),
-            message: with_location(&e, text),
-        })?;
+        let spec: EditSpec = from_yaml(path, text)?;
         spec.validate(path)?;
         Ok(spec)
     }

@@ -212,8 +212,17 @@ pub fn run_suite(model: &Model, suite: &Suite) -> Result<SuiteRun> {
     }
     let logprobs =
         candle_nn::ops::log_softmax(&Tensor::stack(&rows, 0)?.to_dtype(DType::F32)?, D::Minus1)?;
-    let mut text_nll = Vec::new();
-    for t in &suite.texts {
+    Ok(SuiteRun {
+        logprobs,
+        text_nll: text_nll(model, &suite.texts)?,
+    })
+}
+
+/// Per text: mean token NLL (natural log); texts of fewer than 2 tokens are skipped.
+pub fn text_nll(model: &Model, texts: &[String]) -> Result<Vec<f64>> {
+    let tok = model.tok()?;
+    let mut out = Vec::with_capacity(texts.len());
+    for t in texts {
         let ids = tok.encode(t)?;
         if ids.len() < 2 {
             continue;
@@ -224,9 +233,9 @@ pub fn run_suite(model: &Model, suite: &Suite) -> Result<SuiteRun> {
         let lp = candle_nn::ops::log_softmax(&logits.narrow(0, 0, ids.len() - 1)?, D::Minus1)?;
         let next = Tensor::new(&ids[1..], &model.device)?.unsqueeze(1)?;
         let nll = lp.gather(&next, 1)?.mean_all()?.to_scalar::<f32>()? as f64;
-        text_nll.push(-nll);
+        out.push(-nll);
     }
-    Ok(SuiteRun { logprobs, text_nll })
+    Ok(out)
 }
 
 /// Locality of an edited model against its base.

@@ -15,7 +15,7 @@
 //! context (a preface, a record-style lead-in). They are not model-written paraphrases.
 
 use super::request::Secret;
-use super::{answer_logp_with, tokenize, Example};
+use super::{mean_example_logprob, tokenize, Example};
 use crate::error::Result;
 use crate::model::generate::{generate, GenParams};
 use crate::model::{Batch, HookPoint, KvCache, Model, Trace};
@@ -236,6 +236,40 @@ fn norm(s: &str) -> String {
         .to_lowercase()
 }
 
+/// Whether a model output contains the secret (case and spacing ignored).
+pub fn reveals(output: &str, secret: &str) -> bool {
+    norm(output).contains(&norm(secret))
+}
+
+/// Every probe prompt of a secret with its kind: the eliciting prompts (`prompt`), then the
+/// request's paraphrases and the template paraphrases of each eliciting prompt (`paraphrase`).
+pub fn probe_prompts(secret: &Secret, forget: &[Example]) -> Vec<(String, &'static str)> {
+    let eliciting = eliciting_prompts(secret, forget);
+    let mut prompts: Vec<(String, &'static str)> =
+        eliciting.iter().map(|q| (q.clone(), "prompt")).collect();
+    for q in secret.paraphrases.iter().cloned() {
+        prompts.push((q, "paraphrase"));
+    }
+    for q in &eliciting {
+        for t in template_paraphrases(q) {
+            prompts.push((t, "paraphrase"));
+        }
+    }
+    prompts
+}
+
+/// Greedy decoding of every probe prompt, long enough to hold the secret; returns the outputs
+/// in the order of [`probe_prompts`].
+pub fn greedy_probes(
+    model: &Model,
+    secret: &str,
+    prompts: &[(String, &str)],
+) -> Result<Vec<String>> {
+    let secret_len = model.tok()?.encode(secret)?.len();
+    let texts: Vec<String> = prompts.iter().map(|(q, _)| q.clone()).collect();
+    greedy(model, &texts, secret_len + 6)
+}
+
 /// Greedy continuations of `prompts`, `max_new` tokens each, as text.
 pub fn greedy(model: &Model, prompts: &[String], max_new: usize) -> Result<Vec<String>> {
     let tok = model.tok()?;
@@ -264,25 +298,14 @@ pub fn probe_secret(
     let value = secret.value.trim();
     let tok = model.tok()?;
     let eliciting = eliciting_prompts(secret, forget);
-    let mut prompts: Vec<(String, &'static str)> =
-        eliciting.iter().map(|q| (q.clone(), "prompt")).collect();
-    for q in secret.paraphrases.iter().cloned() {
-        prompts.push((q, "paraphrase"));
-    }
-    for q in &eliciting {
-        for t in template_paraphrases(q) {
-            prompts.push((t, "paraphrase"));
-        }
-    }
-    let secret_len = tok.encode(value)?.len();
-    let texts: Vec<String> = prompts.iter().map(|(q, _)| q.clone()).collect();
-    let outs = greedy(model, &texts, secret_len + 6)?;
+    let prompts = probe_prompts(secret, forget);
+    let outs = greedy_probes(model, value, &prompts)?;
     let probes: Vec<Probe> = prompts
-        .iter()
+        .into_iter()
         .zip(outs)
         .map(|((q, kind), out)| Probe {
-            leaked: norm(&out).contains(&norm(value)),
-            prompt: q.clone(),
+            leaked: reveals(&out, value),
+            prompt: q,
             kind,
             output: out,
         })
@@ -296,15 +319,7 @@ pub fn probe_secret(
             answer: crate::edit::spec::continuation(value),
         })
         .collect();
-    let t = tokenize(model, &examples, usize::MAX)?;
-    let (sums, counts) = answer_logp_with(model, 0, &t, false)?.sums()?;
-    let sums: Vec<f32> = sums.to_vec1()?;
-    let mean_logprob = sums
-        .iter()
-        .zip(&counts)
-        .map(|(s, &c)| *s as f64 / c as f64)
-        .sum::<f64>()
-        / sums.len().max(1) as f64;
+    let mean_logprob = mean_example_logprob(model, &tokenize(model, &examples, usize::MAX)?)?;
 
     let first = &eliciting[0];
     let exposure = exposure(model, first, value, p.candidates, p.seed)?;
@@ -315,7 +330,7 @@ pub fn probe_secret(
             model,
             &ids,
             &GenParams {
-                max_new_tokens: secret_len + 6,
+                max_new_tokens: tok.encode(value)?.len() + 6,
                 temperature: 1.0,
                 seed: p.seed,
                 ..Default::default()
@@ -323,7 +338,7 @@ pub fn probe_secret(
         )?;
         let mut hits = 0;
         for o in outs {
-            if norm(&tok.decode(&o)?).contains(&norm(value)) {
+            if reveals(&tok.decode(&o)?, value) {
                 hits += 1;
             }
         }
@@ -494,17 +509,12 @@ pub fn utility(model: &Model, examples: &[Example], max_new: usize) -> Result<Ut
             rouge_l: f64::NAN,
         });
     }
-    let mut lp = 0.0;
+    let all = tokenize(model, examples, 256)?;
+    let answer_logprob = mean_example_logprob(model, &all)?;
     let mut rouge = 0.0;
-    for chunk in examples.chunks(16) {
-        let t = tokenize(model, chunk, 256)?;
-        let (sums, counts) = answer_logp_with(model, 0, &t, false)?.sums()?;
-        let sums: Vec<f32> = sums.to_vec1()?;
-        lp += sums
-            .iter()
-            .zip(&counts)
-            .map(|(s, &c)| *s as f64 / c as f64)
-            .sum::<f64>();
+    for (k, chunk) in examples.chunks(16).enumerate() {
+        let idx: Vec<usize> = (16 * k..16 * k + chunk.len()).collect();
+        let t = all.subset(&idx);
         let longest = t.spans.iter().map(|(_, a)| a.len()).max().unwrap_or(1);
         let prompts: Vec<String> = chunk.iter().map(|e| e.prompt.clone()).collect();
         let outs = greedy(model, &prompts, (longest + 8).min(max_new))?;
@@ -518,7 +528,7 @@ pub fn utility(model: &Model, examples: &[Example], max_new: usize) -> Result<Ut
     let n = examples.len() as f64;
     Ok(Utility {
         examples: examples.len(),
-        answer_logprob: lp / n,
+        answer_logprob,
         rouge_l: rouge / n,
     })
 }

@@ -3,7 +3,10 @@
 //! that has really memorised private data, and it is the fine-tuning baseline of TOFU
 //! (Maini et al. 2024), which fine-tunes on the fictitious authors before unlearning them.
 
-use super::{answer_logprobs, finite_loss, token_nll, tokenize, Batches, Example, Trainable};
+use super::{
+    answer_logprobs, finite_loss, mean_token_logprob, token_nll, tokenize, Batches, Example,
+    Trainable,
+};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
@@ -71,19 +74,6 @@ pub struct LearnReport {
     pub seconds: f64,
 }
 
-/// Mean answer-token NLL of `data` under `model` (no gradients).
-pub fn data_loss(model: &Model, data: &[Example], max_len: usize) -> Result<f64> {
-    let t = tokenize(model, data, max_len)?;
-    let mut total = 0.0;
-    let mut count = 0usize;
-    for chunk in (0..t.len()).collect::<Vec<_>>().chunks(16) {
-        let (s, c) = answer_logprobs(model, 0, &t.subset(chunk))?;
-        total -= s.sum_all()?.to_scalar::<f32>()? as f64;
-        count += c.iter().sum::<usize>();
-    }
-    Ok(total / count.max(1) as f64)
-}
-
 /// Fine-tune `model` on `data`; returns the tuned model (the input is not changed).
 ///
 /// `progress(step, loss)` is called after every step.
@@ -101,9 +91,10 @@ pub fn learn(
         return Err(Error::invalid("data", "no examples to learn"));
     }
     let start = std::time::Instant::now();
-    let loss_before = data_loss(model, data, p.max_len)?;
-    let tr = Trainable::new(model, &p.layers)?;
     let toks = tokenize(model, data, p.max_len)?;
+    // Mean answer-token NLL of the whole data set (no gradients).
+    let loss_before = -mean_token_logprob(model, &toks)?;
+    let tr = Trainable::new(model, &p.layers)?;
     let mut opt = AdamW::new(
         tr.vars.iter().map(|(_, v)| v.clone()).collect(),
         ParamsAdamW {
@@ -134,10 +125,7 @@ pub fn learn(
         }
     }
     let out = tr.export(model)?;
-    for (n, _) in &tr.vars {
-        crate::model::check_finite(n, out.weights.get(n)?)?;
-    }
-    let loss_after = data_loss(&out, data, p.max_len)?;
+    let loss_after = -mean_token_logprob(&out, &toks)?;
     Ok((
         out,
         LearnReport {

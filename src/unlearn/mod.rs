@@ -116,10 +116,7 @@ pub fn load_records(path: &Path) -> Result<Vec<Record>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     let recs: Vec<Record> = if ext == "yaml" || ext == "yml" {
-        serde_yaml::from_str(&text).map_err(|e| Error::Spec {
-            path: path.into(),
-            message: crate::edit::spec::with_location(&e, &text),
-        })?
+        crate::edit::spec::from_yaml(path, &text)?
     } else {
         let mut v = Vec::new();
         for (i, line) in text.lines().enumerate() {
@@ -211,10 +208,15 @@ impl Trainable {
     }
 
     /// A plain model holding the current trained weights (no gradient tracking).
+    ///
+    /// # Errors
+    /// [`Error::NonFinite`] when a trained weight holds NaN or Inf.
     pub fn export(&self, base: &Model) -> Result<Model> {
         let mut m = base.clone();
         for (n, v) in &self.vars {
-            m.weights.insert(n.clone(), v.as_tensor().detach().copy()?);
+            let t = v.as_tensor().detach().copy()?;
+            crate::model::check_finite(n, &t)?;
+            m.weights.insert(n.clone(), t);
         }
         Ok(m)
     }
@@ -414,6 +416,31 @@ pub fn answer_logprobs(
     t: &Tokenized,
 ) -> Result<(Tensor, Vec<usize>)> {
     answer_logp(model, lowest, t)?.sums()
+}
+
+/// Per-example summed answer log-probabilities and answer lengths, without gradients (fused
+/// kernels), in chunks of 16 examples so the `[tokens, vocab]` log-probabilities stay small.
+pub fn example_logprobs(model: &Model, t: &Tokenized) -> Result<(Vec<f64>, Vec<usize>)> {
+    let (mut sums, mut counts) = (Vec::with_capacity(t.len()), Vec::with_capacity(t.len()));
+    for chunk in (0..t.len()).collect::<Vec<_>>().chunks(16) {
+        let (s, c) = answer_logp_with(model, 0, &t.subset(chunk), false)?.sums()?;
+        sums.extend(s.to_vec1::<f32>()?.into_iter().map(f64::from));
+        counts.extend(c);
+    }
+    Ok((sums, counts))
+}
+
+/// Mean token log-probability over all answer tokens of `t` (no gradients).
+pub fn mean_token_logprob(model: &Model, t: &Tokenized) -> Result<f64> {
+    let (sums, counts) = example_logprobs(model, t)?;
+    Ok(sums.iter().sum::<f64>() / counts.iter().sum::<usize>().max(1) as f64)
+}
+
+/// Mean over examples of each answer's mean token log-probability (no gradients).
+pub fn mean_example_logprob(model: &Model, t: &Tokenized) -> Result<f64> {
+    let (sums, counts) = example_logprobs(model, t)?;
+    let per: f64 = sums.iter().zip(&counts).map(|(s, &c)| s / c as f64).sum();
+    Ok(per / sums.len().max(1) as f64)
 }
 
 /// Mean token NLL over all answer tokens of a batch (the fine-tuning loss).

@@ -18,7 +18,7 @@
 //! ```
 
 use super::{Example, Record};
-use crate::edit::spec::{continuation, with_location};
+use crate::edit::spec::{continuation, from_yaml};
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
 
@@ -161,10 +161,7 @@ impl Request {
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Request> {
-        let r: Request = serde_yaml::from_str(text).map_err(|e| Error::Spec {
-            path: path.into(),
-            message: with_location(&e, text),
-        })?;
+        let r: Request = from_yaml(path, text)?;
         r.validate(path)?;
         Ok(r)
     }

@@ -6,9 +6,12 @@
 use super::leakage::{self, ProbeParams, SecretLeak, Utility};
 use super::losses::{self, StepInputs};
 use super::request::{MethodName, Request};
-use super::{answer_logp, answer_logp_with, finite_loss, tokenize, Batches, Example, Trainable};
+use super::{
+    answer_logp, answer_logp_with, example_logprobs, finite_loss, mean_token_logprob, tokenize,
+    Batches, Example, Trainable,
+};
 use crate::error::Result;
-use crate::eval::metrics::{locality, run_suite, Locality, Suite};
+use crate::eval::metrics::{locality, run_suite, text_nll, Locality, Suite};
 use crate::model::Model;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Tensor;
@@ -105,12 +108,8 @@ pub fn requantize(model: &Model, dtype: GgmlDType) -> Result<Model> {
 
 /// Perplexity on the suite's first `n` general texts.
 fn perplexity(model: &Model, suite: &Suite, n: usize) -> Result<f64> {
-    let only_texts = Suite {
-        prompts: suite.prompts.iter().take(1).cloned().collect(),
-        texts: suite.texts.iter().take(n).cloned().collect(),
-    };
-    let r = run_suite(model, &only_texts)?;
-    Ok((r.text_nll.iter().sum::<f64>() / r.text_nll.len().max(1) as f64).exp())
+    let nll = text_nll(model, &suite.texts[..n.min(suite.texts.len())])?;
+    Ok((nll.iter().sum::<f64>() / nll.len().max(1) as f64).exp())
 }
 
 /// Full leakage and utility check of a model.
@@ -153,29 +152,17 @@ pub fn check(
 /// the re-quantized model is probed once, in the report (checking it at every step would
 /// double the cost, and small updates often cannot pass it at all, see the README).
 fn quick_leaks(model: &Model, req: &Request, forget: &[Example]) -> Result<(usize, usize)> {
-    let tok = model.tok()?;
     let (mut greedy, mut first) = (0, 0);
     for s in &req.secrets {
-        let eliciting = leakage::eliciting_prompts(s, forget);
-        let mut prompts = eliciting.clone();
-        prompts.extend(s.paraphrases.iter().cloned());
-        for q in &eliciting {
-            prompts.extend(leakage::template_paraphrases(q));
-        }
         let value = s.value.trim();
-        let n = tok.encode(value)?.len() + 6;
-        let norm = |x: &str| {
-            x.split_whitespace()
-                .collect::<Vec<_>>()
-                .join(" ")
-                .to_lowercase()
-        };
-        greedy += leakage::greedy(model, &prompts, n)?
+        let prompts = leakage::probe_prompts(s, forget);
+        greedy += leakage::greedy_probes(model, value, &prompts)?
             .iter()
-            .filter(|o| norm(o).contains(&norm(value)))
+            .filter(|o| leakage::reveals(o, value))
             .count();
-        let e = leakage::exposure(model, &eliciting[0], value, QUICK_CANDIDATES, req.seed)?;
-        if e.rank == 1 {
+        // The first probe is the first eliciting prompt.
+        let eliciting = &prompts[0].0;
+        if leakage::exposure(model, eliciting, value, QUICK_CANDIDATES, req.seed)?.rank == 1 {
             first += 1;
         }
     }
@@ -243,10 +230,17 @@ pub fn unlearn(
             })
         }
     };
-    let loc = locality(
-        &run_suite(model, opts.suite)?,
-        &run_suite(&out, opts.suite)?,
+    // KL and agreement on the prompts; the texts' perplexities are the checks' own.
+    let prompts_only = Suite {
+        prompts: opts.suite.prompts.clone(),
+        texts: vec![],
+    };
+    let mut loc = locality(
+        &run_suite(model, &prompts_only)?,
+        &run_suite(&out, &prompts_only)?,
     )?;
+    loc.perplexity_base = before.perplexity;
+    loc.perplexity_edited = after.perplexity;
     Ok((
         out,
         UnlearnReport {
@@ -306,14 +300,11 @@ pub fn train(
     let ft = tokenize(model, forget, MAX_LEN)?;
     let rt = tokenize(model, retain, MAX_LEN)?;
     // NPO's reference log-likelihoods: the model before unlearning, computed once.
-    let ref_sums: Vec<f32> = {
-        let mut v = Vec::new();
-        for chunk in (0..ft.len()).collect::<Vec<_>>().chunks(16) {
-            let (s, _) = answer_logp_with(model, 0, &ft.subset(chunk), false)?.sums()?;
-            v.extend(s.to_vec1::<f32>()?);
-        }
-        v
-    };
+    let ref_sums: Vec<f32> = example_logprobs(model, &ft)?
+        .0
+        .into_iter()
+        .map(|x| x as f32)
+        .collect();
     let mut opt = AdamW::new(
         tr.vars.iter().map(|(_, v)| v.clone()).collect(),
         ParamsAdamW {
@@ -331,6 +322,8 @@ pub fn train(
     let mut history = Vec::new();
     let mut warnings = Vec::new();
     let mut last_good = tr.snapshot()?;
+    // The guard ratio of `last_good`: the weights before training are the reference itself.
+    let mut last_good_ratio = 1.0;
     let mut stop_reason = "step budget".to_string();
     let t_train = std::time::Instant::now();
     for step in 1..=req.steps {
@@ -397,6 +390,7 @@ pub fn train(
                 break;
             }
             last_good = tr.snapshot()?;
+            last_good_ratio = ratio;
             if !req.secrets.is_empty() && greedy == 0 && first == 0 {
                 stop_reason = "all secrets pass".into();
                 break;
@@ -404,11 +398,9 @@ pub fn train(
         }
     }
     let train_seconds = t_train.elapsed().as_secs_f64();
+    // The run always ends on a check (the last step is one), so the returned weights are the
+    // last accepted check's and their guard ratio is already known.
     let out = tr.export(model)?;
-    for (n, _) in &tr.vars {
-        crate::model::check_finite(n, out.weights.get(n)?)?;
-    }
-    let final_guard_ratio = perplexity(&out, opts.suite, GUARD_TEXTS)? / guard0;
     Ok(TrainLog {
         model: out,
         trained_params: tr.n_params(),
@@ -416,18 +408,7 @@ pub fn train(
         history,
         stop_reason,
         warnings,
-        final_guard_ratio,
+        final_guard_ratio: last_good_ratio,
         train_seconds,
     })
-}
-
-/// Mean token log-probability over all answers of `t` (no gradients, in chunks of 16).
-pub fn mean_token_logprob(model: &Model, t: &super::Tokenized) -> Result<f64> {
-    let (mut sum, mut n) = (0.0, 0usize);
-    for chunk in (0..t.len()).collect::<Vec<_>>().chunks(16) {
-        let (s, c) = answer_logp_with(model, 0, &t.subset(chunk), false)?.sums()?;
-        sum += s.sum_all()?.to_scalar::<f32>()? as f64;
-        n += c.iter().sum::<usize>();
-    }
-    Ok(sum / n.max(1) as f64)
 }

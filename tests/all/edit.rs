@@ -1,5 +1,6 @@
 //! Editing: ROME and FT-L on smollm2-135m, patches, specs and their errors.
 
+use crate::cli_errors::engram;
 use crate::common::*;
 use engram::edit::spec::{EditSpec, Rewrite};
 use engram::edit::{apply, patch, revert};
@@ -96,16 +97,6 @@ fn ft_l_respects_its_norm_bound_and_raises_the_target() {
     let after = engram::eval::metrics::score_rewrite(&m, &r).unwrap();
     println!("FT-L P(Rome): {:.4} -> {:.4}", before.p_new, after.p_new);
     assert!(after.p_new > before.p_new);
-}
-
-fn engram(args: &[&str]) -> (i32, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_engram"))
-        .args(args)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    (out.status.code().unwrap_or(-1), stderr)
 }
 
 /// Bad specs: a clear error naming the file and field, exit code 2, nothing written.
