@@ -37,6 +37,9 @@ pub struct Args {
     no_locality: bool,
     #[arg(long)]
     json: Option<PathBuf>,
+    /// SVG: efficacy of earlier edits against the number of edits (sequential specs).
+    #[arg(long)]
+    plot: Option<PathBuf>,
 }
 
 fn pct(x: Option<f64>) -> String {
@@ -74,10 +77,15 @@ pub fn print_report(r: &EditReport) {
             w.edit_seconds,
             w.delta_norm
         );
-        if let Some(t) = &w.rome {
+        if let Some(t) = &w.search {
             println!(
-                "    v* search: {} steps, target P {:.3}, NLL {:.3}, KL {:.4}, |delta| {:.2}",
-                t.steps, t.target_prob, t.nll, t.kl, t.delta_norm
+                "    {} search: {} steps, target P {:.3}, NLL {:.3}, KL {:.4}, |delta| {:.2}",
+                if r.method == "rome" { "v*" } else { "z" },
+                t.steps,
+                t.target_prob,
+                t.nll,
+                t.kl,
+                t.delta_norm
             );
         }
         let mut t = Table::new();
@@ -96,6 +104,35 @@ pub fn print_report(r: &EditReport) {
         row(&mut t, "after", &w.post);
         if let Some(q) = &w.requantized {
             row(&mut t, "after, re-quantized", q);
+        }
+        println!("{t}");
+    }
+    for (b, bt) in r.batches.iter().enumerate() {
+        let layers: Vec<String> = bt
+            .layers
+            .iter()
+            .map(|l| {
+                format!(
+                    "L{} |R| {:.2} |ΔW| {:.3}",
+                    l.layer, l.resid_norm, l.delta_norm
+                )
+            })
+            .collect();
+        println!("batch {b}: {}", layers.join(", "));
+    }
+    if !r.retention.is_empty() {
+        let mut t = Table::new();
+        t.set_header(vec![
+            "edits so far",
+            "ES of all so far",
+            "ES of earlier batches",
+        ]);
+        for p in &r.retention {
+            t.add_row(vec![
+                p.edits.to_string(),
+                pct(Some(p.es_all)),
+                pct(p.es_earlier),
+            ]);
         }
         println!("{t}");
     }
@@ -196,6 +233,20 @@ pub fn run(a: Args) -> Result<()> {
     }
     if let Some(j) = &a.json {
         super::write_json(j, &report)?;
+    }
+    if let Some(p) = &a.plot {
+        let pts: Vec<(f64, f64)> = report
+            .retention
+            .iter()
+            .map(|p| (p.edits as f64, p.es_earlier.unwrap_or(p.es_all)))
+            .collect();
+        let svg = engram::eval::svg::line(
+            "Retention: ES of earlier edits",
+            "edits so far",
+            "ES",
+            &[(report.method.clone(), pts)],
+        );
+        super::write_text(p, &svg)?;
     }
     Ok(())
 }

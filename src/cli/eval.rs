@@ -3,12 +3,9 @@
 use anyhow::Result;
 use clap::Subcommand;
 use comfy_table::Table;
-use engram::edit::ft::FtParams;
-use engram::edit::rome::RomeParams;
 use engram::edit::spec::{EditSpec, Method};
 use engram::eval::counterfact;
-use engram::eval::metrics::{locality, ngram_entropy, run_suite, Suite};
-use engram::model::generate::{generate, GenParams};
+use engram::eval::metrics::{fluency, locality, run_suite, Suite};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -34,14 +31,24 @@ struct CfArgs {
     /// EasyEdit's flattened CounterFact (JSONL) or ROME's counterfact.json.
     #[arg(long)]
     data: PathBuf,
-    #[arg(long, default_value = "rome", value_parser = ["rome", "ft"])]
+    #[arg(long, default_value = "rome", value_parser = ["rome", "ft", "memit", "alphaedit"])]
     method: String,
     /// Take the method and its hyper-parameters from an edit spec instead.
     #[arg(long)]
     spec: Option<PathBuf>,
-    /// Layer to edit (overrides the spec).
+    /// Layer(s) to edit, overriding the spec: `5`, or for MEMIT / AlphaEdit `3-6` or `3,5`.
     #[arg(long)]
-    layer: Option<usize>,
+    layer: Option<String>,
+    /// Cases edited together by MEMIT / AlphaEdit (ROME and FT-L edit one at a time).
+    #[arg(long, default_value_t = 1)]
+    batch_size: usize,
+    /// Apply the batches one after another to the same model, measuring retention of earlier
+    /// edits after each batch; the final scores are on the final model.
+    #[arg(long)]
+    sequential: bool,
+    /// SVG (with --sequential): ES of earlier edits against the number of edits made.
+    #[arg(long)]
+    plot: Option<PathBuf>,
     #[arg(long, default_value_t = 100)]
     n: usize,
     #[arg(long, default_value_t = 0)]
@@ -82,18 +89,28 @@ pub fn run(a: Args) -> Result<()> {
 fn run_cf(a: CfArgs) -> Result<()> {
     let mut method = match &a.spec {
         Some(p) => EditSpec::load(p)?.method,
-        None if a.method == "ft" => Method::Ft(serde_yaml::from_str::<FtParams>("{}")?),
-        None => Method::Rome(RomeParams::default()),
+        None => Method::by_name(&a.method)?,
     };
-    if let Some(l) = a.layer {
-        match &mut method {
-            Method::Rome(p) => p.layer = Some(l),
-            Method::Ft(p) => p.layer = Some(l),
-        }
-    }
     let mut m = super::load_model(a.model.as_deref())?;
-    if let Some(l) = method.layer() {
+    if let Some(l) = &a.layer {
+        method.set_layers(engram::unlearn::parse_layers(
+            l,
+            m.config.n_layers,
+            "--layer",
+        )?);
+    }
+    for l in method.layers() {
         m.config.check_layer(l)?;
+    }
+    if a.batch_size == 0 {
+        return Err(engram::Error::invalid("--batch-size", "must be at least 1").into());
+    }
+    if a.sequential && a.resume.is_some() {
+        return Err(engram::Error::invalid(
+            "--resume",
+            "cannot be used with --sequential (each batch builds on the ones before)",
+        )
+        .into());
     }
     let cases = counterfact::load(&a.data, a.offset, a.n)?;
     let pb = indicatif::ProgressBar::new(cases.len() as u64);
@@ -103,13 +120,32 @@ fn run_cf(a: CfArgs) -> Result<()> {
     );
     pb.set_message(format!("{} (key statistics first)", method.name()));
     let name = method.name().to_string();
-    let rows = counterfact::run(&mut m, method, &cases, a.resume.as_deref(), &mut |r| {
-        pb.set_message(format!(
-            "case {}: ES {} NS {}",
-            r.case_id, r.post.es, r.post.ns
-        ));
-        pb.inc(1);
-    })?;
+    let mut seq = None;
+    let rows = if a.sequential {
+        let run =
+            counterfact::run_sequential(&mut m, method, &cases, a.batch_size, &mut |d, _| {
+                pb.set_message(format!("{name}: {d} edits applied"));
+                pb.set_position(d as u64);
+            })?;
+        let rows = run.rows.clone();
+        seq = Some(run);
+        rows
+    } else {
+        counterfact::run(
+            &mut m,
+            method,
+            &cases,
+            a.batch_size,
+            a.resume.as_deref(),
+            &mut |r| {
+                pb.set_message(format!(
+                    "case {}: ES {} NS {}",
+                    r.case_id, r.post.es, r.post.ns
+                ));
+                pb.inc(1);
+            },
+        )?
+    };
     pb.finish_and_clear();
     let s = counterfact::summarise(&rows, &name);
     let mut t = Table::new();
@@ -153,12 +189,68 @@ fn run_cf(a: CfArgs) -> Result<()> {
         "".into(),
         format!("{:.2}", s.eval_seconds_mean),
     ]);
-    println!("{} on {} cases ({} failed)", s.method, s.n, s.failed);
+    if let Some(r) = &seq {
+        t.add_row(vec![
+            "fluency (n-gram entropy)".into(),
+            format!("{:.3}", r.fluency_before),
+            format!("{:.3}", r.fluency_after),
+        ]);
+        t.add_row(vec![
+            "total seconds / per batch (mean)".into(),
+            "".into(),
+            format!(
+                "{:.0} / {:.1}",
+                r.seconds_total,
+                r.batch_seconds.iter().sum::<f64>() / r.batch_seconds.len().max(1) as f64
+            ),
+        ]);
+    }
+    let mode = match (&seq, a.batch_size) {
+        (Some(_), b) => format!("sequential batches of {b}, final model"),
+        (None, 1) => "each from the unedited model".to_string(),
+        (None, b) => format!("batches of {b}, each from the unedited model"),
+    };
+    println!(
+        "{} on {} cases ({}; {} failed)",
+        s.method, s.n, mode, s.failed
+    );
     println!("{t}");
+    if let Some(r) = &seq {
+        let mut rt = Table::new();
+        rt.set_header(vec![
+            "edits so far",
+            "ES of all so far",
+            "ES of earlier batches",
+        ]);
+        for p in &r.retention {
+            rt.add_row(vec![
+                p.edits.to_string(),
+                format!("{:.1}%", 100.0 * p.es_all),
+                p.es_earlier
+                    .map(|e| format!("{:.1}%", 100.0 * e))
+                    .unwrap_or("-".into()),
+            ]);
+        }
+        println!("{rt}");
+        if let Some(p) = &a.plot {
+            let pts: Vec<(f64, f64)> = r
+                .retention
+                .iter()
+                .map(|p| (p.edits as f64, p.es_earlier.unwrap_or(p.es_all)))
+                .collect();
+            let svg = engram::eval::svg::line(
+                "Retention: ES of earlier edits",
+                "edits so far",
+                "ES",
+                &[(s.method.clone(), pts)],
+            );
+            super::write_text(p, &svg)?;
+        }
+    }
     if let Some(j) = &a.json {
         super::write_json(
             j,
-            &serde_json::json!({ "summary": s, "cases": rows, "n": s.n, "es": s.es, "ps": s.ps, "ns": s.ns, "score": s.score, "es_pre": s.es_pre, "ps_pre": s.ps_pre, "ns_pre": s.ns_pre, "edit_seconds_mean": s.edit_seconds_mean }),
+            &serde_json::json!({ "summary": s, "cases": rows, "n": s.n, "es": s.es, "ps": s.ps, "ns": s.ns, "score": s.score, "es_pre": s.es_pre, "ps_pre": s.ps_pre, "ns_pre": s.ns_pre, "edit_seconds_mean": s.edit_seconds_mean, "batch_size": a.batch_size, "sequential": seq.as_ref().map(|r| serde_json::json!({"retention": r.retention, "fluency_before": r.fluency_before, "fluency_after": r.fluency_after, "seconds_total": r.seconds_total, "batch_seconds": r.batch_seconds})) }),
         )?;
     }
     Ok(())
@@ -171,27 +263,13 @@ fn run_compare(a: CompareArgs) -> Result<()> {
     let rb = run_suite(&base, &suite)?;
     let re = run_suite(&edited, &suite)?;
     let loc = locality(&rb, &re)?;
-    let tok = base.tok()?;
-    let prompts: Vec<Vec<u32>> = suite
+    let prompts: Vec<String> = suite
         .prompts
         .iter()
         .take(a.fluency_prompts)
-        .map(|p| tok.encode(&p.prompt))
-        .collect::<engram::Result<_>>()?;
-    let gp = GenParams {
-        max_new_tokens: 40,
-        stop_at_eos: false,
-        ..Default::default()
-    };
-    let fluency = |m: &engram::model::Model| -> Result<f64> {
-        let outs = generate(m, &prompts, &gp)?;
-        let mut tot = 0.0;
-        for o in &outs {
-            tot += ngram_entropy(&tok.decode(o)?);
-        }
-        Ok(tot / outs.len().max(1) as f64)
-    };
-    let (fb, fe) = (fluency(&base)?, fluency(&edited)?);
+        .map(|p| p.prompt.clone())
+        .collect();
+    let (fb, fe) = (fluency(&base, &prompts)?, fluency(&edited, &prompts)?);
     let mut order: Vec<usize> = (0..loc.kl.len()).collect();
     order.sort_by(|&i, &j| loc.kl[j].total_cmp(&loc.kl[i]));
     let mut t = Table::new();

@@ -4,13 +4,17 @@
 //! untouched; [`apply`] changes the weights and returns what [`revert`] needs to restore them
 //! bit for bit.
 
+pub mod alphaedit;
+pub mod batch;
 pub mod ft;
 pub mod linalg;
+pub mod memit;
 pub mod patch;
 pub mod rome;
 pub mod run;
 pub mod spec;
 pub mod stats;
+pub mod vsearch;
 
 use crate::error::{Error, Result};
 use crate::model::{check_finite, Model};

@@ -1,12 +1,20 @@
-//! Running an edit spec: key statistics, then per rewrite: score, compute, apply, score again;
-//! then locality on the unrelated-prompt suite. Rewrites are applied one after another.
+//! Running an edit spec: key statistics, then per rewrite (ROME, FT-L) or per batch (MEMIT,
+//! AlphaEdit): score, compute, apply, score again; then locality on the unrelated-prompt
+//! suite. Rewrites and batches are applied one after another; with `sequential`, the
+//! efficacy of every earlier rewrite is measured again after each batch (retention).
 
-use super::rome::{self, RomeTrace};
+use super::alphaedit::AlphaEdit;
+use super::batch::{self, BatchTrace};
+use super::memit::Memit;
+use super::rome;
 use super::spec::{continuation, EditSpec, Method, Rewrite};
 use super::stats::{self, KeyStats, StatsSpec};
+use super::vsearch::{Request, SearchTrace};
 use super::{apply, ft, Applied, WeightDelta};
 use crate::error::{Error, Result};
-use crate::eval::metrics::{locality, run_suite, score_rewrite, Locality, RewriteScores, Suite};
+use crate::eval::metrics::{
+    efficacy, locality, run_suite, score_rewrite, Locality, RewriteScores, Suite,
+};
 use crate::model::Model;
 use std::time::Instant;
 
@@ -18,13 +26,31 @@ pub struct RewriteReport {
     pub target_new: String,
     pub target_true: Option<String>,
     pub pre: RewriteScores,
+    /// Right after its own edit (ROME, FT-L) or its own batch (MEMIT, AlphaEdit).
     pub post: RewriteScores,
     /// After saving in the input's quantized format and reloading (GGUF inputs).
     pub requantized: Option<RewriteScores>,
+    /// The edited layer (the last of the range for MEMIT and AlphaEdit).
     pub layer: usize,
+    /// Edit time (a batch's time divided among its rewrites).
     pub edit_seconds: f64,
+    /// |ΔW| of the rewrite's own update (of its batch's, summed over layers, when batched).
     pub delta_norm: f64,
-    pub rome: Option<RomeTrace>,
+    /// The v* (ROME) or z (MEMIT, AlphaEdit) search.
+    pub search: Option<SearchTrace>,
+    /// Which batch it was edited in.
+    pub batch: usize,
+}
+
+/// Efficacy of the rewrites made so far, after a batch.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RetentionPoint {
+    /// Rewrites applied so far.
+    pub edits: usize,
+    /// ES over all rewrites so far.
+    pub es_all: f64,
+    /// ES over the rewrites of earlier batches (`None` after the first).
+    pub es_earlier: Option<f64>,
 }
 
 /// The whole edit.
@@ -36,17 +62,23 @@ pub struct EditReport {
     pub locality: Option<Locality>,
     pub stats: Option<String>,
     pub edit_seconds_mean: f64,
+    /// Per batch (MEMIT, AlphaEdit): the z searches and each layer's residual and update norms.
+    pub batches: Vec<BatchTrace>,
+    /// After each batch, when the spec is sequential.
+    pub retention: Vec<RetentionPoint>,
     pub base_fingerprint: String,
     pub edited_fingerprint: String,
 }
 
-/// Computes edits, reusing key statistics and context prefixes across rewrites.
+/// Computes edits, reusing key statistics and context prefixes across rewrites and batches
+/// (and AlphaEdit's accumulated keys of earlier batches).
 pub struct Editor {
     pub method: Method,
     pub base_fingerprint: String,
-    stats: Option<KeyStats>,
+    stats: Vec<KeyStats>,
     chol: Option<super::linalg::Cholesky>,
     prefixes: Option<Vec<String>>,
+    alpha: Option<AlphaEdit>,
 }
 
 impl Editor {
@@ -54,15 +86,16 @@ impl Editor {
         Ok(Editor {
             method,
             base_fingerprint: model.fingerprint()?,
-            stats: None,
+            stats: Vec::new(),
             chol: None,
             prefixes: None,
+            alpha: None,
         })
     }
 
     /// The layer to edit: the spec's, else the error tells how to choose one.
     pub fn layer(&self) -> Result<usize> {
-        self.method.layer().ok_or_else(|| {
+        self.method.layers().last().copied().ok_or_else(|| {
             Error::invalid(
                 "method.layer",
                 "no layer given; run `engram locate` and put its suggested layer in the spec",
@@ -70,69 +103,179 @@ impl Editor {
         })
     }
 
-    /// Prepare what the method needs once (key statistics, context prefixes).
+    /// Prepare what the method needs once (key statistics, context prefixes, null spaces).
     pub fn prepare(&mut self, model: &Model, progress: &mut dyn FnMut(usize, usize)) -> Result<()> {
-        let layer = self.layer()?;
-        model.config.check_layer(layer)?;
-        if let Method::Rome(p) = &self.method {
-            if self.stats.is_none() {
-                let spec = StatsSpec {
-                    layer,
-                    samples: p.stats_samples,
-                    seq_len: p.stats_seq_len,
-                    seed: p.seed,
-                    ..Default::default()
-                };
-                let s = stats::load_or_compute(model, &self.base_fingerprint, &spec, progress)?;
-                self.chol = Some(s.cholesky()?); // factored once, reused by every rewrite
-                self.stats = Some(s);
+        self.layer()?;
+        let layers = self.method.layers();
+        for &l in &layers {
+            model.config.check_layer(l)?;
+        }
+        let (samples, seq_len, seed, ctx) = match &self.method {
+            Method::Rome(p) => (
+                p.stats_samples,
+                p.stats_seq_len,
+                p.seed,
+                &p.context_templates,
+            ),
+            Method::Memit(p) => (
+                p.stats_samples,
+                p.stats_seq_len,
+                p.seed,
+                &p.context_templates,
+            ),
+            Method::Alphaedit(p) => (
+                p.stats_samples,
+                p.stats_seq_len,
+                p.seed,
+                &p.context_templates,
+            ),
+            Method::Ft(_) => return Ok(()),
+        };
+        if self.stats.is_empty() {
+            let spec = StatsSpec {
+                samples,
+                seq_len,
+                seed,
+                ..Default::default()
+            };
+            self.stats = stats::load_or_compute_layers(
+                model,
+                &self.base_fingerprint,
+                &spec,
+                &layers,
+                progress,
+            )?;
+            match &self.method {
+                // Factored once, reused by every rewrite.
+                Method::Rome(_) => self.chol = Some(self.stats[0].cholesky()?),
+                Method::Alphaedit(p) => self.alpha = Some(AlphaEdit::new(&self.stats, p)?),
+                _ => {}
             }
-            if self.prefixes.is_none() {
-                self.prefixes = Some(rome::context_prefixes(model, &p.context_templates, p.seed)?);
-            }
+        }
+        if self.prefixes.is_none() {
+            self.prefixes = Some(rome::context_prefixes(model, ctx, seed)?);
         }
         Ok(())
     }
 
     pub fn stats_description(&self) -> Option<String> {
-        self.stats.as_ref().map(stats::describe)
+        match self.stats.as_slice() {
+            [] => None,
+            [s] => Some(stats::describe(s)),
+            all => Some(format!(
+                "layers {:?}: {}",
+                all.iter().map(|s| s.layer).collect::<Vec<_>>(),
+                stats::describe(&all[0])
+            )),
+        }
     }
 
-    /// Compute the delta for one rewrite (the model is not changed).
+    /// AlphaEdit's null spaces, one per edited layer.
+    pub fn null_spaces(&self) -> Option<&[super::alphaedit::NullSpace]> {
+        self.alpha.as_ref().map(|a| a.spaces.as_slice())
+    }
+
+    /// AlphaEdit's null-space dimensions per layer.
+    pub fn null_space_dims(&self) -> Option<Vec<(usize, usize)>> {
+        self.alpha
+            .as_ref()
+            .map(|a| a.spaces.iter().map(|s| (s.layer, s.dim)).collect())
+    }
+
+    /// Compute the delta for one rewrite (ROME, FT-L; the model is not changed).
     pub fn compute(
         &mut self,
         model: &Model,
         r: &Rewrite,
-    ) -> Result<(WeightDelta, Option<RomeTrace>)> {
+    ) -> Result<(WeightDelta, Option<SearchTrace>)> {
         self.prepare(model, &mut |_, _| {})?;
         let layer = self.layer()?;
         let target = continuation(&r.target_new);
         match &self.method {
             Method::Rome(p) => {
-                let req = rome::Request {
+                let req = Request {
                     prompt: &r.prompt,
                     subject: &r.subject,
                     target: &target,
                 };
-                let stats = self
-                    .stats
-                    .as_ref()
-                    .ok_or_else(|| Error::invalid("rome", "statistics missing"))?;
                 let chol = self
                     .chol
                     .as_ref()
                     .ok_or_else(|| Error::invalid("rome", "statistics missing"))?;
                 let prefixes = self.prefixes.as_deref().unwrap_or(&[]);
-                let (d, t) = rome::compute(model, &req, p, stats, chol, prefixes)?;
+                let (d, t) = rome::compute(model, &req, p, &self.stats[0], chol, prefixes)?;
                 Ok((d, Some(t)))
             }
             Method::Ft(p) => Ok((ft::compute(model, layer, &r.prompt, &target, p)?, None)),
+            Method::Memit(_) | Method::Alphaedit(_) => Err(Error::invalid(
+                "method",
+                "MEMIT and AlphaEdit edit batches: use compute_batch",
+            )),
+        }
+    }
+
+    /// Compute the deltas (one per edited layer) for a batch of rewrites (MEMIT, AlphaEdit).
+    /// The model is restored before returning; AlphaEdit remembers the batch's keys.
+    pub fn compute_batch(
+        &mut self,
+        model: &mut Model,
+        rs: &[Rewrite],
+    ) -> Result<(Vec<WeightDelta>, BatchTrace)> {
+        self.prepare(model, &mut |_, _| {})?;
+        let targets: Vec<String> = rs.iter().map(|r| continuation(&r.target_new)).collect();
+        let reqs: Vec<Request<'_>> = rs
+            .iter()
+            .zip(&targets)
+            .map(|(r, t)| Request {
+                prompt: &r.prompt,
+                subject: &r.subject,
+                target: t,
+            })
+            .collect();
+        let prefixes = self.prefixes.clone().unwrap_or_default();
+        match &self.method {
+            Method::Memit(p) => {
+                let mut solver = Memit {
+                    stats: &self.stats,
+                    lambda: p.mom2_update_weight,
+                };
+                let search = p.search();
+                batch::compute(
+                    model,
+                    &reqs,
+                    &p.layers,
+                    &prefixes,
+                    &search,
+                    p.search_chunk,
+                    &mut solver,
+                )
+            }
+            Method::Alphaedit(p) => {
+                let solver = self
+                    .alpha
+                    .as_mut()
+                    .ok_or_else(|| Error::invalid("alphaedit", "null spaces missing"))?;
+                batch::compute(
+                    model,
+                    &reqs,
+                    &p.layers,
+                    &prefixes,
+                    &p.search(),
+                    p.search_chunk,
+                    solver,
+                )
+            }
+            _ => Err(Error::invalid(
+                "method",
+                "ROME and FT-L edit one rewrite at a time: use compute",
+            )),
         }
     }
 }
 
-/// Apply every rewrite of a spec to `model`, one after another, measuring each before and
-/// after; then locality on `suite`. Returns the report, the deltas and what they replaced.
+/// Apply every rewrite of a spec to `model`, one after another (or batch after batch),
+/// measuring each before and after; then locality on `suite`. Returns the report, the deltas
+/// and what they replaced.
 pub fn run_spec(
     model: &mut Model,
     spec: &EditSpec,
@@ -145,34 +288,72 @@ pub fn run_spec(
         None => None,
     };
     progress("key statistics");
-    editor.prepare(model, &mut |done, total| {
-        let _ = (done, total);
-    })?;
+    editor.prepare(model, &mut |_, _| {})?;
+    let batch_size = match (&spec.sequential, spec.method.is_batched()) {
+        (_, false) => 1,
+        (Some(s), true) => s.batch_size,
+        (None, true) => spec.rewrites.len(),
+    };
     let mut reports = Vec::new();
     let mut deltas = Vec::new();
     let mut applied = Vec::new();
-    for r in &spec.rewrites {
-        progress(&format!("rewrite: {} -> {}", r.prompt, r.target_new));
-        let pre = score_rewrite(model, r)?;
-        let t0 = Instant::now();
-        let (d, trace) = editor.compute(model, r)?;
-        let secs = t0.elapsed().as_secs_f64();
-        applied.push(apply(model, &d)?);
-        let post = score_rewrite(model, r)?;
-        reports.push(RewriteReport {
-            prompt: r.prompt.clone(),
-            subject: r.subject.clone(),
-            target_new: r.target_new.clone(),
-            target_true: r.target_true.clone(),
-            pre,
-            post,
-            requantized: None,
-            layer: d.layer,
-            edit_seconds: secs,
-            delta_norm: d.norm()?,
-            rome: trace,
+    let mut batches = Vec::new();
+    let mut retention = Vec::new();
+    for (b, chunk) in spec.rewrites.chunks(batch_size).enumerate() {
+        progress(&match chunk {
+            [r] => format!("rewrite: {} -> {}", r.prompt, r.target_new),
+            _ => format!("batch {b}: {} rewrites", chunk.len()),
         });
-        deltas.push(d);
+        let pre = chunk
+            .iter()
+            .map(|r| score_rewrite(model, r))
+            .collect::<Result<Vec<_>>>()?;
+        let t0 = Instant::now();
+        let (ds, traces): (Vec<WeightDelta>, Vec<Option<SearchTrace>>) = if spec.method.is_batched()
+        {
+            let (ds, bt) = editor.compute_batch(model, chunk)?;
+            let traces = bt.searches.iter().cloned().map(Some).collect();
+            batches.push(bt);
+            (ds, traces)
+        } else {
+            let (d, t) = editor.compute(model, &chunk[0])?;
+            (vec![d], vec![t])
+        };
+        let secs = t0.elapsed().as_secs_f64() / chunk.len() as f64;
+        let mut norm = 0.0;
+        for d in &ds {
+            applied.push(apply(model, d)?);
+            norm += d.norm()?;
+        }
+        let layer = ds.last().map(|d| d.layer).unwrap_or(0);
+        for ((r, pre), search) in chunk.iter().zip(pre).zip(traces) {
+            reports.push(RewriteReport {
+                prompt: r.prompt.clone(),
+                subject: r.subject.clone(),
+                target_new: r.target_new.clone(),
+                target_true: r.target_true.clone(),
+                pre,
+                post: score_rewrite(model, r)?,
+                requantized: None,
+                layer,
+                edit_seconds: secs,
+                delta_norm: norm,
+                search,
+                batch: b,
+            });
+        }
+        deltas.extend(ds);
+        if spec.sequential.is_some() {
+            let done = reports.len();
+            let es = efficacy(model, &spec.rewrites[..done])?;
+            let earlier = done - chunk.len();
+            let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+            retention.push(RetentionPoint {
+                edits: done,
+                es_all: mean(&es),
+                es_earlier: (earlier > 0).then(|| mean(&es[..earlier])),
+            });
+        }
     }
     let loc = match (suite, &base_run) {
         (Some(s), Some(b)) => {
@@ -189,6 +370,8 @@ pub fn run_spec(
         rewrites: reports,
         locality: loc,
         stats: editor.stats_description(),
+        batches,
+        retention,
         base_fingerprint: editor.base_fingerprint.clone(),
         edited_fingerprint: model.fingerprint()?,
     };

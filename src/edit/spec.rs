@@ -2,12 +2,14 @@
 //! requested rewrites. Unknown keys are errors; every error names the file and the line and
 //! column (parse errors) or the field path (`rewrites[0].subject`).
 
+use super::alphaedit::AlphaEditParams;
 use super::ft::FtParams;
+use super::memit::MemitParams;
 use super::rome::RomeParams;
 use crate::error::{Error, Result};
 use std::path::Path;
 
-/// The editing method and its hyper-parameters (`method: rome` or `method: ft`).
+/// The editing method and its hyper-parameters (`method: rome`, `ft`, `memit` or `alphaedit`).
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(tag = "method", rename_all = "lowercase")]
 pub enum Method {
@@ -15,6 +17,10 @@ pub enum Method {
     Rome(RomeParams),
     /// Fine-tuning of the same matrix under an L-infinity constraint (FT-L, ROME paper 4.2).
     Ft(FtParams),
+    /// Mass editing over a range of layers (Meng et al. 2023).
+    Memit(MemitParams),
+    /// MEMIT with null-space projected updates (Fang et al. 2025).
+    Alphaedit(AlphaEditParams),
 }
 
 impl Method {
@@ -22,15 +28,65 @@ impl Method {
         match self {
             Method::Rome(_) => "rome",
             Method::Ft(_) => "ft",
+            Method::Memit(_) => "memit",
+            Method::Alphaedit(_) => "alphaedit",
         }
     }
 
+    /// The single edited layer of ROME and FT-L (`None` for the batched methods, or when the
+    /// spec gives none).
     pub fn layer(&self) -> Option<usize> {
         match self {
             Method::Rome(p) => p.layer,
             Method::Ft(p) => p.layer,
+            Method::Memit(_) | Method::Alphaedit(_) => None,
         }
     }
+
+    /// Every edited layer.
+    pub fn layers(&self) -> Vec<usize> {
+        match self {
+            Method::Memit(p) => p.layers.clone(),
+            Method::Alphaedit(p) => p.layers.clone(),
+            _ => self.layer().into_iter().collect(),
+        }
+    }
+
+    /// Set the edited layer(s) (`--layer`).
+    pub fn set_layers(&mut self, layers: Vec<usize>) {
+        match self {
+            Method::Rome(p) => p.layer = layers.last().copied(),
+            Method::Ft(p) => p.layer = layers.last().copied(),
+            Method::Memit(p) => p.layers = layers,
+            Method::Alphaedit(p) => p.layers = layers,
+        }
+    }
+
+    /// Whether the method edits a batch of rewrites at once (MEMIT, AlphaEdit).
+    pub fn is_batched(&self) -> bool {
+        matches!(self, Method::Memit(_) | Method::Alphaedit(_))
+    }
+
+    /// The method with default hyper-parameters, by name.
+    ///
+    /// # Errors
+    /// An unknown name.
+    pub fn by_name(name: &str) -> Result<Method> {
+        serde_yaml::from_str(&format!("{{method: {name}}}")).map_err(|_| {
+            Error::invalid(
+                "--method",
+                format!("unknown method `{name}`; allowed: rome, ft, memit, alphaedit"),
+            )
+        })
+    }
+}
+
+/// Sequential editing: batches applied one after another to the same model.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sequential {
+    /// Rewrites per batch (ROME and FT-L edit one at a time whatever this says).
+    pub batch_size: usize,
 }
 
 /// A neighbourhood prompt: about another subject, whose answer must not move.
@@ -69,6 +125,10 @@ pub struct EditSpec {
     #[serde(default)]
     pub model: Option<String>,
     pub method: Method,
+    /// Apply the rewrites in batches, one batch after another, tracking the efficacy of the
+    /// earlier ones. Without it, MEMIT and AlphaEdit edit all rewrites as one batch.
+    #[serde(default)]
+    pub sequential: Option<Sequential>,
     pub rewrites: Vec<Rewrite>,
 }
 
@@ -132,6 +192,23 @@ impl EditSpec {
             path: path.into(),
             message: format!("{field}: {message}"),
         };
+        if self
+            .sequential
+            .as_ref()
+            .map(|s| s.batch_size == 0)
+            .unwrap_or(false)
+        {
+            return Err(bad(
+                "sequential.batch_size".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if self.method.is_batched() && self.method.layers().is_empty() {
+            return Err(bad(
+                "method.layers".into(),
+                "at least one layer is needed".into(),
+            ));
+        }
         if self.rewrites.is_empty() {
             return Err(bad(
                 "rewrites".into(),
@@ -185,11 +262,19 @@ impl EditSpec {
 
     /// Check against a model: the layer in range.
     pub fn check_model(&self, path: &Path, n_layers: usize) -> Result<()> {
-        if let Some(l) = self.method.layer() {
+        let field = if self.method.is_batched() {
+            "method.layers"
+        } else {
+            "method.layer"
+        };
+        for l in self.method.layers() {
             if l >= n_layers {
                 return Err(Error::Spec {
                     path: path.into(),
-                    message: format!("method.layer: {l} is out of range: the model has {n_layers} layers (0..={})", n_layers - 1),
+                    message: format!(
+                        "{field}: {l} is out of range: the model has {n_layers} layers (0..={})",
+                        n_layers - 1
+                    ),
                 });
             }
         }

@@ -86,35 +86,88 @@ pub fn load_or_compute(
     spec: &StatsSpec,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<KeyStats> {
-    model.config.check_layer(spec.layer)?;
-    let path = cache_path(base_fingerprint, spec)?;
-    if path.exists() {
-        let t = candle_core::safetensors::load(&path, &model.device)
-            .map_err(|e| Error::bad_checkpoint(&path, e))?;
-        if let (Some(m), Some(c)) = (t.get("mom2"), t.get("count")) {
-            let count = c.to_dtype(DType::F64)?.to_vec1::<f64>()?[0] as usize;
-            return Ok(KeyStats {
-                layer: spec.layer,
-                mom2: m.clone(),
-                count,
-                cache_path: Some(path),
-            });
+    load_or_compute_layers(model, base_fingerprint, spec, &[spec.layer], progress)?
+        .pop()
+        .ok_or_else(|| Error::invalid("stats", "nothing computed"))
+}
+
+/// [`load_or_compute`] for several layers (`spec.layer` is ignored): the layers missing from
+/// the cache share one pass over the corpus (one sampling run, one forward per chunk up to
+/// the highest of them), which is what makes MEMIT's range of layers affordable.
+pub fn load_or_compute_layers(
+    model: &Model,
+    base_fingerprint: &str,
+    spec: &StatsSpec,
+    layers: &[usize],
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<KeyStats>> {
+    let mut found: Vec<Option<KeyStats>> = Vec::with_capacity(layers.len());
+    let mut missing = Vec::new();
+    for &l in layers {
+        model.config.check_layer(l)?;
+        let spec_l = StatsSpec {
+            layer: l,
+            ..spec.clone()
+        };
+        let path = cache_path(base_fingerprint, &spec_l)?;
+        let cached = if path.exists() {
+            let t = candle_core::safetensors::load(&path, &model.device)
+                .map_err(|e| Error::bad_checkpoint(&path, e))?;
+            match (t.get("mom2"), t.get("count")) {
+                (Some(m), Some(c)) => Some(KeyStats {
+                    layer: l,
+                    mom2: m.clone(),
+                    count: c.to_dtype(DType::F64)?.to_vec1::<f64>()?[0] as usize,
+                    cache_path: Some(path),
+                }),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        if cached.is_none() && !missing.contains(&l) {
+            missing.push(l);
         }
+        found.push(cached);
     }
-    let mut s = compute(model, spec, progress)?;
-    let mut map = HashMap::new();
-    map.insert("mom2".to_string(), s.mom2.clone());
-    map.insert(
-        "count".to_string(),
-        Tensor::new(&[s.count as f64], &model.device)?,
-    );
-    crate::model::save::write_atomic(&path, |w| {
-        let bytes = safetensors_bytes(&map)?;
-        use std::io::Write;
-        w.write_all(&bytes).map_err(|e| Error::io(&path, e))
-    })?;
-    s.cache_path = Some(path);
-    Ok(s)
+    let mut computed = if missing.is_empty() {
+        Vec::new()
+    } else {
+        compute_layers(model, base_fingerprint, spec, &missing, progress)?
+    };
+    for s in computed.iter_mut() {
+        let path = cache_path(
+            base_fingerprint,
+            &StatsSpec {
+                layer: s.layer,
+                ..spec.clone()
+            },
+        )?;
+        let mut map = HashMap::new();
+        map.insert("mom2".to_string(), s.mom2.clone());
+        map.insert(
+            "count".to_string(),
+            Tensor::new(&[s.count as f64], &model.device)?,
+        );
+        crate::model::save::write_atomic(&path, |w| {
+            let bytes = safetensors_bytes(&map)?;
+            use std::io::Write;
+            w.write_all(&bytes).map_err(|e| Error::io(&path, e))
+        })?;
+        s.cache_path = Some(path);
+    }
+    layers
+        .iter()
+        .zip(found)
+        .map(|(&l, f)| match f {
+            Some(s) => Ok(s),
+            None => computed
+                .iter()
+                .find(|s| s.layer == l)
+                .cloned()
+                .ok_or_else(|| Error::invalid("stats", format!("layer {l} not computed"))),
+        })
+        .collect()
 }
 
 fn safetensors_bytes(map: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
@@ -137,6 +190,38 @@ fn cache_path(fp: &str, spec: &StatsSpec) -> Result<PathBuf> {
         .join("stats")
         .join(&fp[..16.min(fp.len())])
         .join(name))
+}
+
+/// [`corpus_sequences`], with self-sampled text cached beside the statistics (sampling is
+/// most of the cost; another layer then needs only a forward pass).
+fn cached_sequences(
+    model: &Model,
+    base_fingerprint: &str,
+    spec: &StatsSpec,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<Vec<u32>>> {
+    if spec.corpus != Corpus::SelfSampled {
+        return corpus_sequences(model, spec, progress);
+    }
+    let path = cache_path(base_fingerprint, spec)?.with_file_name(format!(
+        "text-self-{}x{}-seed{}.json",
+        spec.samples, spec.seq_len, spec.seed
+    ));
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        if let Ok(seqs) = serde_json::from_str::<Vec<Vec<u32>>>(&text) {
+            if seqs.len() == spec.samples {
+                progress(spec.samples, spec.samples);
+                return Ok(seqs);
+            }
+        }
+    }
+    let seqs = corpus_sequences(model, spec, progress)?;
+    let json = serde_json::to_vec(&seqs).map_err(|e| Error::invalid("stats", e.to_string()))?;
+    crate::model::save::write_atomic(&path, |w| {
+        use std::io::Write;
+        w.write_all(&json).map_err(|e| Error::io(&path, e))
+    })?;
+    Ok(seqs)
 }
 
 /// The token sequences of the corpus: `[samples][<= seq_len]`, each starting with the
@@ -198,36 +283,73 @@ pub fn corpus_sequences(
     }
 }
 
-/// Compute the statistics (no cache).
+/// Compute the statistics of one layer (no statistics cache).
 pub fn compute(
     model: &Model,
     spec: &StatsSpec,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<KeyStats> {
     let seqs = corpus_sequences(model, spec, progress)?;
+    accumulate(model, &seqs, &[spec.layer])?
+        .pop()
+        .ok_or_else(|| Error::invalid("stats", "nothing computed"))
+}
+
+fn compute_layers(
+    model: &Model,
+    base_fingerprint: &str,
+    spec: &StatsSpec,
+    layers: &[usize],
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<KeyStats>> {
+    let seqs = cached_sequences(model, base_fingerprint, spec, progress)?;
+    accumulate(model, &seqs, layers)
+}
+
+/// `E[k k^T]` at each of `layers` over the sequences, in one forward per chunk.
+fn accumulate(model: &Model, seqs: &[Vec<u32>], layers: &[usize]) -> Result<Vec<KeyStats>> {
     let d = model.config.d_mlp;
-    let mut acc = Tensor::zeros((d, d), DType::F64, &model.device)?;
+    let top = layers.iter().copied().max().unwrap_or(0);
+    let mut acc = layers
+        .iter()
+        .map(|_| Tensor::zeros((d, d), DType::F64, &model.device))
+        .collect::<candle_core::Result<Vec<_>>>()?;
     let mut count = 0usize;
     for chunk in seqs.chunks(16) {
         let batch = Batch::padded(chunk, PadSide::Right, 0);
         let mut tr = Trace::new();
-        tr.stop_after(HookPoint::MlpKey(spec.layer));
-        let keys = model.forward(&batch, &mut tr)?; // (b, t, d_mlp): layers above L never run
-        let mut rows = Vec::new();
-        for (r, s) in chunk.iter().enumerate() {
-            rows.push(keys.get(r)?.narrow(0, 0, s.len())?);
+        for &l in layers {
+            tr.capture(HookPoint::MlpKey(l));
         }
-        let k = Tensor::cat(&rows, 0)?.to_dtype(DType::F64)?; // (n_keys, d_mlp)
-        count += k.dim(0)?;
-        acc = (acc + k.t()?.matmul(&k)?)?; // accumulate in f64
+        tr.stop_after(HookPoint::MlpKey(top)); // layers above the highest never run
+        let last = model.forward(&batch, &mut tr)?; // (b, t, d_mlp) at `top`
+        let n_keys: usize = chunk.iter().map(Vec::len).sum();
+        for (i, &l) in layers.iter().enumerate() {
+            let keys = match tr.take(HookPoint::MlpKey(l)) {
+                Some(k) => k,
+                None => last.clone(),
+            };
+            let mut rows = Vec::new();
+            for (r, s) in chunk.iter().enumerate() {
+                rows.push(keys.get(r)?.narrow(0, 0, s.len())?);
+            }
+            let k = Tensor::cat(&rows, 0)?.to_dtype(DType::F64)?; // (n_keys, d_mlp)
+            acc[i] = (&acc[i] + k.t()?.matmul(&k)?)?; // accumulate in f64
+        }
+        count += n_keys;
     }
-    let mom2 = (acc / count as f64)?;
-    Ok(KeyStats {
-        layer: spec.layer,
-        mom2,
-        count,
-        cache_path: None,
-    })
+    layers
+        .iter()
+        .zip(acc)
+        .map(|(&l, a)| {
+            Ok(KeyStats {
+                layer: l,
+                mom2: (a / count as f64)?,
+                count,
+                cache_path: None,
+            })
+        })
+        .collect()
 }
 
 /// Path helper for callers that report where the statistics live.

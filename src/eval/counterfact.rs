@@ -6,10 +6,10 @@
 //! rephrase_prompt, locality_prompt, locality_ground_truth), or ROME's original
 //! `counterfact.json` (requested_rewrite, paraphrase_prompts, neighborhood_prompts).
 
-use super::metrics::{harmonic_mean, mean_ci95, score_rewrite, RewriteScores};
-use crate::edit::run::Editor;
+use super::metrics::{efficacy, fluency, harmonic_mean, mean_ci95, score_rewrite, RewriteScores};
+use crate::edit::run::{Editor, RetentionPoint};
 use crate::edit::spec::{Method, Neighbor, Rewrite};
-use crate::edit::{apply, revert};
+use crate::edit::{apply, revert, Applied};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use serde_json::Value;
@@ -227,12 +227,14 @@ pub fn summarise(rows: &[CaseRow], method: &str) -> Summary {
     }
 }
 
-/// Run the benchmark. Rows already in `resume` (by case id) are kept and skipped; new rows
-/// are appended to it as they finish. `progress` is called after each case.
+/// Run the benchmark, every case (or batch of `batch_size` cases, for MEMIT and AlphaEdit)
+/// edited from the unedited model. Rows already in `resume` (by case id) are kept and
+/// skipped; new rows are appended to it as they finish. `progress` is called after each case.
 pub fn run(
     model: &mut Model,
     method: Method,
     cases: &[Case],
+    batch_size: usize,
     resume: Option<&Path>,
     progress: &mut dyn FnMut(&CaseRow),
 ) -> Result<Vec<CaseRow>> {
@@ -264,48 +266,193 @@ pub fn run(
     };
     let mut editor = Editor::new(model, method)?;
     editor.prepare(model, &mut |_, _| {})?;
-    for c in cases.iter().filter(|c| !done.contains(&c.case_id)) {
-        let t0 = Instant::now();
-        let pre = score_rewrite(model, &c.rewrite)?;
-        let mut eval_s = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
-        let row = match editor.compute(model, &c.rewrite) {
-            Ok((d, _)) => {
-                let edit_s = t1.elapsed().as_secs_f64();
-                let a = apply(model, &d)?;
-                let t2 = Instant::now();
-                let post = score_rewrite(model, &c.rewrite);
-                eval_s += t2.elapsed().as_secs_f64();
-                revert(model, &[a])?; // every case starts from the unedited model
-                let post = post?;
-                CaseRow {
-                    case_id: c.case_id,
-                    pre: (&pre).into(),
-                    post: (&post).into(),
-                    edit_seconds: edit_s,
-                    eval_seconds: eval_s,
-                    error: None,
-                }
+    let todo: Vec<&Case> = cases
+        .iter()
+        .filter(|c| !done.contains(&c.case_id))
+        .collect();
+    for chunk in todo.chunks(if editor.method.is_batched() {
+        batch_size.max(1)
+    } else {
+        1
+    }) {
+        for row in edit_and_score(model, &mut editor, chunk)? {
+            if let Some(f) = out.as_mut() {
+                let line = serde_json::to_string(&row)
+                    .map_err(|e| Error::invalid("resume", e.to_string()))?;
+                writeln!(f, "{line}")
+                    .map_err(|e| Error::io(resume.unwrap_or(Path::new("-")), e))?;
             }
-            Err(e) if e.is_bad_input() => CaseRow {
-                case_id: c.case_id,
-                pre: (&pre).into(),
-                post: Scores::default(),
-                edit_seconds: 0.0,
-                eval_seconds: eval_s,
-                error: Some(e.to_string()),
-            },
-            Err(e) => return Err(e),
-        };
-        if let Some(f) = out.as_mut() {
-            let line =
-                serde_json::to_string(&row).map_err(|e| Error::invalid("resume", e.to_string()))?;
-            writeln!(f, "{line}").map_err(|e| Error::io(resume.unwrap_or(Path::new("-")), e))?;
+            progress(&row);
+            rows.push(row);
         }
-        progress(&row);
-        rows.push(row);
     }
     Ok(rows)
+}
+
+/// Edit one case (ROME, FT-L) or one batch (MEMIT, AlphaEdit) from the current model, score
+/// the cases, and revert.
+fn edit_and_score(model: &mut Model, editor: &mut Editor, chunk: &[&Case]) -> Result<Vec<CaseRow>> {
+    let t0 = Instant::now();
+    let pre = chunk
+        .iter()
+        .map(|c| score_rewrite(model, &c.rewrite))
+        .collect::<Result<Vec<_>>>()?;
+    let pre_s = t0.elapsed().as_secs_f64() / chunk.len() as f64;
+    let t1 = Instant::now();
+    let computed = if editor.method.is_batched() {
+        let rs: Vec<_> = chunk.iter().map(|c| c.rewrite.clone()).collect();
+        editor.compute_batch(model, &rs).map(|(d, _)| d)
+    } else {
+        editor
+            .compute(model, &chunk[0].rewrite)
+            .map(|(d, _)| vec![d])
+    };
+    let deltas = match computed {
+        Ok(d) => d,
+        Err(e) if e.is_bad_input() => {
+            return Ok(chunk
+                .iter()
+                .zip(pre)
+                .map(|(c, p)| CaseRow {
+                    case_id: c.case_id,
+                    pre: (&p).into(),
+                    post: Scores::default(),
+                    edit_seconds: 0.0,
+                    eval_seconds: pre_s,
+                    error: Some(e.to_string()),
+                })
+                .collect())
+        }
+        Err(e) => return Err(e),
+    };
+    let edit_s = t1.elapsed().as_secs_f64() / chunk.len() as f64;
+    let mut applied: Vec<Applied> = Vec::new();
+    for d in &deltas {
+        applied.push(apply(model, d)?);
+    }
+    let t2 = Instant::now();
+    let post = chunk
+        .iter()
+        .map(|c| score_rewrite(model, &c.rewrite))
+        .collect::<Result<Vec<_>>>();
+    let post_s = t2.elapsed().as_secs_f64() / chunk.len() as f64;
+    revert(model, &applied)?; // every case (batch) starts from the unedited model
+    Ok(chunk
+        .iter()
+        .zip(pre)
+        .zip(post?)
+        .map(|((c, p), q)| CaseRow {
+            case_id: c.case_id,
+            pre: (&p).into(),
+            post: (&q).into(),
+            edit_seconds: edit_s,
+            eval_seconds: pre_s + post_s,
+            error: None,
+        })
+        .collect())
+}
+
+/// A sequential run's results.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SequentialRun {
+    /// Per case: before any edit, and on the final model after all batches.
+    pub rows: Vec<CaseRow>,
+    /// After each batch: ES of all edits so far and of the earlier batches.
+    pub retention: Vec<RetentionPoint>,
+    /// ROME's weighted n-gram entropy of greedy generations from the first 20 case prompts,
+    /// before and after all edits.
+    pub fluency_before: f64,
+    pub fluency_after: f64,
+    pub seconds_total: f64,
+    /// Wall time of each batch's edit computation.
+    pub batch_seconds: Vec<f64>,
+}
+
+/// Sequential editing: batches of `batch_size` cases applied one after another to the same
+/// model (ROME and FT-L: one case at a time, retention still measured per batch). The model
+/// is left edited. `progress(done, total)` after each batch.
+///
+/// # Errors
+/// As the methods; a bad case (e.g. subject not in prompt) fails the run, since later
+/// batches depend on it.
+pub fn run_sequential(
+    model: &mut Model,
+    method: Method,
+    cases: &[Case],
+    batch_size: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<SequentialRun> {
+    let t_all = Instant::now();
+    let mut editor = Editor::new(model, method)?;
+    editor.prepare(model, &mut |_, _| {})?;
+    let rewrites: Vec<Rewrite> = cases.iter().map(|c| c.rewrite.clone()).collect();
+    let flu_prompts: Vec<String> = rewrites.iter().take(20).map(|r| r.prompt.clone()).collect();
+    let fluency_before = fluency(model, &flu_prompts)?;
+    let pre = rewrites
+        .iter()
+        .map(|r| score_rewrite(model, r))
+        .collect::<Result<Vec<_>>>()?;
+    let mut edit_s = vec![0.0; cases.len()];
+    let mut retention = Vec::new();
+    let mut batch_seconds = Vec::new();
+    let bs = batch_size.max(1);
+    for (b, chunk) in rewrites.chunks(bs).enumerate() {
+        let t0 = Instant::now();
+        if editor.method.is_batched() {
+            let (ds, _) = editor.compute_batch(model, chunk)?;
+            for d in &ds {
+                apply(model, d)?;
+            }
+        } else {
+            for r in chunk {
+                let (d, _) = editor.compute(model, r)?;
+                apply(model, &d)?;
+            }
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        batch_seconds.push(secs);
+        let done = b * bs + chunk.len();
+        for e in &mut edit_s[b * bs..done] {
+            *e = secs / chunk.len() as f64;
+        }
+        let es = efficacy(model, &rewrites[..done])?;
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let earlier = b * bs;
+        retention.push(RetentionPoint {
+            edits: done,
+            es_all: mean(&es),
+            es_earlier: (earlier > 0).then(|| mean(&es[..earlier])),
+        });
+        progress(done, rewrites.len());
+    }
+    let t_eval = Instant::now();
+    let post = rewrites
+        .iter()
+        .map(|r| score_rewrite(model, r))
+        .collect::<Result<Vec<_>>>()?;
+    let eval_s = t_eval.elapsed().as_secs_f64() / cases.len().max(1) as f64;
+    let fluency_after = fluency(model, &flu_prompts)?;
+    let rows = cases
+        .iter()
+        .zip(pre.iter().zip(&post))
+        .zip(edit_s)
+        .map(|((c, (p, q)), e)| CaseRow {
+            case_id: c.case_id,
+            pre: p.into(),
+            post: q.into(),
+            edit_seconds: e,
+            eval_seconds: eval_s,
+            error: None,
+        })
+        .collect();
+    Ok(SequentialRun {
+        rows,
+        retention,
+        fluency_before,
+        fluency_after,
+        seconds_total: t_all.elapsed().as_secs_f64(),
+        batch_seconds,
+    })
 }
 
 #[cfg(test)]

@@ -88,6 +88,66 @@ pub fn score_rewrite(model: &Model, r: &Rewrite) -> Result<RewriteScores> {
 
 /// For consecutive pairs (a, b) of mean log-probs: the fraction with a > b, and the mean of
 /// exp(a) - exp(b).
+/// Efficacy success of many rewrites at once (1 where P(new) > P(true) on the edit prompt,
+/// as [`score_rewrite`]'s `es`; 0 without a true target), scored 64 prompts per forward pass.
+pub fn efficacy(model: &Model, rs: &[Rewrite]) -> Result<Vec<f64>> {
+    let mut out = Vec::with_capacity(rs.len());
+    for chunk in rs.chunks(32) {
+        let pairs: Vec<(String, String, String)> = chunk
+            .iter()
+            .map(|r| {
+                (
+                    r.prompt.clone(),
+                    continuation(&r.target_new),
+                    r.target_true
+                        .as_deref()
+                        .map(continuation)
+                        .unwrap_or_default(),
+                )
+            })
+            .collect();
+        let with_truth: Vec<&(String, String, String)> =
+            pairs.iter().filter(|p| !p.2.is_empty()).collect();
+        let mut refs: Vec<(&str, &str)> = Vec::new();
+        for (p, n, t) in &with_truth {
+            refs.push((p, n));
+            refs.push((p, t));
+        }
+        let lp = target_logprobs(model, &refs)?;
+        let mut k = 0;
+        for p in &pairs {
+            if p.2.is_empty() {
+                out.push(0.0);
+            } else {
+                out.push((lp[k].mean_logprob > lp[k + 1].mean_logprob) as u8 as f64);
+                k += 2;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Fluency as ROME measures it: the mean weighted n-gram entropy ([`ngram_entropy`]) of
+/// 40-token greedy generations from `prompts`.
+pub fn fluency(model: &Model, prompts: &[String]) -> Result<f64> {
+    let tok = model.tok()?;
+    let ids = prompts
+        .iter()
+        .map(|p| tok.encode(p))
+        .collect::<Result<Vec<_>>>()?;
+    let gp = crate::model::generate::GenParams {
+        max_new_tokens: 40,
+        stop_at_eos: false,
+        ..Default::default()
+    };
+    let outs = crate::model::generate::generate(model, &ids, &gp)?;
+    let mut tot = 0.0;
+    for o in &outs {
+        tot += ngram_entropy(&tok.decode(o)?);
+    }
+    Ok(tot / outs.len().max(1) as f64)
+}
+
 fn pairwise(lp: &[f64]) -> (f64, f64) {
     let k = (lp.len() / 2).max(1) as f64;
     let hit = lp.chunks(2).filter(|p| p[0] > p[1]).count() as f64;

@@ -140,3 +140,99 @@ pub fn bars(title: &str, labels: &[String], values: &[f64]) -> String {
     s.push_str("</svg>\n");
     s
 }
+
+/// A line chart: one polyline with markers per named series of (x, y) points; y in [0, 1]
+/// (shown as percent), x from 0 to the largest x.
+pub fn line(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> String {
+    let (left, top, w, h) = (60.0, 40.0, 480.0, 260.0);
+    let colors = ["steelblue", "darkorange", "seagreen", "firebrick", "purple"];
+    let max_x = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|q| q.0))
+        .fold(0.0f64, f64::max)
+        .max(1.0);
+    let px = |x: f64| left + w * x / max_x;
+    let py = |y: f64| top + h * (1.0 - y.clamp(0.0, 1.0));
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" font-family="sans-serif" font-size="10">"#,
+        left + w + 160.0,
+        top + h + 50.0
+    );
+    let _ = writeln!(
+        s,
+        r#"<rect width="100%" height="100%" fill="white"/><text x="10" y="20" font-size="13">{}</text>"#,
+        esc(title)
+    );
+    for i in 0..=4 {
+        let y = i as f64 / 4.0;
+        let _ = writeln!(
+            s,
+            r##"<line x1="{left}" x2="{}" y1="{:.1}" y2="{:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{:.0}%</text>"##,
+            left + w,
+            py(y),
+            py(y),
+            left - 4.0,
+            py(y) + 3.0,
+            100.0 * y
+        );
+    }
+    let _ = writeln!(
+        s,
+        r#"<line x1="{left}" x2="{}" y1="{}" y2="{}" stroke="black"/><text x="{}" y="{}" text-anchor="middle">{}</text><text x="{left}" y="{}" text-anchor="end">0</text><text x="{}" y="{}" text-anchor="end">{max_x}</text>"#,
+        left + w,
+        top + h,
+        top + h,
+        left + w / 2.0,
+        top + h + 32.0,
+        esc(x_label),
+        top + h + 14.0,
+        left + w,
+        top + h + 14.0
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="14" y="{}" transform="rotate(-90 14 {})" text-anchor="middle">{}</text>"#,
+        top + h / 2.0,
+        top + h / 2.0,
+        esc(y_label)
+    );
+    for (k, (name, pts)) in series.iter().enumerate() {
+        let c = colors[k % colors.len()];
+        let path: Vec<String> = pts
+            .iter()
+            .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
+            .collect();
+        let _ = writeln!(
+            s,
+            r#"<polyline fill="none" stroke="{c}" stroke-width="2" points="{}"/>"#,
+            path.join(" ")
+        );
+        for &(x, y) in pts {
+            let _ = writeln!(
+                s,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{c}"><title>{x}: {:.1}%</title></circle>"#,
+                px(x),
+                py(y),
+                100.0 * y
+            );
+        }
+        let _ = writeln!(
+            s,
+            r#"<rect x="{}" y="{}" width="10" height="10" fill="{c}"/><text x="{}" y="{}">{}</text>"#,
+            left + w + 15.0,
+            top + 14.0 * k as f64,
+            left + w + 30.0,
+            top + 14.0 * k as f64 + 9.0,
+            esc(name)
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}

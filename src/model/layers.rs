@@ -119,6 +119,22 @@ impl KvCache {
         Ok(KvCache { layers })
     }
 
+    /// Keep only the rows (batch entries) in `idx` (a u32 tensor), in its order.
+    pub fn select_rows(&self, idx: &Tensor) -> Result<KvCache> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|e| match e {
+                Some((k, v)) => Ok(Some((
+                    k.contiguous()?.index_select(idx, 0)?,
+                    v.contiguous()?.index_select(idx, 0)?,
+                ))),
+                None => Ok(None),
+            })
+            .collect::<Result<_>>()?;
+        Ok(KvCache { layers })
+    }
+
     /// Keep only the first `n` positions of every layer.
     pub fn truncate(&self, n: usize) -> Result<KvCache> {
         if n == 0 {

@@ -58,9 +58,15 @@ fn counterfact_runner_on_20_records() {
     });
     let dir = tempfile::tempdir().unwrap();
     let resume = dir.path().join("rows.jsonl");
-    let rows =
-        engram::eval::counterfact::run(&mut m, method.clone(), &cases, Some(&resume), &mut |_| {})
-            .unwrap();
+    let rows = engram::eval::counterfact::run(
+        &mut m,
+        method.clone(),
+        &cases,
+        1,
+        Some(&resume),
+        &mut |_| {},
+    )
+    .unwrap();
     assert_eq!(rows.len(), 20);
     assert_eq!(
         std::fs::read_to_string(&resume).unwrap().lines().count(),
@@ -85,7 +91,8 @@ fn counterfact_runner_on_20_records() {
     );
     // Resuming skips what is done.
     let again =
-        engram::eval::counterfact::run(&mut m, method, &cases, Some(&resume), &mut |_| {}).unwrap();
+        engram::eval::counterfact::run(&mut m, method, &cases, 1, Some(&resume), &mut |_| {})
+            .unwrap();
     assert_eq!(again.len(), 20);
     assert_eq!(
         std::fs::read_to_string(&resume).unwrap().lines().count(),

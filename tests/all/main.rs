@@ -8,6 +8,7 @@ mod common;
 mod edit;
 mod eval;
 mod locate;
+mod mass_edit;
 mod model_core;
 mod parity;
 mod real_model;

@@ -1,0 +1,239 @@
+//! Mass editing over a range of layers, the procedure MEMIT (Meng et al. 2023, "Mass-Editing
+//! Memory in a Transformer", algorithm 1; reference `memit/memit_main.py`) and AlphaEdit
+//! (Fang et al. 2025) share; they differ only in how one layer's update is solved, which each
+//! method's own file provides as a [`LayerSolver`].
+//!
+//! 1. For each rewrite i, search z_i: the residual after the last edited layer L that makes the
+//!    model say the new object (`vsearch.rs`, [`Where::ResidPost`]).
+//! 2. For each edited layer l, lowest first: recompute the keys K (`[d_mlp, N]`) at l and the
+//!    current residuals h_i at L with the updates so far applied; the residual still to write
+//!    is R = (z - h) / (layers remaining), so each layer takes its share; the solver turns
+//!    (K, R) into ΔW_l, which is applied before the next layer's keys are read.
+//!
+//! The model is changed while computing (step 2 needs it) and restored before returning,
+//! also on errors.
+
+use super::vsearch::{self, Found, Request, SearchParams, SearchTrace, Where};
+use super::{apply, revert, Applied, DeltaKind, WeightDelta};
+use crate::error::{Error, Result};
+use crate::locate::subject_span_from;
+use crate::model::{Batch, HookPoint, Model, PadSide, Site, Trace};
+use candle_core::{DType, IndexOp, Tensor};
+
+/// Turns one layer's keys and residuals into its weight change.
+pub trait LayerSolver {
+    /// `i`: index of `layer` among the edited layers. `keys`: `[d_mlp, N]` f64. `resid`:
+    /// `[d_model, N]` f64. Returns ΔW `[d_model, d_mlp]` f64.
+    fn solve(&mut self, i: usize, layer: usize, keys: &Tensor, resid: &Tensor) -> Result<Tensor>;
+}
+
+/// What one batch did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BatchTrace {
+    /// Per rewrite: the z search.
+    pub searches: Vec<SearchTrace>,
+    /// Per layer: |R| (mean over rewrites) before its update and |ΔW| (Frobenius).
+    pub layers: Vec<LayerTrace>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LayerTrace {
+    pub layer: usize,
+    pub resid_norm: f64,
+    pub delta_norm: f64,
+}
+
+/// Compute the updates of `layers` (ascending) for a batch of rewrites. The model is restored
+/// before returning.
+///
+/// # Errors
+/// A subject not in its prompt, an empty target, a layer out of range, a failed solve, a
+/// non-finite result.
+pub fn compute(
+    model: &mut Model,
+    reqs: &[Request<'_>],
+    layers: &[usize],
+    prefixes: &[String],
+    search: &SearchParams,
+    chunk: usize,
+    solver: &mut dyn LayerSolver,
+) -> Result<(Vec<WeightDelta>, BatchTrace)> {
+    let z_layer = *layers
+        .iter()
+        .max()
+        .ok_or_else(|| Error::invalid("method.layers", "at least one layer is needed"))?;
+    if layers.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(Error::invalid(
+            "method.layers",
+            format!("{layers:?}: give distinct layers in ascending order"),
+        ));
+    }
+    for &l in layers {
+        model.config.check_layer(l)?;
+    }
+    let found = vsearch::search(
+        model,
+        reqs,
+        prefixes,
+        z_layer,
+        Where::ResidPost,
+        search,
+        chunk,
+    )?;
+    // z_i = h_i + delta_i: the target residual at the bare prompt's subject token.
+    let z = Tensor::stack(
+        &found
+            .iter()
+            .map(|f: &Found| &f.h_bare + &f.delta)
+            .collect::<candle_core::Result<Vec<_>>>()?,
+        1,
+    )?
+    .to_dtype(DType::F64)?; // (d_model, N)
+    let (deltas, layer_traces) = spread_targets(model, reqs, layers, prefixes, &z, solver)?;
+    Ok((
+        deltas,
+        BatchTrace {
+            searches: found.into_iter().map(|f| f.trace).collect(),
+            layers: layer_traces,
+        },
+    ))
+}
+
+/// Step 2 alone: spread the target residuals `z` (`[d_model, N]` f64, after the last of
+/// `layers`) over `layers`. The model is restored before returning.
+pub fn spread_targets(
+    model: &mut Model,
+    reqs: &[Request<'_>],
+    layers: &[usize],
+    prefixes: &[String],
+    z: &Tensor,
+    solver: &mut dyn LayerSolver,
+) -> Result<(Vec<WeightDelta>, Vec<LayerTrace>)> {
+    let z_layer = *layers
+        .iter()
+        .max()
+        .ok_or_else(|| Error::invalid("method.layers", "at least one layer is needed"))?;
+    let mut applied: Vec<Applied> = Vec::new();
+    let result = spread(
+        model,
+        reqs,
+        layers,
+        prefixes,
+        z_layer,
+        z,
+        solver,
+        &mut applied,
+    );
+    revert(model, &applied)?;
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spread(
+    model: &mut Model,
+    reqs: &[Request<'_>],
+    layers: &[usize],
+    prefixes: &[String],
+    z_layer: usize,
+    z: &Tensor,
+    solver: &mut dyn LayerSolver,
+    applied: &mut Vec<Applied>,
+) -> Result<(Vec<WeightDelta>, Vec<LayerTrace>)> {
+    let mut deltas = Vec::new();
+    let mut traces = Vec::new();
+    for (i, &layer) in layers.iter().enumerate() {
+        let (keys, h) = keys_and_states(model, reqs, prefixes, layer, z_layer)?;
+        let remaining = (layers.len() - i) as f64;
+        let resid = ((z - h)? / remaining)?; // (d_model, N)
+        let dw = solver.solve(i, layer, &keys, &resid)?;
+        let resid_norm = resid
+            .sqr()?
+            .sum(0)?
+            .sqrt()?
+            .mean_all()?
+            .to_scalar::<f64>()?;
+        let d = WeightDelta {
+            name: model.weight_name(layer, Site::MlpOut)?,
+            layer,
+            kind: DeltaKind::Dense(dw.to_dtype(DType::F32)?),
+        };
+        crate::model::check_finite(&d.name, &dw)?;
+        traces.push(LayerTrace {
+            layer,
+            resid_norm,
+            delta_norm: d.norm()?,
+        });
+        applied.push(apply(model, &d)?);
+        deltas.push(d);
+    }
+    Ok((deltas, traces))
+}
+
+/// Keys at `layer` and residuals after `z_layer` at each rewrite's subject token.
+///
+/// The key of rewrite i is MEMIT's `compute_ks`: the mean of (the bare prompt's key, the mean
+/// of the prefixed prompts' keys); the residual is the bare prompt's.
+///
+/// # Shapes
+/// Returns `[d_mlp, N]` and `[d_model, N]`, f64.
+pub fn keys_and_states(
+    model: &Model,
+    reqs: &[Request<'_>],
+    prefixes: &[String],
+    layer: usize,
+    z_layer: usize,
+) -> Result<(Tensor, Tensor)> {
+    let tok = model.tok()?;
+    let np = prefixes.len();
+    let mut seqs = Vec::with_capacity(reqs.len() * np);
+    let mut lookups = Vec::with_capacity(reqs.len() * np);
+    for req in reqs {
+        for pre in prefixes {
+            let text = format!("{pre}{}", req.prompt);
+            let ids = tok.encode(&text)?;
+            let (_, end) = subject_span_from(model, &text, req.subject, &ids, pre.len())?;
+            lookups.push(end - 1);
+            seqs.push(ids);
+        }
+    }
+    let top = layer.max(z_layer);
+    let mut keys = Vec::with_capacity(seqs.len());
+    let mut states = Vec::with_capacity(seqs.len());
+    for (c, chunk) in seqs.chunks(64).enumerate() {
+        let batch = Batch::padded(chunk, PadSide::Right, 0);
+        let mut tr = Trace::new();
+        tr.capture(HookPoint::MlpKey(layer));
+        tr.capture(HookPoint::ResidPost(z_layer));
+        tr.stop_after(HookPoint::ResidPost(top));
+        model.forward(&batch, &mut tr)?;
+        let k = tr
+            .take(HookPoint::MlpKey(layer))
+            .ok_or_else(|| Error::invalid("keys", "capture missing"))?;
+        let h = tr
+            .take(HookPoint::ResidPost(z_layer))
+            .ok_or_else(|| Error::invalid("keys", "capture missing"))?;
+        for r in 0..chunk.len() {
+            let pos = lookups[c * 64 + r];
+            keys.push(k.i((r, pos))?);
+            states.push(h.i((r, pos))?);
+        }
+    }
+    let mut kcols = Vec::with_capacity(reqs.len());
+    let mut hcols = Vec::with_capacity(reqs.len());
+    for q in 0..reqs.len() {
+        let r0 = q * np;
+        let bare = &keys[r0];
+        let k = if np > 1 {
+            let rest = Tensor::stack(&keys[r0 + 1..r0 + np], 0)?.mean(0)?;
+            ((bare + rest)? / 2.0)?
+        } else {
+            bare.clone()
+        };
+        kcols.push(k);
+        hcols.push(states[r0].clone());
+    }
+    Ok((
+        Tensor::stack(&kcols, 1)?.to_dtype(DType::F64)?,
+        Tensor::stack(&hcols, 1)?.to_dtype(DType::F64)?,
+    ))
+}

@@ -1,0 +1,517 @@
+//! The value search shared by ROME and MEMIT (Meng et al. 2022, section 3.1 step 2, "v*";
+//! Meng et al. 2023, section 4.3, "z_i"; reference `rome/compute_v.py`, `memit/compute_z.py`):
+//! find, by gradient descent, the vector that, added to a hidden state at the subject's last
+//! token, makes the model say the new object.
+//!
+//! - ROME adds it to layer L's MLP output ([`Where::MlpOut`]) and writes v* = W k* + delta.
+//! - MEMIT adds it to the residual stream after its last edited layer ([`Where::ResidPost`])
+//!   and spreads z = h + delta over its layers.
+//!
+//! The loss, per request: the target's NLL over the prompt and its prefixed variants, plus
+//! `kl_factor` x KL(new || old) of the next token after "{subject} is a", plus
+//! `weight_decay` x |delta| / |h|^2; after each Adam step |delta| is clamped to
+//! `clamp_norm_factor` x |h|, where h is the hooked state at the bare prompt's subject token.
+//!
+//! Departures from the references, all for speed, none changing the numbers of one request:
+//! - layers below L never change, so their output is computed once, not at every step;
+//! - rows are left-padded so every subject's last token sits in one column P; positions before
+//!   P never change, so their keys and values are cached once and only positions P.. are
+//!   recomputed at each step;
+//! - the output head runs only at the positions the loss reads;
+//! - several requests are searched together (MEMIT): each has its own row of the trainable
+//!   `[requests, d_model]` matrix, added only to its own prompts; the summed loss gives each
+//!   row exactly its own request's gradient, and Adam is per coordinate, so the result equals
+//!   searching each alone. A request that reaches `stop_prob` is frozen while the others go on.
+
+use crate::error::{Error, Result};
+use crate::locate::subject_span_from;
+use crate::model::{Batch, HookPoint, KvCache, Model, Op, Positions, Trace};
+use candle_core::{DType, IndexOp, Tensor, Var, D};
+use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+
+/// Where the searched vector is added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Where {
+    /// Layer L's MLP output (ROME's v*).
+    MlpOut,
+    /// The residual stream after layer L (MEMIT's z).
+    ResidPost,
+}
+
+/// The search's hyper-parameters (each method documents its defaults and their sources).
+#[derive(Debug, Clone)]
+pub struct SearchParams {
+    pub steps: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub clamp_norm_factor: f64,
+    pub kl_factor: f64,
+    pub stop_prob: f64,
+}
+
+/// One requested rewrite.
+#[derive(Debug, Clone)]
+pub struct Request<'a> {
+    /// The prompt, containing the subject (e.g. "The Eiffel Tower is located in the city of").
+    pub prompt: &'a str,
+    pub subject: &'a str,
+    /// The new object, as a continuation (leading space included: " Rome").
+    pub target: &'a str,
+}
+
+/// What the search did for one request, for reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SearchTrace {
+    pub layer: usize,
+    pub steps: usize,
+    /// Mean target probability over the prompts at the last step.
+    pub target_prob: f64,
+    pub nll: f64,
+    pub kl: f64,
+    pub delta_norm: f64,
+    pub n_prompts: usize,
+}
+
+/// The result for one request.
+#[derive(Debug, Clone)]
+pub struct Found {
+    /// Mean over the prompts of layer L's MLP key at the subject's last token, `[d_mlp]`
+    /// (ROME's k*).
+    pub k_star: Tensor,
+    /// Mean over the prompts of the hooked state at the subject's last token, `[d_model]`
+    /// (ROME: W k*, since the map is affine).
+    pub h_mean: Tensor,
+    /// The hooked state at the bare prompt's subject token, `[d_model]` (MEMIT's z - delta).
+    pub h_bare: Tensor,
+    /// The vector found, `[d_model]`.
+    pub delta: Tensor,
+    pub trace: SearchTrace,
+}
+
+/// Search for each request's vector at `layer`, `chunk` requests at a time (the memory of
+/// the backward pass grows with the chunk). `prefixes` are the context prefixes, the first of
+/// them the empty one (the bare prompt). The model is not changed.
+///
+/// # Errors
+/// Subject not in a prompt, an empty target, a layer out of range, tensor errors.
+pub fn search(
+    model: &Model,
+    reqs: &[Request<'_>],
+    prefixes: &[String],
+    layer: usize,
+    at: Where,
+    params: &SearchParams,
+    chunk: usize,
+) -> Result<Vec<Found>> {
+    model.config.check_layer(layer)?;
+    if prefixes.first().map(|p| !p.is_empty()).unwrap_or(true) {
+        return Err(Error::invalid(
+            "prefixes",
+            "the first context prefix must be the empty one",
+        ));
+    }
+    let mut out = Vec::with_capacity(reqs.len());
+    for c in reqs.chunks(chunk.max(1)) {
+        out.extend(search_chunk(model, c, prefixes, layer, at, params)?);
+    }
+    Ok(out)
+}
+
+/// One row of the batch: a prefixed prompt followed by the target minus its last token, or a
+/// request's KL prompt.
+struct Row {
+    req: usize,
+    ids: Vec<u32>,
+    lookup: usize,
+    prompt_len: usize,
+    target: Vec<u32>,
+    kl: bool,
+}
+
+fn build_rows(model: &Model, reqs: &[Request<'_>], prefixes: &[String]) -> Result<Vec<Row>> {
+    let tok = model.tok()?;
+    let mut rows = Vec::new();
+    for (q, req) in reqs.iter().enumerate() {
+        if req.target.trim().is_empty() {
+            return Err(Error::invalid("target_new", "must not be empty"));
+        }
+        for pre in prefixes {
+            let text = format!("{pre}{}", req.prompt);
+            let (p, t) = tok.continuation(&text, req.target)?;
+            let (_, end) = subject_span_from(model, &text, req.subject, &p, pre.len())?;
+            let mut ids = p.clone();
+            ids.extend_from_slice(&t[..t.len() - 1]);
+            rows.push(Row {
+                req: q,
+                ids,
+                lookup: end - 1,
+                prompt_len: p.len(),
+                target: t,
+                kl: false,
+            });
+        }
+        let kl_text = format!("{} is a", req.subject);
+        let kl_ids = tok.encode(&kl_text)?;
+        let (_, kl_end) = subject_span_from(model, &kl_text, req.subject, &kl_ids, 0)?;
+        rows.push(Row {
+            req: q,
+            ids: kl_ids,
+            lookup: kl_end - 1,
+            prompt_len: 0,
+            target: vec![],
+            kl: true,
+        });
+    }
+    Ok(rows)
+}
+
+/// The rows of the requests still searching, and everything indexed by them.
+struct Active {
+    /// Request ids, ascending.
+    reqs: Vec<usize>,
+    req_ids: Tensor,
+    /// Indices into the full row list.
+    rows: Vec<usize>,
+    resid_tail: Tensor,
+    cache: KvCache,
+    mask: Vec<Vec<u8>>,
+    /// Flat (row, tail offset) of each loss position, its target token, weight, and row.
+    gather: Tensor,
+    target_t: Tensor,
+    weights: Tensor,
+    row_of: Vec<usize>,
+    /// Per active request: its KL row (in the active rows), clean log-probs, decay scale.
+    kl_rows: Tensor,
+    kl_base: Tensor,
+    wd_scale: Tensor,
+    /// Per active row, the index of its request's delta.
+    req_of_row: Tensor,
+    zeros_tail: Option<Tensor>,
+}
+
+impl Active {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        all: &[Row],
+        reqs: &[usize],
+        per_req: usize,
+        n_prompts: usize,
+        tail: usize,
+        resid_tail: &Tensor,
+        cache: &KvCache,
+        mask: &[Vec<u8>],
+        kl_base: &Tensor,
+        wd_scale: &[f32],
+        d_model: usize,
+        dev: &candle_core::Device,
+    ) -> Result<Active> {
+        let rows: Vec<usize> = reqs
+            .iter()
+            .flat_map(|&q| q * per_req..(q + 1) * per_req)
+            .collect();
+        let row_idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let row_idx = Tensor::new(row_idx.as_slice(), dev)?;
+        // Loss positions: row r's target token j is predicted at column (prompt_len - 1 + j),
+        // i.e. at tail offset (prompt_len - 1 + j - lookup).
+        let mut gather = Vec::new();
+        let mut target_ids = Vec::new();
+        let mut row_of = Vec::new();
+        let mut weights = Vec::new();
+        let mut kl_rows = Vec::new();
+        for (i, &r) in rows.iter().enumerate() {
+            let row = &all[r];
+            if row.kl {
+                kl_rows.push(i as u32);
+                continue;
+            }
+            for (j, &t) in row.target.iter().enumerate() {
+                let rel = row.prompt_len - 1 + j - row.lookup;
+                gather.push((i * tail + rel) as u32);
+                target_ids.push(t);
+                row_of.push(i);
+                // Mean over each row's tokens, then over the request's rows.
+                weights.push(1.0 / (n_prompts as f32 * row.target.len() as f32));
+            }
+        }
+        let req_of_row: Vec<u32> = rows.iter().map(|&r| all[r].req as u32).collect();
+        let req_ids: Vec<u32> = reqs.iter().map(|&q| q as u32).collect();
+        let req_ids = Tensor::new(req_ids.as_slice(), dev)?;
+        let wd: Vec<f32> = reqs.iter().map(|&q| wd_scale[q]).collect();
+        Ok(Active {
+            reqs: reqs.to_vec(),
+            resid_tail: resid_tail.contiguous()?.index_select(&row_idx, 0)?,
+            cache: cache.select_rows(&row_idx)?,
+            mask: rows.iter().map(|&r| mask[r].clone()).collect(),
+            gather: Tensor::new(gather.as_slice(), dev)?,
+            target_t: Tensor::new(target_ids.as_slice(), dev)?.unsqueeze(1)?,
+            weights: Tensor::new(weights.as_slice(), dev)?,
+            row_of,
+            kl_rows: Tensor::new(kl_rows.as_slice(), dev)?,
+            kl_base: kl_base.index_select(&req_ids, 0)?,
+            wd_scale: Tensor::new(wd.as_slice(), dev)?,
+            req_of_row: Tensor::new(req_of_row.as_slice(), dev)?,
+            zeros_tail: if tail > 1 {
+                Some(Tensor::zeros(
+                    (rows.len(), tail - 1, d_model),
+                    DType::F32,
+                    dev,
+                )?)
+            } else {
+                None
+            },
+            req_ids,
+            rows,
+        })
+    }
+}
+
+fn norms(x: &Tensor) -> Result<Vec<f64>> {
+    // x: (n, d) -> |row| per row
+    Ok(x.sqr()?
+        .sum(1)?
+        .sqrt()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(f64::from)
+        .collect())
+}
+
+fn search_chunk(
+    model: &Model,
+    reqs: &[Request<'_>],
+    prefixes: &[String],
+    layer: usize,
+    at: Where,
+    params: &SearchParams,
+) -> Result<Vec<Found>> {
+    let cfg = &model.config;
+    let n = cfg.n_layers;
+    let dev = &model.device;
+    let nq = reqs.len();
+    let rows = build_rows(model, reqs, prefixes)?;
+    let per_req = prefixes.len() + 1; // prompt rows, then the KL row
+    let n_prompts = prefixes.len();
+    let hook = match at {
+        Where::MlpOut => HookPoint::MlpOut(layer),
+        Where::ResidPost => HookPoint::ResidPost(layer),
+    };
+
+    // Align every lookup at column P (left padding), pad the tails on the right.
+    let p_col = rows.iter().map(|r| r.lookup).max().unwrap_or(0);
+    let tail = rows
+        .iter()
+        .map(|r| r.ids.len() - r.lookup)
+        .max()
+        .unwrap_or(1);
+    let width = p_col + tail;
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut mask = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let left = p_col - r.lookup;
+        let right = width - left - r.ids.len();
+        let mut i = vec![0u32; left];
+        i.extend_from_slice(&r.ids);
+        i.extend(std::iter::repeat_n(0u32, right));
+        let mut m = vec![0u8; left];
+        m.extend(std::iter::repeat_n(1u8, r.ids.len()));
+        m.extend(std::iter::repeat_n(0u8, right));
+        ids.push(i);
+        mask.push(m);
+    }
+    let batch = Batch {
+        ids,
+        mask: Some(mask.clone()),
+    };
+
+    // One clean pass: KV cache, the residual entering L, keys and hooked states at the lookups.
+    let mut tr = Trace::new();
+    tr.capture(HookPoint::ResidPre(layer));
+    tr.capture(HookPoint::MlpKey(layer));
+    tr.capture(hook);
+    // Stop before the head: only the KL rows' lookup positions need logits.
+    tr.stop_after(HookPoint::ResidPost(n - 1));
+    let mut cache = KvCache::new(n);
+    let last = model.forward_cached(&batch, Some(&mut cache), &mut tr)?; // (rows, width, d)
+    let kl_rows: Vec<u32> = (0..nq).map(|q| (q * per_req + n_prompts) as u32).collect();
+    let kl_rows_t = Tensor::new(kl_rows.as_slice(), dev)?;
+    let kl_base_x = last
+        .i((.., p_col..p_col + 1))?
+        .contiguous()?
+        .index_select(&kl_rows_t, 0)?; // (nq, 1, d)
+    let kl_base =
+        candle_nn::ops::log_softmax(&model.head(&kl_base_x, false)?.squeeze(1)?, D::Minus1)?
+            .detach(); // (nq, vocab)
+    let take = |tr: &mut Trace, p: HookPoint| {
+        tr.take(p)
+            .ok_or_else(|| Error::invalid("value search", "a capture is missing"))
+    };
+    let resid = take(&mut tr, HookPoint::ResidPre(layer))?;
+    let keys = take(&mut tr, HookPoint::MlpKey(layer))?.i((.., p_col))?; // (rows, d_mlp)
+    let hooked = take(&mut tr, hook)?.i((.., p_col))?; // (rows, d)
+    let mut k_star = Vec::with_capacity(nq);
+    let mut h_mean = Vec::with_capacity(nq);
+    let mut h_bare = Vec::with_capacity(nq);
+    for q in 0..nq {
+        let r0 = q * per_req;
+        k_star.push(keys.narrow(0, r0, n_prompts)?.mean(0)?);
+        h_mean.push(hooked.narrow(0, r0, n_prompts)?.mean(0)?);
+        h_bare.push(hooked.i(r0)?);
+    }
+    let h_norm = norms(&Tensor::stack(&h_bare, 0)?)?; // (nq)
+
+    let wd_scale: Vec<f32> = h_norm
+        .iter()
+        .map(|h| (params.weight_decay / (h * h)) as f32)
+        .collect();
+    let resid_tail = resid.narrow(1, p_col, tail)?.detach();
+    let prefix_cache = cache.truncate(p_col)?;
+    let delta = Var::zeros((nq, cfg.d_model), DType::F32, dev)?;
+    let mut opt = AdamW::new(
+        vec![delta.clone()],
+        ParamsAdamW {
+            lr: params.lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        },
+    )?;
+    let mut traces: Vec<SearchTrace> = (0..nq)
+        .map(|_| SearchTrace {
+            layer,
+            steps: 0,
+            target_prob: 0.0,
+            nll: 0.0,
+            kl: 0.0,
+            delta_norm: 0.0,
+            n_prompts,
+        })
+        .collect();
+    let mut done = vec![false; nq];
+    let mut view: Option<Active> = None;
+    for step in 0..params.steps {
+        // Rows of the requests still searching (rebuilt when one finishes: a finished
+        // request's rows cost as much as any other's).
+        let active: Vec<usize> = (0..nq).filter(|&q| !done[q]).collect();
+        if view.as_ref().map(|v| v.reqs != active).unwrap_or(true) {
+            view = Some(Active::new(
+                &rows,
+                &active,
+                per_req,
+                n_prompts,
+                tail,
+                &resid_tail,
+                &prefix_cache,
+                &mask,
+                &kl_base,
+                &wd_scale,
+                cfg.d_model,
+                dev,
+            )?);
+        }
+        let v = view
+            .as_ref()
+            .ok_or_else(|| Error::invalid("value search", "no rows"))?;
+        // Each row gets its request's delta at its lookup (tail column 0).
+        let per_row = delta
+            .as_tensor()
+            .index_select(&v.req_of_row, 0)?
+            .unsqueeze(1)?;
+        let add = match &v.zeros_tail {
+            Some(z) => Tensor::cat(&[&per_row, z], 1)?,
+            None => per_row,
+        };
+        let mut tr = Trace::new().differentiable();
+        tr.push(hook, Positions::All, Op::Add(add));
+        tr.stop_after(HookPoint::ResidPost(n - 1));
+        let mut c = v.cache.clone();
+        let x = model.forward_from(
+            layer,
+            &v.resid_tail,
+            Some(&v.mask),
+            Some(&mut c),
+            &mut tr,
+            false,
+        )?; // (rows, tail, d)
+        let n_rows = v.rows.len();
+        let flat = x.reshape((n_rows * tail, cfg.d_model))?;
+        let picked = flat.index_select(&v.gather, 0)?.unsqueeze(0)?; // (1, positions, d)
+        let lp = candle_nn::ops::log_softmax(&model.head(&picked, true)?.squeeze(0)?, D::Minus1)?;
+        let tok_lp = lp.gather(&v.target_t, 1)?.squeeze(1)?; // (positions)
+        let nll_terms = (tok_lp.mul(&v.weights)? * -1.0)?;
+        let kl_x = x.i((.., 0..1))?.contiguous()?.index_select(&v.kl_rows, 0)?; // (na, 1, d)
+        let kl_lp = candle_nn::ops::log_softmax(&model.head(&kl_x, true)?.squeeze(1)?, D::Minus1)?;
+        // KL(new || old), as the reference's kl_div(init, new, log_target=True).
+        let kl = kl_lp.exp()?.mul(&(kl_lp.clone() - &v.kl_base)?)?.sum(1)?; // (na)
+                                                                            // sqrt has an infinite derivative at 0 (the first step); the epsilon keeps the
+                                                                            // gradient finite where torch.norm uses the subgradient 0.
+        let d_act = delta.as_tensor().index_select(&v.req_ids, 0)?;
+        let dnorm = (d_act.sqr()?.sum(1)? + 1e-12)?.sqrt()?; // (na)
+        let loss = ((nll_terms.sum_all()? + (kl.sum_all()? * params.kl_factor)?)?
+            + dnorm.mul(&v.wd_scale)?.sum_all()?)?;
+
+        // Per-request numbers: NLL and mean target probability over its prompts.
+        let lps = tok_lp.to_vec1::<f32>()?;
+        let nlls = nll_terms.to_vec1::<f32>()?;
+        let kls = kl.to_vec1::<f32>()?;
+        let mut sum = vec![0f64; n_rows];
+        let mut cnt = vec![0usize; n_rows];
+        let mut nll_q = vec![0f64; nq];
+        for ((&lp, &nl), &r) in lps.iter().zip(&nlls).zip(&v.row_of) {
+            sum[r] += lp as f64;
+            cnt[r] += 1;
+            nll_q[rows[v.rows[r]].req] += nl as f64;
+        }
+        let mut prob_q = vec![0f64; nq];
+        for r in (0..n_rows).filter(|&r| cnt[r] > 0) {
+            prob_q[rows[v.rows[r]].req] += (sum[r] / cnt[r] as f64).exp() / n_prompts as f64;
+        }
+        for (a, &q) in active.iter().enumerate() {
+            let t = &mut traces[q];
+            t.steps = step + 1;
+            t.nll = nll_q[q];
+            t.kl = kls[a] as f64;
+            t.target_prob = prob_q[q];
+            done[q] = prob_q[q] >= params.stop_prob;
+        }
+        if done.iter().all(|&d| d) {
+            break;
+        }
+        // A copy: `detach` would share the storage that `backward_step` overwrites.
+        let before = delta.as_tensor().copy()?;
+        opt.backward_step(&loss)?;
+        // Finished requests keep their vector (Adam's momentum would still move them); clamp
+        // |delta| <= clamp * |h| per request (reference: projection after each step).
+        let keep: Vec<f32> = done.iter().map(|&d| d as u8 as f32).collect();
+        let keep = Tensor::new(keep.as_slice(), dev)?.unsqueeze(1)?;
+        let cur = delta.as_tensor();
+        let cur = (before.broadcast_mul(&keep)? + cur.broadcast_mul(&(1.0 - &keep)?)?)?;
+        let scale: Vec<f32> = norms(&cur)?
+            .iter()
+            .zip(&h_norm)
+            .map(|(&d, &h)| {
+                let max = params.clamp_norm_factor * h;
+                if d > max {
+                    (max / d) as f32
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        let scale = Tensor::new(scale.as_slice(), dev)?.unsqueeze(1)?;
+        delta.set(&cur.broadcast_mul(&scale)?)?;
+    }
+    let final_norms = norms(delta.as_tensor())?;
+    let mut out = Vec::with_capacity(nq);
+    for (q, mut t) in traces.into_iter().enumerate() {
+        t.delta_norm = final_norms[q];
+        out.push(Found {
+            k_star: k_star[q].clone(),
+            h_mean: h_mean[q].clone(),
+            h_bare: h_bare[q].clone(),
+            delta: delta.as_tensor().i(q)?.detach(),
+            trace: t,
+        });
+    }
+    Ok(out)
+}
