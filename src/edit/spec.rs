@@ -203,10 +203,13 @@ impl EditSpec {
                 "must be at least 1".into(),
             ));
         }
-        if self.method.is_batched() && self.method.layers().is_empty() {
+        let layers = self.method.layers();
+        if self.method.is_batched()
+            && (layers.is_empty() || layers.windows(2).any(|w| w[0] >= w[1]))
+        {
             return Err(bad(
                 "method.layers".into(),
-                "at least one layer is needed".into(),
+                format!("{layers:?}: give one or more distinct layers in ascending order"),
             ));
         }
         if self.rewrites.is_empty() {

@@ -101,6 +101,10 @@ pub fn load_or_compute_layers(
     layers: &[usize],
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<KeyStats>> {
+    // One computation at a time per process: a second caller (another thread editing the
+    // same model) waits and then finds the cache, instead of sampling the corpus again.
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let mut found: Vec<Option<KeyStats>> = Vec::with_capacity(layers.len());
     let mut missing = Vec::new();
     for &l in layers {

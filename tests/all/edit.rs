@@ -155,6 +155,57 @@ fn bad_specs_exit_2_and_write_nothing() {
     assert_eq!(names.len(), cases.len(), "{names:?}");
 }
 
+/// Bad MEMIT / AlphaEdit specs: exit 2 naming the field, before any statistics are computed.
+#[test]
+fn bad_batched_specs_exit_2() {
+    let good =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/edits/memit-ten.yaml"))
+            .unwrap();
+    let cases = [
+        (
+            good.replace("layers: [3, 4, 5, 6]", "layers: [3, 4, 99]"),
+            "method.layers",
+        ),
+        (
+            good.replace("layers: [3, 4, 5, 6]", "layers: [5, 3]"),
+            "method.layers",
+        ),
+        (
+            good.replace("layers: [3, 4, 5, 6]", "layers: []"),
+            "method.layers",
+        ),
+        (
+            good.replace(
+                "method: memit",
+                "method: alphaedit\n  mom2_update_weight: 1",
+            ),
+            "mom2_update_weight",
+        ),
+        (
+            good.replace("rewrites:", "sequential: {batch_size: 0}\nrewrites:"),
+            "sequential.batch_size",
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for (i, (text, needle)) in cases.iter().enumerate() {
+        let spec = dir.path().join(format!("bad{i}.yaml"));
+        std::fs::write(&spec, text).unwrap();
+        let out = dir.path().join(format!("out{i}.gguf"));
+        let (code, err) = engram(&[
+            "edit",
+            spec.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 2, "case {i}: {err}");
+        assert!(
+            err.contains(&format!("bad{i}.yaml")) && err.contains(needle),
+            "case {i}: {err}"
+        );
+        assert!(!out.exists(), "case {i}: something was written");
+    }
+}
+
 /// A patch applied to the wrong base: exit 2, nothing written.
 #[test]
 fn patch_on_the_wrong_base_exits_2() {
