@@ -20,3 +20,13 @@ $E eval tofu --data ../shared/data/tofu/authors-0-19.jsonl --world ../shared/dat
   --learn-steps 40 --json out/tofu.json
 $E eval tofu --data ../shared/data/tofu/authors-0-19.jsonl --world ../shared/data/tofu/world_facts.jsonl \
   --learn-steps 40 --methods npo --steps 30 --retain-weight 2 --json out/tofu-npo.json
+# Mass and sequential editing: 200 CounterFact cases in sequential batches (about 20 minutes each).
+$E eval counterfact --data $CF --method memit --batch-size 100 --sequential --n 200 \
+  --json out/cf-memit-seq200.json --plot out/cf-memit-seq200.svg
+$E eval counterfact --data $CF --method alphaedit --batch-size 100 --sequential --n 200 \
+  --json out/cf-alphaedit-seq200.json --plot out/cf-alphaedit-seq200.svg
+$E eval counterfact --data $CF --method rome --layer 5 --batch-size 20 --sequential --n 200 \
+  --json out/cf-rome-seq200.json --plot out/cf-rome-seq200.svg
+# MEMIT's λ and AlphaEdit's null-space threshold on the ten facts of edits/memit-ten.yaml.
+cargo run --release --example mass_sweep -- memit:15000 memit:5000 memit:3000 memit:1000 \
+  alphaedit:0.02:10 alphaedit:0.01:1 alphaedit:0.005:0.1

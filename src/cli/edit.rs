@@ -121,20 +121,7 @@ pub fn print_report(r: &EditReport) {
         println!("batch {b}: {}", layers.join(", "));
     }
     if !r.retention.is_empty() {
-        let mut t = Table::new();
-        t.set_header(vec![
-            "edits so far",
-            "ES of all so far",
-            "ES of earlier batches",
-        ]);
-        for p in &r.retention {
-            t.add_row(vec![
-                p.edits.to_string(),
-                pct(Some(p.es_all)),
-                pct(p.es_earlier),
-            ]);
-        }
-        println!("{t}");
+        println!("{}", super::retention_table(&r.retention));
     }
     if let Some(l) = &r.locality {
         let mut t = Table::new();
@@ -235,18 +222,7 @@ pub fn run(a: Args) -> Result<()> {
         super::write_json(j, &report)?;
     }
     if let Some(p) = &a.plot {
-        let pts: Vec<(f64, f64)> = report
-            .retention
-            .iter()
-            .map(|p| (p.edits as f64, p.es_earlier.unwrap_or(p.es_all)))
-            .collect();
-        let svg = engram::eval::svg::line(
-            "Retention: ES of earlier edits",
-            "edits so far",
-            "ES",
-            &[(report.method.clone(), pts)],
-        );
-        super::write_text(p, &svg)?;
+        super::write_retention_plot(p, &report.method, &report.retention)?;
     }
     Ok(())
 }

@@ -216,35 +216,9 @@ fn run_cf(a: CfArgs) -> Result<()> {
     );
     println!("{t}");
     if let Some(r) = &seq {
-        let mut rt = Table::new();
-        rt.set_header(vec![
-            "edits so far",
-            "ES of all so far",
-            "ES of earlier batches",
-        ]);
-        for p in &r.retention {
-            rt.add_row(vec![
-                p.edits.to_string(),
-                format!("{:.1}%", 100.0 * p.es_all),
-                p.es_earlier
-                    .map(|e| format!("{:.1}%", 100.0 * e))
-                    .unwrap_or("-".into()),
-            ]);
-        }
-        println!("{rt}");
+        println!("{}", super::retention_table(&r.retention));
         if let Some(p) = &a.plot {
-            let pts: Vec<(f64, f64)> = r
-                .retention
-                .iter()
-                .map(|p| (p.edits as f64, p.es_earlier.unwrap_or(p.es_all)))
-                .collect();
-            let svg = engram::eval::svg::line(
-                "Retention: ES of earlier edits",
-                "edits so far",
-                "ES",
-                &[(s.method.clone(), pts)],
-            );
-            super::write_text(p, &svg)?;
+            super::write_retention_plot(p, &s.method, &r.retention)?;
         }
     }
     if let Some(j) = &a.json {

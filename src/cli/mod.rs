@@ -130,3 +130,41 @@ pub fn save_model(m: &engram::model::Model, out: &Path, out_type: &str) -> Resul
     }
     Ok(())
 }
+
+/// The retention table of a sequential edit: ES of all edits so far and of earlier batches.
+pub fn retention_table(points: &[engram::edit::run::RetentionPoint]) -> comfy_table::Table {
+    let mut t = comfy_table::Table::new();
+    t.set_header(vec![
+        "edits so far",
+        "ES of all so far",
+        "ES of earlier batches",
+    ]);
+    let pct = |x: f64| format!("{:.1}%", 100.0 * x);
+    for p in points {
+        t.add_row(vec![
+            p.edits.to_string(),
+            pct(p.es_all),
+            p.es_earlier.map(pct).unwrap_or("-".into()),
+        ]);
+    }
+    t
+}
+
+/// Write the retention curve (ES of earlier edits; of all edits for the first batch) as SVG.
+pub fn write_retention_plot(
+    path: &Path,
+    method: &str,
+    points: &[engram::edit::run::RetentionPoint],
+) -> Result<()> {
+    let pts: Vec<(f64, f64)> = points
+        .iter()
+        .map(|p| (p.edits as f64, p.es_earlier.unwrap_or(p.es_all)))
+        .collect();
+    let svg = engram::eval::svg::line(
+        "Retention: ES of earlier edits",
+        "edits so far",
+        "ES",
+        &[(method.to_string(), pts)],
+    );
+    write_text(path, &svg)
+}

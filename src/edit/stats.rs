@@ -137,7 +137,8 @@ pub fn load_or_compute_layers(
     let mut computed = if missing.is_empty() {
         Vec::new()
     } else {
-        compute_layers(model, base_fingerprint, spec, &missing, progress)?
+        let seqs = cached_sequences(model, base_fingerprint, spec, progress)?;
+        accumulate(model, &seqs, &missing)?
     };
     for s in computed.iter_mut() {
         let path = cache_path(
@@ -297,17 +298,6 @@ pub fn compute(
     accumulate(model, &seqs, &[spec.layer])?
         .pop()
         .ok_or_else(|| Error::invalid("stats", "nothing computed"))
-}
-
-fn compute_layers(
-    model: &Model,
-    base_fingerprint: &str,
-    spec: &StatsSpec,
-    layers: &[usize],
-    progress: &mut dyn FnMut(usize, usize),
-) -> Result<Vec<KeyStats>> {
-    let seqs = cached_sequences(model, base_fingerprint, spec, progress)?;
-    accumulate(model, &seqs, layers)
 }
 
 /// `E[k k^T]` at each of `layers` over the sequences, in one forward per chunk.

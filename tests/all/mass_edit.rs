@@ -51,21 +51,22 @@ fn preserved_keys(layer: usize) -> Tensor {
         .unwrap()
 }
 
+fn frobenius(t: &Tensor) -> f64 {
+    t.sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+        .sqrt()
+}
+
 /// |ΔW K_p|_F / (|ΔW|_F |K_p|_F): how much an update moves the preserved keys' outputs,
 /// relative to its size.
 fn leakage(d: &WeightDelta, kp: &Tensor) -> f64 {
     let w = d.dense().unwrap().to_dtype(DType::F64).unwrap();
     let kp = kp.to_dtype(DType::F64).unwrap();
-    let f = |t: &Tensor| -> f64 {
-        t.sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-            .sqrt()
-    };
-    f(&w.matmul(&kp).unwrap()) / (f(&w) * f(&kp))
+    frobenius(&w.matmul(&kp).unwrap()) / (frobenius(&w) * frobenius(&kp))
 }
 
 /// A batch of ten rewrites: every one succeeds (ES 100%) with MEMIT and with AlphaEdit;
@@ -124,16 +125,7 @@ fn memit_and_alphaedit_edit_ten_facts_at_once() {
                 let keep = (Tensor::eye(n, DType::F64, &candle_core::Device::Cpu).unwrap()
                     - &ns.projector)
                     .unwrap();
-                let f = |t: &Tensor| -> f64 {
-                    t.sqr()
-                        .unwrap()
-                        .sum_all()
-                        .unwrap()
-                        .to_scalar::<f64>()
-                        .unwrap()
-                        .sqrt()
-                };
-                let ratio = f(&w.matmul(&keep).unwrap()) / f(&w);
+                let ratio = frobenius(&w.matmul(&keep).unwrap()) / frobenius(&w);
                 println!(
                     "alphaedit layer {}: null space {} of {n}, |ΔW (I-P)| / |ΔW| = {ratio:e}",
                     d.layer, ns.dim
