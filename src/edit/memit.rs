@@ -44,7 +44,7 @@ pub struct MemitParams {
     pub stop_prob: f64,
     /// λ, the weight of the preserved keys' second moment. The reference's 15000 writes too
     /// little on smollm2-135m: each layer's update realises a small part of its residual.
-    /// On edits/memit-ten.yaml, 5000 gave ES 9/10 (NS 10/10), 3000 ES 10/10 (NS 10/10),
+    /// On edits/memit-ten.yaml, 15000 gave ES 6/10, 5000 ES 9/10 (NS 10/10), 3000 ES 10/10 (NS 10/10),
     /// 2000 and 1000 ES 10/10 (NS 9/10). Chosen on that file; the CounterFact benchmark in
     /// the README is the check on other facts.
     #[serde(default = "d_lambda")]
