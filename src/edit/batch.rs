@@ -58,19 +58,7 @@ pub fn compute(
     chunk: usize,
     solver: &mut dyn LayerSolver,
 ) -> Result<(Vec<WeightDelta>, BatchTrace)> {
-    let z_layer = *layers
-        .iter()
-        .max()
-        .ok_or_else(|| Error::invalid("method.layers", "at least one layer is needed"))?;
-    if layers.windows(2).any(|w| w[0] >= w[1]) {
-        return Err(Error::invalid(
-            "method.layers",
-            format!("{layers:?}: give distinct layers in ascending order"),
-        ));
-    }
-    for &l in layers {
-        model.config.check_layer(l)?;
-    }
+    let z_layer = last_layer(model, layers)?;
     let found = vsearch::search(
         model,
         reqs,
@@ -109,10 +97,7 @@ pub fn spread_targets(
     z: &Tensor,
     solver: &mut dyn LayerSolver,
 ) -> Result<(Vec<WeightDelta>, Vec<LayerTrace>)> {
-    let z_layer = *layers
-        .iter()
-        .max()
-        .ok_or_else(|| Error::invalid("method.layers", "at least one layer is needed"))?;
+    let z_layer = last_layer(model, layers)?;
     let mut applied: Vec<Applied> = Vec::new();
     let result = spread(
         model,
@@ -126,6 +111,21 @@ pub fn spread_targets(
     );
     revert(model, &applied)?;
     result
+}
+
+/// The last of `layers` (where z lives), after checking they are ascending, distinct and in
+/// range.
+fn last_layer(model: &Model, layers: &[usize]) -> Result<usize> {
+    if layers.is_empty() || layers.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(Error::invalid(
+            "method.layers",
+            format!("{layers:?}: give one or more distinct layers in ascending order"),
+        ));
+    }
+    for &l in layers {
+        model.config.check_layer(l)?;
+    }
+    Ok(layers[layers.len() - 1])
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -199,7 +199,8 @@ pub fn keys_and_states(
     let top = layer.max(z_layer);
     let mut keys = Vec::with_capacity(seqs.len());
     let mut states = Vec::with_capacity(seqs.len());
-    for (c, chunk) in seqs.chunks(64).enumerate() {
+    const CHUNK: usize = 64;
+    for (c, chunk) in seqs.chunks(CHUNK).enumerate() {
         let batch = Batch::padded(chunk, PadSide::Right, 0);
         let mut tr = Trace::new();
         tr.capture(HookPoint::MlpKey(layer));
@@ -213,7 +214,7 @@ pub fn keys_and_states(
             .take(HookPoint::ResidPost(z_layer))
             .ok_or_else(|| Error::invalid("keys", "capture missing"))?;
         for r in 0..chunk.len() {
-            let pos = lookups[c * 64 + r];
+            let pos = lookups[c * CHUNK + r];
             keys.push(k.i((r, pos))?);
             states.push(h.i((r, pos))?);
         }

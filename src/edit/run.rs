@@ -53,6 +53,28 @@ pub struct RetentionPoint {
     pub es_earlier: Option<f64>,
 }
 
+impl RetentionPoint {
+    /// Measure on `model` after a batch: `done` are all rewrites applied so far, the first
+    /// `earlier` of them from batches before the last.
+    pub fn measure(model: &Model, done: &[Rewrite], earlier: usize) -> Result<RetentionPoint> {
+        let es = efficacy(model, done)?;
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        Ok(RetentionPoint {
+            edits: done.len(),
+            es_all: mean(&es),
+            es_earlier: (earlier > 0).then(|| mean(&es[..earlier])),
+        })
+    }
+}
+
+/// What one edit step computed: its deltas, and per rewrite its search.
+pub struct Step {
+    pub deltas: Vec<WeightDelta>,
+    pub searches: Vec<Option<SearchTrace>>,
+    /// MEMIT and AlphaEdit: the batch's layer norms.
+    pub batch: Option<BatchTrace>,
+}
+
 /// The whole edit.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct EditReport {
@@ -214,6 +236,43 @@ impl Editor {
         }
     }
 
+    /// Rewrites per edit step: the requested batch size for MEMIT and AlphaEdit, 1 for ROME
+    /// and FT-L (each rewrite is applied before the next is computed).
+    pub fn step_size(&self, batch_size: usize) -> usize {
+        if self.method.is_batched() {
+            batch_size.max(1)
+        } else {
+            1
+        }
+    }
+
+    /// One edit step: a batch (MEMIT, AlphaEdit) or a single rewrite (ROME, FT-L; `rs` must
+    /// then hold one, see [`Editor::step_size`]). The model is not changed.
+    pub fn compute_step(&mut self, model: &mut Model, rs: &[Rewrite]) -> Result<Step> {
+        if self.method.is_batched() {
+            let (deltas, bt) = self.compute_batch(model, rs)?;
+            return Ok(Step {
+                deltas,
+                searches: bt.searches.iter().cloned().map(Some).collect(),
+                batch: Some(bt),
+            });
+        }
+        match rs {
+            [r] => {
+                let (d, t) = self.compute(model, r)?;
+                Ok(Step {
+                    deltas: vec![d],
+                    searches: vec![t],
+                    batch: None,
+                })
+            }
+            _ => Err(Error::invalid(
+                "method",
+                "ROME and FT-L edit one rewrite per step",
+            )),
+        }
+    }
+
     /// Compute the deltas (one per edited layer) for a batch of rewrites (MEMIT, AlphaEdit).
     /// The model is restored before returning; AlphaEdit remembers the batch's keys.
     pub fn compute_batch(
@@ -289,11 +348,12 @@ pub fn run_spec(
     };
     progress("key statistics");
     editor.prepare(model, &mut |_, _| {})?;
-    let batch_size = match (&spec.sequential, spec.method.is_batched()) {
-        (_, false) => 1,
-        (Some(s), true) => s.batch_size,
-        (None, true) => spec.rewrites.len(),
-    };
+    let batch_size = editor.step_size(
+        spec.sequential
+            .as_ref()
+            .map(|s| s.batch_size)
+            .unwrap_or(spec.rewrites.len()),
+    );
     let mut reports = Vec::new();
     let mut deltas = Vec::new();
     let mut applied = Vec::new();
@@ -309,16 +369,9 @@ pub fn run_spec(
             .map(|r| score_rewrite(model, r))
             .collect::<Result<Vec<_>>>()?;
         let t0 = Instant::now();
-        let (ds, traces): (Vec<WeightDelta>, Vec<Option<SearchTrace>>) = if spec.method.is_batched()
-        {
-            let (ds, bt) = editor.compute_batch(model, chunk)?;
-            let traces = bt.searches.iter().cloned().map(Some).collect();
-            batches.push(bt);
-            (ds, traces)
-        } else {
-            let (d, t) = editor.compute(model, &chunk[0])?;
-            (vec![d], vec![t])
-        };
+        let step = editor.compute_step(model, chunk)?;
+        let (ds, traces) = (step.deltas, step.searches);
+        batches.extend(step.batch);
         let secs = t0.elapsed().as_secs_f64() / chunk.len() as f64;
         let mut norm = 0.0;
         for d in &ds {
@@ -345,14 +398,11 @@ pub fn run_spec(
         deltas.extend(ds);
         if spec.sequential.is_some() {
             let done = reports.len();
-            let es = efficacy(model, &spec.rewrites[..done])?;
-            let earlier = done - chunk.len();
-            let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-            retention.push(RetentionPoint {
-                edits: done,
-                es_all: mean(&es),
-                es_earlier: (earlier > 0).then(|| mean(&es[..earlier])),
-            });
+            retention.push(RetentionPoint::measure(
+                model,
+                &spec.rewrites[..done],
+                done - chunk.len(),
+            )?);
         }
     }
     let loc = match (suite, &base_run) {

@@ -67,13 +67,7 @@ impl KeyStats {
     /// # Errors
     /// A covariance that is not positive definite (too few samples).
     pub fn cholesky(&self) -> Result<super::linalg::Cholesky> {
-        let n = self.mom2.dim(0)?;
-        let flat = self
-            .mom2
-            .to_dtype(DType::F64)?
-            .flatten_all()?
-            .to_vec1::<f64>()?;
-        super::linalg::Cholesky::factor(&flat, n)
+        super::linalg::Cholesky::factor_tensor(&self.mom2)
     }
 }
 
@@ -105,24 +99,32 @@ pub fn load_or_compute_layers(
     // same model) waits and then finds the cache, instead of sampling the corpus again.
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    // Each layer's cache path, once (a corpus file's path includes its hash).
+    let paths = layers
+        .iter()
+        .map(|&l| {
+            model.config.check_layer(l)?;
+            cache_path(
+                base_fingerprint,
+                &StatsSpec {
+                    layer: l,
+                    ..spec.clone()
+                },
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
     let mut found: Vec<Option<KeyStats>> = Vec::with_capacity(layers.len());
     let mut missing = Vec::new();
-    for &l in layers {
-        model.config.check_layer(l)?;
-        let spec_l = StatsSpec {
-            layer: l,
-            ..spec.clone()
-        };
-        let path = cache_path(base_fingerprint, &spec_l)?;
+    for (&l, path) in layers.iter().zip(&paths) {
         let cached = if path.exists() {
-            let t = candle_core::safetensors::load(&path, &model.device)
-                .map_err(|e| Error::bad_checkpoint(&path, e))?;
+            let t = candle_core::safetensors::load(path, &model.device)
+                .map_err(|e| Error::bad_checkpoint(path, e))?;
             match (t.get("mom2"), t.get("count")) {
                 (Some(m), Some(c)) => Some(KeyStats {
                     layer: l,
                     mom2: m.clone(),
                     count: c.to_dtype(DType::F64)?.to_vec1::<f64>()?[0] as usize,
-                    cache_path: Some(path),
+                    cache_path: Some(path.clone()),
                 }),
                 _ => None,
             }
@@ -141,13 +143,8 @@ pub fn load_or_compute_layers(
         accumulate(model, &seqs, &missing)?
     };
     for s in computed.iter_mut() {
-        let path = cache_path(
-            base_fingerprint,
-            &StatsSpec {
-                layer: s.layer,
-                ..spec.clone()
-            },
-        )?;
+        let i = layers.iter().position(|&l| l == s.layer).unwrap_or(0);
+        let path = paths[i].clone();
         let mut map = HashMap::new();
         map.insert("mom2".to_string(), s.mom2.clone());
         map.insert(

@@ -6,7 +6,7 @@
 //! rephrase_prompt, locality_prompt, locality_ground_truth), or ROME's original
 //! `counterfact.json` (requested_rewrite, paraphrase_prompts, neighborhood_prompts).
 
-use super::metrics::{efficacy, fluency, harmonic_mean, mean_ci95, score_rewrite, RewriteScores};
+use super::metrics::{fluency, harmonic_mean, mean_ci95, score_rewrite, RewriteScores};
 use crate::edit::run::{Editor, RetentionPoint};
 use crate::edit::spec::{Method, Neighbor, Rewrite};
 use crate::edit::{apply, revert, Applied};
@@ -270,11 +270,7 @@ pub fn run(
         .iter()
         .filter(|c| !done.contains(&c.case_id))
         .collect();
-    for chunk in todo.chunks(if editor.method.is_batched() {
-        batch_size.max(1)
-    } else {
-        1
-    }) {
+    for chunk in todo.chunks(editor.step_size(batch_size)) {
         for row in edit_and_score(model, &mut editor, chunk)? {
             if let Some(f) = out.as_mut() {
                 let line = serde_json::to_string(&row)
@@ -299,15 +295,8 @@ fn edit_and_score(model: &mut Model, editor: &mut Editor, chunk: &[&Case]) -> Re
         .collect::<Result<Vec<_>>>()?;
     let pre_s = t0.elapsed().as_secs_f64() / chunk.len() as f64;
     let t1 = Instant::now();
-    let computed = if editor.method.is_batched() {
-        let rs: Vec<_> = chunk.iter().map(|c| c.rewrite.clone()).collect();
-        editor.compute_batch(model, &rs).map(|(d, _)| d)
-    } else {
-        editor
-            .compute(model, &chunk[0].rewrite)
-            .map(|(d, _)| vec![d])
-    };
-    let deltas = match computed {
+    let rs: Vec<Rewrite> = chunk.iter().map(|c| c.rewrite.clone()).collect();
+    let deltas = match editor.compute_step(model, &rs).map(|s| s.deltas) {
         Ok(d) => d,
         Err(e) if e.is_bad_input() => {
             return Ok(chunk
@@ -398,15 +387,10 @@ pub fn run_sequential(
     let bs = batch_size.max(1);
     for (b, chunk) in rewrites.chunks(bs).enumerate() {
         let t0 = Instant::now();
-        if editor.method.is_batched() {
-            let (ds, _) = editor.compute_batch(model, chunk)?;
-            for d in &ds {
+        // ROME and FT-L take the batch's rewrites one step at a time.
+        for step in chunk.chunks(editor.step_size(chunk.len())) {
+            for d in &editor.compute_step(model, step)?.deltas {
                 apply(model, d)?;
-            }
-        } else {
-            for r in chunk {
-                let (d, _) = editor.compute(model, r)?;
-                apply(model, &d)?;
             }
         }
         let secs = t0.elapsed().as_secs_f64();
@@ -415,14 +399,7 @@ pub fn run_sequential(
         for e in &mut edit_s[b * bs..done] {
             *e = secs / chunk.len() as f64;
         }
-        let es = efficacy(model, &rewrites[..done])?;
-        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-        let earlier = b * bs;
-        retention.push(RetentionPoint {
-            edits: done,
-            es_all: mean(&es),
-            es_earlier: (earlier > 0).then(|| mean(&es[..earlier])),
-        });
+        retention.push(RetentionPoint::measure(model, &rewrites[..done], b * bs)?);
         progress(done, rewrites.len());
     }
     let t_eval = Instant::now();
