@@ -30,3 +30,6 @@ $E eval counterfact --data $CF --method rome --layer 5 --batch-size 20 --sequent
 # MEMIT's λ and AlphaEdit's null-space threshold on the ten facts of edits/memit-ten.yaml.
 cargo run --release --example mass_sweep -- memit:15000 memit:5000 memit:3000 memit:1000 \
   alphaedit:0.02:10 alphaedit:0.01:1 alphaedit:0.005:0.1
+# The value search alone (z at layer 6 for MEMIT, v* at layer 5 for ROME) on CounterFact cases.
+cargo run --release --example zsearch_bench -- memit 48
+cargo run --release --example zsearch_bench -- rome 8

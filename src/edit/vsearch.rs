@@ -110,11 +110,32 @@ pub fn search(
             "the first context prefix must be the empty one",
         ));
     }
-    let mut out = Vec::with_capacity(reqs.len());
-    for c in reqs.chunks(chunk.max(1)) {
-        out.extend(search_chunk(model, c, prefixes, layer, at, params)?);
+    // Rows are padded to the longest tail of their chunk, so requests with tails of like
+    // length are searched together: sort by tail, chunk, then put the results back in order.
+    // (On the first 48 CounterFact cases, a third of the tokens were padding before.)
+    let mut tails = Vec::with_capacity(reqs.len());
+    for r in reqs {
+        let rows = build_rows(model, std::slice::from_ref(r), prefixes)?;
+        tails.push(
+            rows.iter()
+                .map(|r| r.ids.len() - r.lookup)
+                .max()
+                .unwrap_or(1),
+        );
     }
-    Ok(out)
+    let mut order: Vec<usize> = (0..reqs.len()).collect();
+    order.sort_by_key(|&i| tails[i]); // stable: equal tails keep their order
+    let mut out: Vec<Option<Found>> = vec![None; reqs.len()];
+    for idx in order.chunks(chunk.max(1)) {
+        let c: Vec<Request<'_>> = idx.iter().map(|&i| reqs[i].clone()).collect();
+        for (&i, f) in idx
+            .iter()
+            .zip(search_chunk(model, &c, prefixes, layer, at, params)?)
+        {
+            out[i] = Some(f);
+        }
+    }
+    Ok(out.into_iter().flatten().collect())
 }
 
 /// One row of the batch: a prefixed prompt followed by the target minus its last token, or a
@@ -151,8 +172,11 @@ fn build_rows(model: &Model, reqs: &[Request<'_>], prefixes: &[String]) -> Resul
             });
         }
         let kl_text = format!("{} is a", req.subject);
-        let kl_ids = tok.encode(&kl_text)?;
+        let mut kl_ids = tok.encode(&kl_text)?;
         let (_, kl_end) = subject_span_from(model, &kl_text, req.subject, &kl_ids, 0)?;
+        // The KL term reads the subject's last token; under causal attention the tokens
+        // after it cannot change that position, so they are dropped (a tail of one).
+        kl_ids.truncate(kl_end);
         rows.push(Row {
             req: q,
             ids: kl_ids,
