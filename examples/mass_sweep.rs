@@ -15,6 +15,7 @@ use engram::eval::metrics::{locality, run_suite, score_rewrite, Suite};
 use std::path::Path;
 
 fn main() -> engram::Result<()> {
+    engram::tune_allocator();
     let mut m = engram::model::load(None, &candle_core::Device::Cpu)?;
     let fp = m.fingerprint()?;
     let spec = EditSpec::load(Path::new("edits/memit-ten.yaml"))?;

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::time::Instant;
 
 fn main() -> engram::Result<()> {
+    engram::tune_allocator();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let method = args.first().map(String::as_str).unwrap_or("memit");
     let n: usize = args.get(1).and_then(|x| x.parse().ok()).unwrap_or(16);

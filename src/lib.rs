@@ -14,3 +14,20 @@ pub mod model;
 pub mod unlearn;
 
 pub use error::{Error, Result};
+
+/// Tune glibc's allocator for tensor work; call once at start-up (the `engram` binary and the
+/// examples do). Tensors of megabytes are allocated and freed at every op; by default glibc
+/// serves each one from fresh mmapped pages and unmaps it on free, so every op page-faults
+/// and zeroes its output again. `perf` put the kernel's page-fault work at a tenth of an
+/// exact causal trace; with the mmap threshold at its 32 MB maximum and no trimming, the
+/// Eiffel trace went from 83-88 s to 60-64 s on 2 cores (peak RSS 1.23 GB either way).
+/// A no-op on other C libraries (mimalloc, tried instead, gave 76-83 s).
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; it is called before other threads run.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+    }
+}

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 mod cli;
 
 fn main() -> ExitCode {
+    engram::tune_allocator();
     match cli::run() {
         Ok(code) => code,
         Err(e) => {

@@ -11,6 +11,9 @@
 //! - positions before token i are identical to the corrupted run at every layer (attention is
 //!   causal), so their keys and values come from the corrupted run's KV cache and only
 //!   positions i.. are recomputed;
+//! - all cells of one token run in one pass up the layers: a cell's rows join the batch at
+//!   the layer where they first differ from the corrupted run, so the batch grows layer by
+//!   layer and no state is computed twice;
 //! - the output head runs on the last position only;
 //! - tokens before the subject are never changed by the noise, so restoring them has exactly
 //!   zero effect; they are not run.
@@ -104,81 +107,101 @@ pub fn trace_setup(
         attn: vec![vec![0.0; n]; t],
     };
     let (mut evals, naive) = (0u64, (3 * t * n * rows * t * n) as u64);
-    // Cells that start at the same layer and token share one batched forward: the hidden
-    // cell (i, start - 1) and every MLP / attention cell whose window begins at `start`.
-    let chunk = TOKEN_CHUNK;
-    let mut i0 = sub_lo;
-    while i0 < t {
-        let toks: Vec<usize> = (i0..(i0 + chunk).min(t)).collect();
-        let len = t - i0; // positions i0.. are recomputed; earlier ones come from the cache
-        let cached = cache.truncate(i0)?;
-        for start in 0..=n {
-            let mut cells: Vec<(&str, usize, usize)> = Vec::new(); // (kind, layer, token)
-            for &i in &toks {
-                if start >= 1 {
-                    cells.push(("hidden", start - 1, i));
-                }
-                for l in 0..n {
-                    if window(l, params.window, n).0 == start {
-                        cells.push(("mlp", l, i));
-                        cells.push(("attn", l, i));
+    // One pass over the layers per token i (positions i.. are recomputed; earlier ones come
+    // from the corrupted run's cache). A cell's rows join the batch at the layer where its
+    // run starts to differ from the corrupted run: a hidden cell (i, l) at layer l + 1 with
+    // its residual patched, an MLP or attention cell at the start of its window. So the
+    // batch grows up the stack ("staircase") and every cell is computed once, in large
+    // matrix products.
+    for i in sub_lo..t {
+        let len = t - i;
+        let cached = cache.truncate(i)?;
+        // (kind, layer, first row) of each cell in the batch so far.
+        let mut cells: Vec<(&str, usize, usize)> = Vec::new();
+        let mut x: Option<Tensor> = None;
+        for j in 0..=n {
+            // Rows joining at layer j.
+            let mut join = Vec::new();
+            let base = resid_in[j].narrow(1, i, len)?;
+            if j >= 1 {
+                let clean_state = clean.get(HookPoint::ResidPost(j - 1)).expect("captured");
+                join.push(patch_first(&base, &clean_state.narrow(1, i, 1)?)?);
+                cells.push(("hidden", j - 1, cells.len() * rows));
+            }
+            for l in 0..n {
+                if window(l, params.window, n).0 == j {
+                    for kind in ["mlp", "attn"] {
+                        join.push(base.clone());
+                        cells.push((kind, l, cells.len() * rows));
                     }
                 }
             }
-            if cells.is_empty() {
-                continue;
+            if !join.is_empty() {
+                let mut parts: Vec<Tensor> = x.take().into_iter().collect();
+                parts.extend(join);
+                x = Some(Tensor::cat(&parts, 0)?); // (cells * rows, len, d)
             }
-            let b = cells.len() * rows;
-            let mut xs = Vec::with_capacity(cells.len());
-            // Per restored hook point: the (row, position) cells that take the clean value.
-            let mut restore: std::collections::BTreeMap<HookPoint, Vec<(usize, usize)>> =
-                Default::default();
-            for (c, &(kind, l, i)) in cells.iter().enumerate() {
-                let base = resid_in[start].narrow(1, i0, len)?;
-                if kind == "hidden" {
-                    // Restore resid_post(l) at token i; continue from layer l + 1.
-                    let clean_state = clean.get(HookPoint::ResidPost(l)).expect("captured");
-                    xs.push(patch_at(&base, &clean_state.narrow(1, i0, len)?, i - i0)?);
+            if j == n {
+                break;
+            }
+            let Some(xj) = x.take() else { continue };
+            let b = xj.dim(0)?;
+            // Restore the clean MLP / attention output at token i (position 0) for the rows
+            // of every window cell whose window holds layer j.
+            let mut tr = Trace::new();
+            for (kind, point) in [
+                ("mlp", HookPoint::MlpOut(j)),
+                ("attn", HookPoint::AttnOut(j)),
+            ] {
+                let at: Vec<(usize, usize)> = cells
+                    .iter()
+                    .filter(|&&(k, l, _)| {
+                        let (lo, hi) = window(l, params.window, n);
+                        k == kind && (lo..hi).contains(&j)
+                    })
+                    .flat_map(|&(_, _, r0)| (r0..r0 + rows).map(|r| (r, 0)))
+                    .collect();
+                if at.is_empty() {
                     continue;
                 }
-                xs.push(base);
-                let (lo, hi) = window(l, params.window, n);
-                for j in lo..hi {
-                    let point = if kind == "mlp" {
-                        HookPoint::MlpOut(j)
-                    } else {
-                        HookPoint::AttnOut(j)
-                    };
-                    restore
-                        .entry(point)
-                        .or_default()
-                        .extend((c * rows..(c + 1) * rows).map(|r| (r, i - i0)));
-                }
+                let src = clean.get(point).expect("captured").narrow(1, i, len)?;
+                let src = src.broadcast_as((b, len, src.dim(2)?))?;
+                tr.push(point, Positions::Cells(at), Op::Replace(src));
             }
-            let mut tr = Trace::new();
-            for (point, where_) in restore {
-                let src = clean.get(point).expect("captured").narrow(1, i0, len)?;
-                let src = src.broadcast_as((b, len, src.dim(2)?))?.contiguous()?;
-                tr.push(point, Positions::Cells(where_), Op::Replace(src));
-            }
-            let x = Tensor::cat(&xs, 0)?; // (cells * rows, len, d)
-            let mut c = cached.repeat(cells.len())?;
-            let logits = model.forward_from(start, &x, None, Some(&mut c), &mut tr, true)?;
-            let p = prob(&logits, tid)?;
-            evals += (b * len * (n - start)) as u64;
-            for (c, &(kind, l, i)) in cells.iter().enumerate() {
-                let grid = match kind {
-                    "hidden" => &mut grids.hidden,
-                    "mlp" => &mut grids.mlp,
-                    _ => &mut grids.attn,
-                };
-                grid[i][l] = mean(&p[c * rows..(c + 1) * rows]) - corrupted_p;
-            }
+            tr.stop_after(HookPoint::ResidPost(j));
+            let mut c = if i > 0 {
+                let mut one = KvCache::new(n);
+                one.layers[j] = cached.layers[j]
+                    .as_ref()
+                    .map(|(k, v)| -> Result<(Tensor, Tensor)> {
+                        let copies = b / rows;
+                        Ok((
+                            Tensor::cat(&vec![k; copies], 0)?,
+                            Tensor::cat(&vec![v; copies], 0)?,
+                        ))
+                    })
+                    .transpose()?;
+                Some(one)
+            } else {
+                None
+            };
+            x = Some(model.forward_from(j, &xj, None, c.as_mut(), &mut tr, false)?);
+            evals += (b * len) as u64;
         }
-        for _ in 0..toks.len() * KINDS.len() {
+        let x = x.expect("cells at every token");
+        let logits = model.head(&x.narrow(1, len - 1, 1)?, false)?;
+        let p = prob(&logits, tid)?;
+        for &(kind, l, r0) in &cells {
+            let grid = match kind {
+                "hidden" => &mut grids.hidden,
+                "mlp" => &mut grids.mlp,
+                _ => &mut grids.attn,
+            };
+            grid[i][l] = mean(&p[r0..r0 + rows]) - corrupted_p;
+        }
+        for _ in 0..KINDS.len() {
             progress();
         }
-        i0 += chunk;
     }
     for _ in 0..sub_lo * KINDS.len() {
         progress(); // rows before the subject: exactly zero effect, nothing to run
@@ -196,28 +219,20 @@ pub fn trace_setup(
     ))
 }
 
-/// Tokens per batched group. Rows of a later token in a group recompute a few positions
-/// that the cache already holds (wasted work), in exchange for larger matrix products.
-/// Measured on smollm2-135m, 10-token prompt, 2 cores: 1, 2, 3 tokens a group took 84, 85
-/// and 78 s, with 0.90, 0.98 and 1.05 M block evaluations: larger products pay for the waste.
-const TOKEN_CHUNK: usize = 3;
-
-/// The corrupted residual with position `p` set to the clean state.
+/// The corrupted residual with its first position set to the clean state.
 ///
 /// # Shapes
-/// `corrupt`: `[rows, len, d]`, `clean`: `[1, len, d]`; returns `[rows, len, d]`.
-fn patch_at(corrupt: &Tensor, clean: &Tensor, p: usize) -> Result<Tensor> {
+/// `corrupt`: `[rows, len, d]`, `clean`: `[1, 1, d]`; returns `[rows, len, d]`.
+fn patch_first(corrupt: &Tensor, clean: &Tensor) -> Result<Tensor> {
     let (rows, len, d) = corrupt.dims3()?;
-    let restored = clean.narrow(1, p, 1)?.broadcast_as((rows, 1, d))?;
-    let mut parts = Vec::with_capacity(3);
-    if p > 0 {
-        parts.push(corrupt.narrow(1, 0, p)?);
+    let restored = clean.broadcast_as((rows, 1, d))?.contiguous()?;
+    if len == 1 {
+        return Ok(restored);
     }
-    parts.push(restored.contiguous()?);
-    if p + 1 < len {
-        parts.push(corrupt.narrow(1, p + 1, len - p - 1)?);
-    }
-    Ok(Tensor::cat(&parts, 1)?)
+    Ok(Tensor::cat(
+        &[&restored, &corrupt.narrow(1, 1, len - 1)?],
+        1,
+    )?)
 }
 
 /// P(target) per row from `[rows, 1, vocab]` logits.
