@@ -110,15 +110,19 @@ pub fn trace_setup(
     // One pass over the layers per token i (positions i.. are recomputed; earlier ones come
     // from the corrupted run's cache). A cell's rows join the batch at the layer where its
     // run starts to differ from the corrupted run: a hidden cell (i, l) at layer l + 1 with
-    // its residual patched, an MLP or attention cell at the start of its window. So the
+    // its residual patched, an MLP or attention cell one layer above the start of its window
+    // (that first layer differs only at token i and runs at that position alone). So the
     // batch grows up the stack ("staircase") and every cell is computed once, in large
     // matrix products.
     for i in sub_lo..t {
+        let ti = Instant::now();
+        let ev0 = evals;
         let len = t - i;
         let cached = cache.truncate(i)?;
         // (kind, layer, first row) of each cell in the batch so far.
         let mut cells: Vec<(&str, usize, usize)> = Vec::new();
         let mut x: Option<Tensor> = None;
+        let mut tail_logits = Vec::new();
         for j in 0..=n {
             // Rows joining at layer j.
             let mut join = Vec::new();
@@ -128,24 +132,56 @@ pub fn trace_setup(
                 join.push(patch_first(&base, &clean_state.narrow(1, i, 1)?)?);
                 cells.push(("hidden", j - 1, cells.len() * rows));
             }
-            for l in 0..n {
-                if window(l, params.window, n).0 == j {
-                    for kind in ["mlp", "attn"] {
-                        join.push(base.clone());
+            // An MLP or attention cell differs from the corrupted run only at token i in the
+            // first layer of its window, so that layer runs at position i alone (the rest of
+            // the batch does not need it) and the cell joins one layer up, patched like a
+            // hidden cell. Cells whose windows start at the same layer share that run.
+            let starts: Vec<usize> = (0..n)
+                .filter(|&l| j >= 1 && window(l, params.window, n).0 == j - 1)
+                .collect();
+            if !starts.is_empty() {
+                let lo = j - 1;
+                let x1 = resid_in[lo].narrow(1, i, 1)?; // (rows, 1, d)
+                let x1 = Tensor::cat(&[&x1, &x1], 0)?; // rows restoring the MLP, then attention
+                let mut tr = Trace::new();
+                for (g, point) in [HookPoint::MlpOut(lo), HookPoint::AttnOut(lo)]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let src = clean.get(point).expect("captured").narrow(1, i, 1)?;
+                    let src = src.broadcast_as((2 * rows, 1, src.dim(2)?))?;
+                    let at = (g * rows..(g + 1) * rows).map(|r| (r, 0)).collect();
+                    tr.push(point, Positions::Cells(at), Op::Replace(src));
+                }
+                tr.stop_after(HookPoint::ResidPost(lo));
+                let mut c = layer_cache(&cached, lo, 2)?;
+                let y = model.forward_from(lo, &x1, None, c.as_mut(), &mut tr, false)?;
+                evals += (2 * rows) as u64;
+                for &l in &starts {
+                    for (g, kind) in ["mlp", "attn"].into_iter().enumerate() {
+                        join.push(patch_first(&base, &y.narrow(0, g * rows, rows)?)?);
                         cells.push((kind, l, cells.len() * rows));
                     }
                 }
+            }
+            if j == n {
+                // x holds the last position's logits of the rows so far; the hidden cell
+                // (i, n - 1) that joins here only needs the head.
+                for r in join {
+                    tail_logits.push(model.head(&r.narrow(1, len - 1, 1)?, false)?);
+                }
+                break;
             }
             if !join.is_empty() {
                 let mut parts: Vec<Tensor> = x.take().into_iter().collect();
                 parts.extend(join);
                 x = Some(Tensor::cat(&parts, 0)?); // (cells * rows, len, d)
             }
-            if j == n {
-                break;
-            }
             let Some(xj) = x.take() else { continue };
             let b = xj.dim(0)?;
+            // In the last layer only the last position feeds the logits: a restore at token
+            // i < t - 1 there changes nothing, and the model computes that position alone.
+            let last = j + 1 == n;
             // Restore the clean MLP / attention output at token i (position 0) for the rows
             // of every window cell whose window holds layer j.
             let mut tr = Trace::new();
@@ -161,36 +197,25 @@ pub fn trace_setup(
                     })
                     .flat_map(|&(_, _, r0)| (r0..r0 + rows).map(|r| (r, 0)))
                     .collect();
-                if at.is_empty() {
+                if at.is_empty() || (last && len > 1) {
                     continue;
                 }
                 let src = clean.get(point).expect("captured").narrow(1, i, len)?;
                 let src = src.broadcast_as((b, len, src.dim(2)?))?;
                 tr.push(point, Positions::Cells(at), Op::Replace(src));
             }
-            tr.stop_after(HookPoint::ResidPost(j));
-            let mut c = if i > 0 {
-                let mut one = KvCache::new(n);
-                one.layers[j] = cached.layers[j]
-                    .as_ref()
-                    .map(|(k, v)| -> Result<(Tensor, Tensor)> {
-                        let copies = b / rows;
-                        Ok((
-                            Tensor::cat(&vec![k; copies], 0)?,
-                            Tensor::cat(&vec![v; copies], 0)?,
-                        ))
-                    })
-                    .transpose()?;
-                Some(one)
-            } else {
-                None
-            };
-            x = Some(model.forward_from(j, &xj, None, c.as_mut(), &mut tr, false)?);
-            evals += (b * len) as u64;
+            if !last {
+                tr.stop_after(HookPoint::ResidPost(j));
+            }
+            let mut c = layer_cache(&cached, j, b / rows)?;
+            // The last layer returns the logits of the last position: (b, 1, vocab).
+            x = Some(model.forward_from(j, &xj, None, c.as_mut(), &mut tr, last)?);
+            evals += (b * if last { 1 } else { len }) as u64;
         }
-        let x = x.expect("cells at every token");
-        let logits = model.head(&x.narrow(1, len - 1, 1)?, false)?;
-        let p = prob(&logits, tid)?;
+        let mut p = prob(&x.expect("cells at every token"), tid)?;
+        for l in &tail_logits {
+            p.extend(prob(l, tid)?);
+        }
         for &(kind, l, r0) in &cells {
             let grid = match kind {
                 "hidden" => &mut grids.hidden,
@@ -201,6 +226,13 @@ pub fn trace_setup(
         }
         for _ in 0..KINDS.len() {
             progress();
+        }
+        if std::env::var("ENGRAM_PROFILE").is_ok() {
+            eprintln!(
+                "token {i}: len {len} evals {} in {:.2} s",
+                evals - ev0,
+                ti.elapsed().as_secs_f64()
+            );
         }
     }
     for _ in 0..sub_lo * KINDS.len() {
@@ -219,10 +251,24 @@ pub fn trace_setup(
     ))
 }
 
-/// The corrupted residual with its first position set to the clean state.
+/// Layer `l` of the corrupted run's cache (positions before the traced token), its `rows`
+/// noise samples repeated `copies` times (batch-major); `None` when nothing is cached.
+fn layer_cache(cached: &KvCache, l: usize, copies: usize) -> Result<Option<KvCache>> {
+    let Some((k, v)) = &cached.layers[l] else {
+        return Ok(None);
+    };
+    let mut one = KvCache::new(cached.layers.len());
+    one.layers[l] = Some((
+        Tensor::cat(&vec![k; copies], 0)?,
+        Tensor::cat(&vec![v; copies], 0)?,
+    ));
+    Ok(Some(one))
+}
+
+/// The corrupted residual with its first position set to the restored state.
 ///
 /// # Shapes
-/// `corrupt`: `[rows, len, d]`, `clean`: `[1, 1, d]`; returns `[rows, len, d]`.
+/// `corrupt`: `[rows, len, d]`, `clean`: `[1 or rows, 1, d]`; returns `[rows, len, d]`.
 fn patch_first(corrupt: &Tensor, clean: &Tensor) -> Result<Tensor> {
     let (rows, len, d) = corrupt.dims3()?;
     let restored = clean.broadcast_as((rows, 1, d))?.contiguous()?;

@@ -115,7 +115,8 @@ pub fn block(
     };
     let (q, k, v) = (split(0)?, split(1)?, split(2)?.contiguous()?);
     let (k, v) = KvCache::extend(cache, l, k, v)?; // (b, nh, past + t, hd)
-    let y = attend(&q, &k, &v, ctx.bias.as_ref(), diff)?; // (b, t, d)
+    let (q, x, bias) = ctx.trim(q, x)?; // t -> 1 when only the last position is wanted
+    let y = attend(&q, &k, &v, bias.as_ref(), diff)?; // (b, t, d)
     let a = linear(&y, g("attn.c_proj.weight")?, Some(g("attn.c_proj.bias")?))?;
     let a = hook!(trace, stop, HookPoint::AttnOut(l), a);
     let x = (x + a)?;

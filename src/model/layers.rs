@@ -309,6 +309,29 @@ pub struct BlockCtx {
     pub bias: Option<Tensor>,
     /// Rotary cos/sin `[batch, 1, seq, head_dim]` (Llama family).
     pub rope: Option<(Tensor, Tensor)>,
+    /// Compute the block's output at the last position only: keys and values of every
+    /// position still enter the attention (and the cache). Set by the model for the last
+    /// block when only the last position's logits are wanted and nothing hooks that block.
+    pub last_only: bool,
+}
+
+impl BlockCtx {
+    /// With `last_only`, the queries, residual and bias of the last position only.
+    ///
+    /// # Shapes
+    /// `q`: `[batch, heads, seq, head_dim]`, `x`: `[batch, seq, d_model]`; the seq axis
+    /// becomes 1.
+    pub fn trim(&self, q: Tensor, x: Tensor) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        let t = x.dim(1)?;
+        if !self.last_only || t == 1 {
+            return Ok((q, x, self.bias.clone()));
+        }
+        let bias = match &self.bias {
+            Some(b) => Some(b.narrow(2, t - 1, 1)?),
+            None => None,
+        };
+        Ok((q.narrow(2, t - 1, 1)?, x.narrow(1, t - 1, 1)?, bias))
+    }
 }
 
 /// The result of one block: go on with this residual, or stop (the trace's stop point).

@@ -154,7 +154,8 @@ pub fn block(
     let (k, v) = KvCache::extend(cache, l, k, v)?; // (b, nkv, past + t, hd)
     let k = repeat_kv(k, nh / nkv)?; // (b, nh, past + t, hd)
     let v = repeat_kv(v, nh / nkv)?;
-    let y = attend(&q, &k, &v, ctx.bias.as_ref(), diff)?; // (b, t, nh * hd)
+    let (q, x, bias) = ctx.trim(q, x)?; // t -> 1 when only the last position is wanted
+    let y = attend(&q, &k, &v, bias.as_ref(), diff)?; // (b, t, nh * hd)
     let a = linear(&y, g("self_attn.o_proj.weight")?, None)?;
     let a = hook!(trace, stop, HookPoint::AttnOut(l), a);
     let x = (x + a)?;

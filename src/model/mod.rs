@@ -269,13 +269,21 @@ impl Model {
         };
         let past = cache.as_ref().map(|c| c.len_at(start)).unwrap_or(0);
         let pos = layers::position_ids(b, t, past, key_mask);
-        let ctx = layers::BlockCtx {
+        let mut ctx = layers::BlockCtx {
             bias: layers::attention_bias(b, t, past, key_mask, &self.device)?,
             rope: match cfg.arch {
                 Arch::Llama => llama::prepare(cfg, &pos, &self.device)?,
                 Arch::Gpt2 => gpt2::prepare(cfg, &pos, &self.device)?,
             },
+            last_only: false,
         };
+        // With only the last position's logits wanted, the last block computes that position
+        // alone, unless the trace hooks that block past its input or stops inside it.
+        let last = cfg.n_layers.saturating_sub(1);
+        let inside_last = |p: HookPoint| p.layer() == Some(last) && p != HookPoint::ResidPre(last);
+        let trim_last = last_only
+            && !trace.interventions().iter().any(|iv| inside_last(iv.point))
+            && !trace.stop_point().map(inside_last).unwrap_or(false);
         let mut x = match input {
             Input::Resid(x) => x.clone(),
             Input::Ids(ids) => {
@@ -292,6 +300,7 @@ impl Model {
             }
         };
         for l in start..cfg.n_layers {
+            ctx.last_only = trim_last && l == last;
             let c = cache.as_deref_mut();
             let step = match cfg.arch {
                 Arch::Llama => llama::block(cfg, w, l, x, &ctx, c, trace)?,
@@ -303,6 +312,7 @@ impl Model {
             };
         }
         if last_only {
+            let t = x.dim(1)?; // already 1 when the last block was trimmed
             x = x.narrow(1, t - 1, 1)?;
         }
         let diff = trace.is_differentiable();
