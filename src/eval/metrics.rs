@@ -266,12 +266,16 @@ pub fn run_suite(model: &Model, suite: &Suite) -> Result<SuiteRun> {
             .collect::<Result<_>>()?;
         let batch = Batch::padded(&ids, PadSide::Right, 0);
         let logits = model.forward(&batch, &mut Trace::new())?;
-        for (r, row) in ids.iter().enumerate() {
-            rows.push(logits.i((r, row.len() - 1))?);
-        }
+        let last: Vec<Tensor> = ids
+            .iter()
+            .enumerate()
+            .map(|(r, row)| logits.i((r, row.len() - 1)))
+            .collect::<candle_core::Result<_>>()?;
+        // Stacking copies: views would keep every chunk's full logits alive (hundreds of MB).
+        rows.push(Tensor::stack(&last, 0)?);
     }
     let logprobs =
-        candle_nn::ops::log_softmax(&Tensor::stack(&rows, 0)?.to_dtype(DType::F32)?, D::Minus1)?;
+        candle_nn::ops::log_softmax(&Tensor::cat(&rows, 0)?.to_dtype(DType::F32)?, D::Minus1)?;
     Ok(SuiteRun {
         logprobs,
         text_nll: text_nll(model, &suite.texts)?,
