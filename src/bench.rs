@@ -26,17 +26,22 @@ pub fn matmul_peak(device: &Device, n: usize, reps: usize) -> Result<f64> {
 pub fn forward_flops(model: &Model, batch: usize, seq: usize) -> f64 {
     let c = &model.config;
     let tokens = (batch * seq) as f64;
-    let (d, m, hd) = (c.d_model as f64, c.d_mlp as f64, c.head_dim as f64);
-    let (q, kv) = (c.n_heads as f64 * hd, c.n_kv_heads as f64 * hd);
-    let per_layer_linear = d * q + 2.0 * d * kv + q * d + 3.0 * d * m;
-    let per_layer_linear = match c.arch {
-        crate::model::Arch::Llama => per_layer_linear,
-        crate::model::Arch::Gpt2 => 4.0 * d * d + 2.0 * d * m,
-    };
-    let linear = 2.0 * tokens * per_layer_linear * c.n_layers as f64;
+    let (d, q) = (c.d_model as f64, (c.n_heads * c.head_dim) as f64);
+    let linear = tokens * forward_flops_linear_per_position(model) * c.n_layers as f64;
     let attn = 2.0 * 2.0 * batch as f64 * (seq as f64).powi(2) * q * c.n_layers as f64;
     let head = 2.0 * tokens * d * c.vocab_size as f64;
     linear + attn + head
+}
+
+/// FLOPs of one position through one layer's linear maps (the unit of "block evaluations").
+pub fn forward_flops_linear_per_position(model: &Model) -> f64 {
+    let c = &model.config;
+    let (d, m, hd) = (c.d_model as f64, c.d_mlp as f64, c.head_dim as f64);
+    let (q, kv) = (c.n_heads as f64 * hd, c.n_kv_heads as f64 * hd);
+    2.0 * match c.arch {
+        crate::model::Arch::Llama => d * q + 2.0 * d * kv + q * d + 3.0 * d * m,
+        crate::model::Arch::Gpt2 => 4.0 * d * d + 2.0 * d * m,
+    }
 }
 
 /// Prefill throughput on random tokens.

@@ -36,6 +36,10 @@ pub struct Args {
     /// JSONL of facts (prompt, subject, optional target) to trace and average.
     #[arg(long)]
     data: Option<PathBuf>,
+    /// After the trace, measure the machine's matmul peak in the same process and state the
+    /// trace's rate in the linear maps against it (time alone is noisy on shared machines).
+    #[arg(long)]
+    peak: bool,
     /// With `--data`: how many records.
     #[arg(long, default_value_t = 20)]
     n: usize,
@@ -119,6 +123,19 @@ pub fn run(a: Args) -> Result<()> {
             .collect();
         let labels: Vec<String> = r.tokens.iter().map(|t| format!("{t:?}")).collect();
         write_plot(p, &r, &labels, &marked, |k| r.grids.get(k).clone())?;
+    }
+    if a.peak {
+        // Each block evaluation is one position through one layer's linear maps (attention
+        // scores and the head are left out, so the rate is a lower bound).
+        let flops = engram::bench::forward_flops_linear_per_position(&m) * r.block_evals as f64;
+        let achieved = flops / r.seconds.max(1e-9) / 1e9;
+        let peak = engram::bench::matmul_peak(&m.device, 1024, 5)? / 1e9;
+        println!(
+            "linear maps: {achieved:.1} GFLOP/s = {:.0}% of the {peak:.1} GFLOP/s matmul peak measured in the same process",
+            100.0 * achieved / peak
+        );
+        json["linear_gflops"] = achieved.into();
+        json["matmul_peak_gflops"] = peak.into();
     }
     if let Some(p) = &a.json {
         super::write_json(p, &json)?;

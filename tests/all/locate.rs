@@ -288,6 +288,7 @@ fn locate_cli_writes_json_and_svg() {
             j.to_str().unwrap(),
             "--plot",
             p.to_str().unwrap(),
+            "--peak",
         ])
         .output()
         .unwrap();
@@ -297,6 +298,10 @@ fn locate_cli_writes_json_and_svg() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v = json(&j);
+    // --peak: the trace's rate and the matmul peak of the same process, both positive.
+    for k in ["linear_gflops", "matmul_peak_gflops"] {
+        assert!(v[k].as_f64().unwrap() > 0.0, "{k}: {}", v[k]);
+    }
     for k in [
         "clean_p",
         "corrupted_p",
