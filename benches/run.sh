@@ -8,6 +8,10 @@ mkdir -p out
 $E bench --json out/bench.json
 $E locate --prompt "The Eiffel Tower is located in the city of" --subject "The Eiffel Tower" \
   --target " Paris" --method attribution --compare-exact --json out/locate-eiffel.json --plot out/locate-eiffel.svg
+# Exact traces with the matmul peak of the same process (the first 12-token prompt of dev-2000 last).
+$E locate --prompt "The Eiffel Tower is located in the city of" --subject "The Eiffel Tower" --target " Paris" --peak
+$E locate --prompt "The mother tongue of Danielle Darrieux is said to be" --subject "Danielle Darrieux" --target " French" --peak
+$E locate --prompt "Anaal Nathrakh, that was created in" --subject "Anaal Nathrakh" --target " Birmingham" --peak
 $E locate --prompt "The mother tongue of Danielle Darrieux is said to be" --subject "Danielle Darrieux" \
   --target " French" --method attribution --compare-exact --json out/locate-darrieux.json
 $E eval counterfact --data $CF --method rome --layer 5 --n 100 --json out/cf-rome-l5.json --resume out/cf-rome-l5.jsonl
