@@ -320,6 +320,19 @@ fn forward_from_a_layer_and_position_matches_a_full_forward() {
             .unwrap();
         let d = max_abs_diff(&full.narrow(1, 5, 1).unwrap(), &y);
         assert!(d <= 1e-5, "{name}: {d}");
+        // With only the last logits wanted the last block runs the last position alone,
+        // unless the trace hooks inside it: then every position is still there to hook.
+        let last = m.config.n_layers - 1;
+        let mut t2 = Trace::new();
+        t2.capture(HookPoint::MlpOut(last));
+        let y2 = m
+            .forward_from(1, &resid, None, None, &mut t2, true)
+            .unwrap();
+        let seen = t2.take(HookPoint::MlpOut(last)).unwrap();
+        assert_eq!(seen.dim(1).unwrap(), resid.dim(1).unwrap(), "{name}");
+        let t_len = full.dim(1).unwrap();
+        let d = max_abs_diff(&full.narrow(1, t_len - 1, 1).unwrap(), &y2);
+        assert!(d <= 1e-5, "{name}: {d}");
     }
 }
 
