@@ -21,7 +21,10 @@
 //! - several requests are searched together (MEMIT): each has its own row of the trainable
 //!   `[requests, d_model]` matrix, added only to its own prompts; the summed loss gives each
 //!   row exactly its own request's gradient, and Adam is per coordinate, so the result equals
-//!   searching each alone. A request that reaches `stop_prob` is frozen while the others go on.
+//!   searching each alone. A request that reaches `stop_prob` is frozen while the others go on;
+//! - requests are sorted by the length of their rows after the subject before they are cut
+//!   into chunks, so a chunk pads little;
+//! - the KL prompt ends at the subject's last token, the only position the KL term reads.
 
 use crate::error::{Error, Result};
 use crate::locate::subject_span_from;
