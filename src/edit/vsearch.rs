@@ -116,25 +116,31 @@ pub fn search(
     // Rows are padded to the longest tail of their chunk, so requests with tails of like
     // length are searched together: sort by tail, chunk, then put the results back in order.
     // (On the first 48 CounterFact cases, a third of the tokens were padding before.)
-    let mut tails = Vec::with_capacity(reqs.len());
-    for r in reqs {
-        let rows = build_rows(model, std::slice::from_ref(r), prefixes)?;
-        tails.push(
-            rows.iter()
-                .map(|r| r.ids.len() - r.lookup)
-                .max()
-                .unwrap_or(1),
-        );
-    }
+    let rows = build_rows(model, reqs, prefixes)?; // request q's rows at q * per_req..
+    let per_req = prefixes.len() + 1;
+    let tails: Vec<usize> = rows
+        .chunks(per_req)
+        .map(|rs| rs.iter().map(|r| r.ids.len() - r.lookup).max().unwrap_or(1))
+        .collect();
     let mut order: Vec<usize> = (0..reqs.len()).collect();
     order.sort_by_key(|&i| tails[i]); // stable: equal tails keep their order
     let mut out: Vec<Option<Found>> = vec![None; reqs.len()];
     for idx in order.chunks(chunk.max(1)) {
-        let c: Vec<Request<'_>> = idx.iter().map(|&i| reqs[i].clone()).collect();
-        for (&i, f) in idx
+        // The chunk's rows, their request numbers made local to the chunk.
+        let c: Vec<Row> = idx
             .iter()
-            .zip(search_chunk(model, &c, prefixes, layer, at, params)?)
-        {
+            .enumerate()
+            .flat_map(|(local, &i)| {
+                rows[i * per_req..(i + 1) * per_req]
+                    .iter()
+                    .map(move |r| Row {
+                        req: local,
+                        ..r.clone()
+                    })
+            })
+            .collect();
+        let found = search_chunk(model, c, idx.len(), prefixes, layer, at, params)?;
+        for (&i, f) in idx.iter().zip(found) {
             out[i] = Some(f);
         }
     }
@@ -143,6 +149,7 @@ pub fn search(
 
 /// One row of the batch: a prefixed prompt followed by the target minus its last token, or a
 /// request's KL prompt.
+#[derive(Clone)]
 struct Row {
     req: usize,
     ids: Vec<u32>,
@@ -303,9 +310,11 @@ fn norms(x: &Tensor) -> Result<Vec<f64>> {
         .collect())
 }
 
+/// Search the `nq` requests whose rows are `rows` (request q's at q * per_req..).
 fn search_chunk(
     model: &Model,
-    reqs: &[Request<'_>],
+    rows: Vec<Row>,
+    nq: usize,
     prefixes: &[String],
     layer: usize,
     at: Where,
@@ -314,8 +323,6 @@ fn search_chunk(
     let cfg = &model.config;
     let n = cfg.n_layers;
     let dev = &model.device;
-    let nq = reqs.len();
-    let rows = build_rows(model, reqs, prefixes)?;
     let per_req = prefixes.len() + 1; // prompt rows, then the KL row
     let n_prompts = prefixes.len();
     let hook = match at {

@@ -227,13 +227,11 @@ pub fn trace_setup(
         for _ in 0..KINDS.len() {
             progress();
         }
-        if std::env::var("ENGRAM_PROFILE").is_ok() {
-            eprintln!(
-                "token {i}: len {len} evals {} in {:.2} s",
-                evals - ev0,
-                ti.elapsed().as_secs_f64()
-            );
-        }
+        tracing::debug!(
+            "token {i}: {len} positions, {} block evaluations, {:.2} s",
+            evals - ev0,
+            ti.elapsed().as_secs_f64()
+        );
     }
     for _ in 0..sub_lo * KINDS.len() {
         progress(); // rows before the subject: exactly zero effect, nothing to run
@@ -254,15 +252,12 @@ pub fn trace_setup(
 /// Layer `l` of the corrupted run's cache (positions before the traced token), its `rows`
 /// noise samples repeated `copies` times (batch-major); `None` when nothing is cached.
 fn layer_cache(cached: &KvCache, l: usize, copies: usize) -> Result<Option<KvCache>> {
-    let Some((k, v)) = &cached.layers[l] else {
+    if cached.layers[l].is_none() {
         return Ok(None);
-    };
+    }
     let mut one = KvCache::new(cached.layers.len());
-    one.layers[l] = Some((
-        Tensor::cat(&vec![k; copies], 0)?,
-        Tensor::cat(&vec![v; copies], 0)?,
-    ));
-    Ok(Some(one))
+    one.layers[l] = cached.layers[l].clone();
+    Ok(Some(one.repeat(copies)?))
 }
 
 /// The corrupted residual with its first position set to the restored state.
