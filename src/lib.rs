@@ -32,13 +32,35 @@ pub fn tune_allocator() {
     }
 }
 
+/// Hand the heap's free memory back to the system (glibc `malloc_trim`). [`tune_allocator`]
+/// turns automatic trimming off, which is right inside a phase (a trace or a search frees
+/// and re-allocates the same sizes thousands of times) but keeps a finished phase's peak
+/// resident; call this between phases (after a v* search, before loading another model).
+/// A no-op on other C libraries.
+pub fn release_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns unused heap pages to the system.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Resident memory of this process in MB (Linux; 0 elsewhere), for debug logs.
 pub fn rss_mb() -> f64 {
+    proc_status_mb("VmRSS:")
+}
+
+/// Peak resident memory of this process so far in MB (Linux; 0 elsewhere).
+pub fn peak_rss_mb() -> f64 {
+    proc_status_mb("VmHWM:")
+}
+
+fn proc_status_mb(key: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(key))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<f64>().ok())
         })

@@ -205,12 +205,17 @@ pub fn run(a: Args) -> Result<()> {
     patch::write(&patch_path, &meta, &deltas, &applied)?;
     if !a.no_save {
         super::save_model(&m, &out, &a.out_type)?;
-        tracing::debug!("edited model written: RSS {:.0} MB", engram::rss_mb());
+        tracing::debug!(
+            "edited model written: RSS {:.0} MB (peak {:.0} MB)",
+            engram::rss_mb(),
+            engram::peak_rss_mb()
+        );
         if is_gguf {
             // Efficacy after re-quantization to the input's types. The edited model is
             // dropped first: two f32 copies of the weights would set the peak memory.
             let device = m.device.clone();
             drop(m);
+            engram::release_memory();
             let q = engram::model::load(Some(out.to_string_lossy().as_ref()), &device)?;
             for (w, r) in report.rewrites.iter_mut().zip(&spec.rewrites) {
                 w.requantized = Some(score_rewrite(&q, r)?);

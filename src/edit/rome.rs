@@ -56,6 +56,11 @@ pub struct RomeParams {
     /// Context prefixes: (tokens, count) pairs (reference: [[5, 10], [10, 10]]).
     #[serde(default = "d_ctx")]
     pub context_templates: Vec<(usize, usize)>,
+    /// Weight of the bare prompt's key in k*; the prefixed prompts share the rest equally.
+    /// The reference weighs all prompts alike (1/21 with its prefixes). Ours: 0.5, because a
+    /// subject at the start of the text has a key unlike the prefixed ones (see `compute`).
+    #[serde(default = "d_bare")]
+    pub bare_key_weight: f64,
     /// Key statistics: self-sampled sequences and their length (reference run on this model:
     /// 25,600 keys).
     #[serde(default = "d_samples")]
@@ -86,6 +91,9 @@ fn d_stop() -> f64 {
 }
 fn d_ctx() -> Vec<(usize, usize)> {
     vec![(5, 10), (10, 10)]
+}
+fn d_bare() -> f64 {
+    0.5
 }
 fn d_samples() -> usize {
     200
@@ -172,8 +180,28 @@ pub fn compute(
     .pop()
     .ok_or_else(|| Error::invalid("rome", "the search returned nothing"))?;
 
+    // k*: the bare prompt's key weighted by `bare_key_weight`, the prefixed prompts' mean by
+    // the rest. Departure: the reference's plain mean over all prompts lets a prompt whose
+    // subject starts the text (no token before it) keep little of the edit: on "Veracode,
+    // whose headquarters are in", u · k / u · k* is 0.38 for the bare prompt and 0.7-1.2 for
+    // the prefixed ones, and ES failed; with weight 0.5 the bare prompt's ratio is 0.91.
+    let n = found.trace.n_prompts as f64;
+    let w = params.bare_key_weight;
+    if !(0.0..=1.0).contains(&w) {
+        return Err(Error::invalid(
+            "method.bare_key_weight",
+            format!("must be in [0, 1], got {w}"),
+        ));
+    }
+    let k_star = if n > 1.0 {
+        // mean of the prefixed = (n * mean_all - bare) / (n - 1)
+        let prefixed = ((&found.k_star * n)? - &found.k_bare)? / (n - 1.0);
+        ((&found.k_bare * w)? + (prefixed? * (1.0 - w))?)?
+    } else {
+        found.k_bare.clone()
+    };
     // u = C^-1 k*, Λ = (v* - W k*) / (u · k*) with v* = W k* + delta, so Λ = delta / (u · k*).
-    let k64: Vec<f64> = found.k_star.to_dtype(DType::F64)?.to_vec1()?;
+    let k64: Vec<f64> = k_star.to_dtype(DType::F64)?.to_vec1()?;
     let u = chol.solve(&k64);
     let uk: f64 = u.iter().zip(&k64).map(|(a, b)| a * b).sum();
     let lambda = (&found.delta / uk)?;

@@ -346,10 +346,18 @@ pub fn run_spec(
         Some(s) => Some(run_suite(model, s)?),
         None => None,
     };
-    tracing::debug!("base suite run: RSS {:.0} MB", crate::rss_mb());
+    tracing::debug!(
+        "base suite run: RSS {:.0} MB (peak {:.0} MB)",
+        crate::rss_mb(),
+        crate::peak_rss_mb()
+    );
     progress("key statistics");
     editor.prepare(model, &mut |_, _| {})?;
-    tracing::debug!("statistics loaded: RSS {:.0} MB", crate::rss_mb());
+    tracing::debug!(
+        "statistics loaded: RSS {:.0} MB (peak {:.0} MB)",
+        crate::rss_mb(),
+        crate::peak_rss_mb()
+    );
     let batch_size = editor.step_size(
         spec.sequential
             .as_ref()
@@ -372,7 +380,12 @@ pub fn run_spec(
             .collect::<Result<Vec<_>>>()?;
         let t0 = Instant::now();
         let step = editor.compute_step(model, chunk)?;
-        tracing::debug!("batch {b} computed: RSS {:.0} MB", crate::rss_mb());
+        crate::release_memory(); // the search's graph is gone; its pages need not stay
+        tracing::debug!(
+            "batch {b} computed: RSS {:.0} MB (peak {:.0} MB)",
+            crate::rss_mb(),
+            crate::peak_rss_mb()
+        );
         let (ds, traces) = (step.deltas, step.searches);
         batches.extend(step.batch);
         let secs = t0.elapsed().as_secs_f64() / chunk.len() as f64;
@@ -408,7 +421,11 @@ pub fn run_spec(
             )?);
         }
     }
-    tracing::debug!("rewrites applied and scored: RSS {:.0} MB", crate::rss_mb());
+    tracing::debug!(
+        "rewrites applied and scored: RSS {:.0} MB (peak {:.0} MB)",
+        crate::rss_mb(),
+        crate::peak_rss_mb()
+    );
     let loc = match (suite, &base_run) {
         (Some(s), Some(b)) => {
             progress("locality");
@@ -416,7 +433,12 @@ pub fn run_spec(
         }
         _ => None,
     };
-    tracing::debug!("locality measured: RSS {:.0} MB", crate::rss_mb());
+    crate::release_memory();
+    tracing::debug!(
+        "locality measured: RSS {:.0} MB (peak {:.0} MB)",
+        crate::rss_mb(),
+        crate::peak_rss_mb()
+    );
     let n = reports.len().max(1) as f64;
     let report = EditReport {
         method: spec.method.name().into(),

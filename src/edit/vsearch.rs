@@ -81,6 +81,8 @@ pub struct Found {
     /// Mean over the prompts of layer L's MLP key at the subject's last token, `[d_mlp]`
     /// (ROME's k*).
     pub k_star: Tensor,
+    /// Layer L's MLP key at the bare prompt's subject token, `[d_mlp]`.
+    pub k_bare: Tensor,
     /// Mean over the prompts of the hooked state at the subject's last token, `[d_model]`
     /// (ROME: W k*, since the map is affine).
     pub h_mean: Tensor,
@@ -383,11 +385,13 @@ fn search_chunk(
     let keys = take(&mut tr, HookPoint::MlpKey(layer))?.i((.., p_col))?; // (rows, d_mlp)
     let hooked = take(&mut tr, hook)?.i((.., p_col))?; // (rows, d)
     let mut k_star = Vec::with_capacity(nq);
+    let mut k_bare = Vec::with_capacity(nq);
     let mut h_mean = Vec::with_capacity(nq);
     let mut h_bare = Vec::with_capacity(nq);
     for q in 0..nq {
         let r0 = q * per_req;
         k_star.push(keys.narrow(0, r0, n_prompts)?.mean(0)?);
+        k_bare.push(keys.i(r0)?);
         h_mean.push(hooked.narrow(0, r0, n_prompts)?.mean(0)?);
         h_bare.push(hooked.i(r0)?);
     }
@@ -541,6 +545,7 @@ fn search_chunk(
         t.delta_norm = final_norms[q];
         out.push(Found {
             k_star: k_star[q].clone(),
+            k_bare: k_bare[q].clone(),
             h_mean: h_mean[q].clone(),
             h_bare: h_bare[q].clone(),
             delta: delta.as_tensor().i(q)?.detach(),

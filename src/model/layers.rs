@@ -1,12 +1,13 @@
 //! Building blocks shared by the model families: linear maps, norms, attention, KV cache.
 //!
 //! Each op that has a fused candle kernel without a backward pass (softmax, RMSNorm,
-//! LayerNorm) takes a `differentiable` flag and then uses the composed form, so gradients
-//! can flow (ROME's v* search, fine-tuning, unlearning). A test checks both give the same
-//! logits.
+//! LayerNorm) takes a `differentiable` flag and then uses a form with a backward pass, so
+//! gradients can flow (ROME's v* search, fine-tuning, unlearning): our fused ops in
+//! `fused.rs` (RMSNorm, softmax), candle's composed form for LayerNorm. A test checks both
+//! give the same logits.
 
 use crate::error::Result;
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 /// `x @ w^T + b`.
 ///
@@ -37,7 +38,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 /// `x`: `[batch, seq, d]`, `w`: `[d]`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, differentiable: bool) -> Result<Tensor> {
     Ok(if differentiable {
-        candle_nn::ops::rms_norm_slow(x, w, eps as f32)?
+        super::fused::rms_norm(x, w, eps)?
     } else {
         candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?
     })
@@ -64,7 +65,7 @@ pub fn layer_norm(
 /// Softmax over the last dimension.
 pub fn softmax(x: &Tensor, differentiable: bool) -> Result<Tensor> {
     Ok(if differentiable {
-        candle_nn::ops::softmax(x, D::Minus1)?
+        super::fused::softmax(x)?
     } else {
         candle_nn::ops::softmax_last_dim(x)?
     })

@@ -7,11 +7,12 @@
 //! Weight names are the checkpoint's (`model.layers.{l}.mlp.down_proj.weight`, ...).
 
 use super::config::Config;
+use super::fused::swiglu;
 use super::hooks::{HookPoint, Trace};
 use super::layers::{attend, hook, linear, repeat_kv, rms_norm, BlockCtx, KvCache, Step};
 use super::Weights;
 use crate::error::Result;
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 
 /// Every tensor a Llama checkpoint must have, with its shape.
 pub fn expected_tensors(cfg: &Config) -> Vec<(String, Vec<usize>)> {
@@ -70,16 +71,13 @@ fn rope_tables(cfg: &Config, pos: &[Vec<u32>], device: &Device) -> Result<(Tenso
     Ok((f.cos()?, f.sin()?))
 }
 
-/// `x * cos + rotate_half(x) * sin`, with `rotate_half([x1, x2]) = [-x2, x1]`.
+/// `x * cos + rotate_half(x) * sin`, with `rotate_half([x1, x2]) = [-x2, x1]` (one fused op
+/// with its backward pass, `fused::rope`).
 ///
 /// # Shapes
 /// `x`: `[batch, heads, seq, head_dim]`, `cos`, `sin`: `[batch, 1, seq, head_dim]`.
 fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let hd = x.dim(D::Minus1)?;
-    let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
-    let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
-    let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    Ok((x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?)?)
+    Ok(super::fused::rope(x, cos, sin)?)
 }
 
 /// Per-pass tables shared by every block: rotary cos/sin for the pass's positions.
@@ -168,9 +166,10 @@ pub fn block(
         diff,
     )?;
     let h = hook!(trace, stop, HookPoint::MlpIn(l), h);
-    let gate = linear(&h, g("mlp.gate_proj.weight")?, None)?.silu()?; // (b, t, d_mlp)
+    let gate = linear(&h, g("mlp.gate_proj.weight")?, None)?; // (b, t, d_mlp)
     let up = linear(&h, g("mlp.up_proj.weight")?, None)?;
-    let key = hook!(trace, stop, HookPoint::MlpKey(l), (gate * up)?);
+    // silu(gate) * up, one fused op.
+    let key = hook!(trace, stop, HookPoint::MlpKey(l), swiglu(&gate, &up)?);
     let m = linear(&key, g("mlp.down_proj.weight")?, None)?;
     let m = hook!(trace, stop, HookPoint::MlpOut(l), m);
     let x = (x + m)?;

@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod fetch;
+pub mod fused;
 pub mod generate;
 pub mod gpt2;
 pub mod hooks;
