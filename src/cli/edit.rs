@@ -144,6 +144,9 @@ pub fn print_report(r: &EditReport) {
     if let Some(s) = &r.stats {
         println!("key statistics: {s}");
     }
+    if r.peak_rss_mb > 0.0 {
+        println!("peak memory (resident): {:.0} MB", r.peak_rss_mb);
+    }
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -222,6 +225,8 @@ pub fn run(a: Args) -> Result<()> {
             }
         }
     }
+    // The peak again, now that the re-quantized copy has been loaded and scored.
+    report.peak_rss_mb = engram::peak_rss_mb();
     print_report(&report);
     println!("patch: {}", patch_path.display());
     if !a.no_save {

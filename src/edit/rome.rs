@@ -3,7 +3,7 @@
 //!
 //! A fact (subject, relation, object) is read at layer L's MLP: the key k at the subject's
 //! last token selects a value v = W k written into the residual stream. ROME finds
-//! - k*: the mean key at the subject's last token over the prompt and prefixed variants;
+//! - k*: the key at the subject's last token, averaged over the prompt and prefixed variants;
 //! - v*: by gradient descent, the MLP output that makes the model say the new object, with a
 //!   KL term that keeps "{subject} is a" unchanged and a weight decay.
 //!
@@ -13,8 +13,13 @@
 //!
 //! The v* search lives in `vsearch.rs` (shared with MEMIT), with its departures for speed.
 //!
-//! One departure in substance: v* is `W k* + delta` (the reference uses the bare prompt's key
-//! in place of k*), so that the update's formula is exactly the paper's.
+//! Departures in substance:
+//! - v* is `W k* + delta` (the reference uses the bare prompt's key in place of k*), so that
+//!   the update's formula is exactly the paper's;
+//! - k* weighs the bare prompt's key by `bare_key_weight` (0.5) and the prefixed prompts'
+//!   mean by the rest, where the reference takes the plain mean of all 21. A subject that
+//!   starts the text has a key unlike its prefixed variants', and the plain mean gave such a
+//!   prompt a third of the edit (`examples/key_ratio.rs`); ES is measured on that prompt.
 
 use super::linalg::Cholesky;
 use super::stats::KeyStats;

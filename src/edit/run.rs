@@ -90,6 +90,8 @@ pub struct EditReport {
     pub retention: Vec<RetentionPoint>,
     pub base_fingerprint: String,
     pub edited_fingerprint: String,
+    /// Peak resident memory of the process when the report was finished (Linux; 0 elsewhere).
+    pub peak_rss_mb: f64,
 }
 
 /// Computes edits, reusing key statistics and context prefixes across rewrites and batches
@@ -451,6 +453,7 @@ pub fn run_spec(
         retention,
         base_fingerprint: editor.base_fingerprint.clone(),
         edited_fingerprint: model.fingerprint()?,
+        peak_rss_mb: crate::peak_rss_mb(),
     };
     Ok((report, deltas, applied))
 }
