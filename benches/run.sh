@@ -31,6 +31,12 @@ $E eval counterfact --data $CF --method alphaedit --batch-size 100 --sequential 
   --json out/cf-alphaedit-seq200.json --plot out/cf-alphaedit-seq200.svg
 $E eval counterfact --data $CF --method rome --layer 5 --batch-size 20 --sequential --n 200 \
   --json out/cf-rome-seq200.json --plot out/cf-rome-seq200.svg
+# 1000 edits in sequential batches of 100 (about an hour).
+$E eval counterfact --data $CF --method alphaedit --batch-size 100 --sequential --n 1000 \
+  --json out/cf-alphaedit-seq1000.json --plot out/cf-alphaedit-seq1000.svg
+# How much of a ROME edit the bare prompt receives (u.k / u.k*), plain-mean k* vs bare weight 0.5.
+cargo run --release --example key_ratio -- "Veracode, whose headquarters are in" Veracode
+HALF=1 cargo run --release --example key_ratio -- "Veracode, whose headquarters are in" Veracode
 # MEMIT's λ and AlphaEdit's null-space threshold on the ten facts of edits/memit-ten.yaml.
 cargo run --release --example mass_sweep -- memit:15000 memit:5000 memit:3000 memit:1000 \
   alphaedit:0.02:10 alphaedit:0.01:1 alphaedit:0.005:0.1

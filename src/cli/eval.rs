@@ -123,9 +123,16 @@ fn run_cf(a: CfArgs) -> Result<()> {
     let mut seq = None;
     let rows = if a.sequential {
         let run =
-            counterfact::run_sequential(&mut m, method, &cases, a.batch_size, &mut |d, _| {
+            counterfact::run_sequential(&mut m, method, &cases, a.batch_size, &mut |d, n| {
                 pb.set_message(format!("{name}: {d} edits applied"));
                 pb.set_position(d as u64);
+                if pb.is_hidden() {
+                    // No terminal (a log file): one line per batch instead of the bar.
+                    eprintln!(
+                        "{name}: {d}/{n} edits applied, {:.0} s",
+                        pb.elapsed().as_secs_f64()
+                    );
+                }
             })?;
         let rows = run.rows.clone();
         seq = Some(run);
@@ -143,6 +150,14 @@ fn run_cf(a: CfArgs) -> Result<()> {
                     r.case_id, r.post.es, r.post.ns
                 ));
                 pb.inc(1);
+                if pb.is_hidden() && pb.position().is_multiple_of(10) {
+                    eprintln!(
+                        "{name}: {}/{} cases, {:.0} s",
+                        pb.position(),
+                        cases.len(),
+                        pb.elapsed().as_secs_f64()
+                    );
+                }
             },
         )?
     };
