@@ -212,6 +212,14 @@ impl EditSpec {
                 format!("{layers:?}: give one or more distinct layers in ascending order"),
             ));
         }
+        if let Method::Rome(p) = &self.method {
+            if !(0.0..=1.0).contains(&p.bare_key_weight) {
+                return Err(bad(
+                    "method.bare_key_weight".into(),
+                    format!("{}: must be between 0 and 1", p.bare_key_weight),
+                ));
+            }
+        }
         if self.rewrites.is_empty() {
             return Err(bad(
                 "rewrites".into(),
@@ -313,6 +321,10 @@ mod tests {
             e.contains("t.yaml") && e.contains("kl_factr") && e.contains("line"),
             "{e}"
         );
+        let e = parse(&OK.replace("kl_factor: 6.25e-2", "bare_key_weight: 2"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("method.bare_key_weight"), "{e}");
         let e = parse(&OK.replace("method: rome", "method: memot"))
             .unwrap_err()
             .to_string();
