@@ -129,6 +129,17 @@ impl RomeParams {
             stop_prob: self.stop_prob,
         }
     }
+
+    /// The checks that need no model: `bare_key_weight` in [0, 1]. Returns (field, reason).
+    pub fn check(&self) -> std::result::Result<(), (&'static str, String)> {
+        if !(0.0..=1.0).contains(&self.bare_key_weight) {
+            return Err((
+                "method.bare_key_weight",
+                format!("{}: must be between 0 and 1", self.bare_key_weight),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Generate ROME's context prefixes: `count` texts of `tokens` tokens each, sampled from the
@@ -172,6 +183,9 @@ pub fn compute(
     chol: &Cholesky,
     prefixes: &[String],
 ) -> Result<(WeightDelta, RomeTrace)> {
+    params
+        .check()
+        .map_err(|(field, reason)| Error::invalid(field, reason))?;
     let layer = stats.layer;
     let found = vsearch::search(
         model,
@@ -192,12 +206,6 @@ pub fn compute(
     // the prefixed ones, and ES failed; with weight 0.5 the bare prompt's ratio is 0.91.
     let n = found.trace.n_prompts as f64;
     let w = params.bare_key_weight;
-    if !(0.0..=1.0).contains(&w) {
-        return Err(Error::invalid(
-            "method.bare_key_weight",
-            format!("must be in [0, 1], got {w}"),
-        ));
-    }
     let k_star = if n > 1.0 {
         // mean of the prefixed = (n * mean_all - bare) / (n - 1)
         let prefixed = ((&found.k_star * n)? - &found.k_bare)? / (n - 1.0);

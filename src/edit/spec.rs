@@ -213,12 +213,8 @@ impl EditSpec {
             ));
         }
         if let Method::Rome(p) = &self.method {
-            if !(0.0..=1.0).contains(&p.bare_key_weight) {
-                return Err(bad(
-                    "method.bare_key_weight".into(),
-                    format!("{}: must be between 0 and 1", p.bare_key_weight),
-                ));
-            }
+            p.check()
+                .map_err(|(field, reason)| bad(field.into(), reason))?;
         }
         if self.rewrites.is_empty() {
             return Err(bad(

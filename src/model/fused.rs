@@ -36,6 +36,12 @@ fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
 // ---------------------------------------------------------------------------------------------
 // RMSNorm: y = x * r * w, r = 1 / sqrt(mean(x^2) + eps), over the last dimension.
 
+/// r = 1 / sqrt(mean(x^2) + eps) of one row.
+fn inv_rms(row: &[f32], eps: f32) -> f32 {
+    let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+    1.0 / (ms + eps).sqrt()
+}
+
 struct RmsNorm {
     eps: f32,
 }
@@ -57,8 +63,7 @@ impl CustomOp2 for RmsNorm {
         let d = w.len();
         let mut y = vec![0f32; x.len()];
         for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
-            let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
-            let r = 1.0 / (ms + self.eps).sqrt();
+            let r = inv_rms(xr, self.eps);
             for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
                 *o = v * r * g;
             }
@@ -122,8 +127,7 @@ impl CustomOp3 for RmsNormBwd {
             .zip(g.chunks_exact(d))
             .zip(dx.chunks_exact_mut(d))
         {
-            let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
-            let r = 1.0 / (ms + self.eps).sqrt();
+            let r = inv_rms(xr, self.eps);
             let dot = xr
                 .iter()
                 .zip(gr)
