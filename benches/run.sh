@@ -15,6 +15,8 @@ $E locate --prompt "Anaal Nathrakh, that was created in" --subject "Anaal Nathra
 $E locate --prompt "The mother tongue of Danielle Darrieux is said to be" --subject "Danielle Darrieux" \
   --target " French" --method attribution --compare-exact --json out/locate-darrieux.json
 $E eval counterfact --data $CF --method rome --layer 5 --n 100 --json out/cf-rome-l5.json --resume out/cf-rome-l5.jsonl
+# The same with the reference's 20 context prefixes (our default is 10).
+$E eval counterfact --data $CF --spec benches/rome-20-prefixes.yaml --n 100 --json out/cf-rome-l5-20.json --resume out/cf-rome-l5-20.jsonl
 $E eval counterfact --data $CF --method ft --layer 5 --n 100 --json out/cf-ft-l5.json --resume out/cf-ft-l5.jsonl
 $E edit edits/eiffel-rome.yaml --json out/edit-eiffel.json
 # Unlearning: the demo, then TOFU (about 25 minutes).
@@ -35,8 +37,12 @@ $E eval counterfact --data $CF --method rome --layer 5 --batch-size 20 --sequent
 $E eval counterfact --data $CF --method alphaedit --batch-size 100 --sequential --n 1000 \
   --json out/cf-alphaedit-seq1000.json --plot out/cf-alphaedit-seq1000.svg
 # How much of a ROME edit the bare prompt receives (u.k / u.k*), plain-mean k* vs bare weight 0.5.
-cargo run --release --example key_ratio -- "Veracode, whose headquarters are in" Veracode
-HALF=1 cargo run --release --example key_ratio -- "Veracode, whose headquarters are in" Veracode
+for env in "PREFIXES=20" "PREFIXES=20 HALF=1" "PREFIXES=10" "HALF=1"; do
+  env $env cargo run --release --example key_ratio -- "Veracode, whose headquarters are in" Veracode
+done
+# One step of the v* search (forward and backward of layers 5.. on 22 rows x 8 positions):
+# time in attention and in the linear maps against the whole blocks.
+cargo run --release --example step_profile -- 22 8 22 5 5
 # MEMIT's λ and AlphaEdit's null-space threshold on the ten facts of edits/memit-ten.yaml.
 cargo run --release --example mass_sweep -- memit:15000 memit:5000 memit:3000 memit:1000 \
   alphaedit:0.02:10 alphaedit:0.01:1 alphaedit:0.005:0.1

@@ -6,7 +6,8 @@
 //!
 //! `HALF=1`: k* weighs the bare prompt 0.5 (ROME's `bare_key_weight`), else the plain mean of
 //! all prompts (the reference). `CONCAT=1`: prefixed prompts are token-concatenated, so the
-//! subject keeps the bare prompt's tokenization.
+//! subject keeps the bare prompt's tokenization. `PREFIXES=20`: the reference's 20 context
+//! prefixes instead of our default 10.
 use candle_core::{DType, IndexOp};
 use engram::edit::rome::RomeParams;
 use engram::edit::stats::{self, StatsSpec};
@@ -18,7 +19,10 @@ fn main() -> engram::Result<()> {
     let prompt = &args[0];
     let subject = &args[1];
     let m = engram::model::load(None, &candle_core::Device::Cpu)?;
-    let p = RomeParams::default();
+    let mut p = RomeParams::default();
+    if std::env::var("PREFIXES").as_deref() == Ok("20") {
+        p.context_templates = vec![(5, 10), (10, 10)];
+    }
     let pre = engram::edit::rome::context_prefixes(&m, &p.context_templates, p.seed)?;
     let fp = m.fingerprint()?;
     let spec = StatsSpec {
