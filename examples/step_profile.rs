@@ -80,8 +80,8 @@ fn main() -> engram::Result<()> {
         }
         lin += t0.elapsed().as_secs_f64();
     }
-    // Attention alone (repeat_kv, scores, mask, softmax, weighted sum), forward and backward,
-    // once per block, at the same shapes.
+    // Attention alone (scores, mask, softmax, weighted sum over grouped heads), forward and
+    // backward, once per block, at the same shapes.
     let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
     let q = Var::randn(0f32, 1., (rows, nh, tail, hd), &dev)?;
     let kv = Var::randn(0f32, 1., (rows, nkv, past + tail, hd), &dev)?;
@@ -90,9 +90,8 @@ fn main() -> engram::Result<()> {
     for _ in 0..reps {
         let t0 = Instant::now();
         for _ in layer..n {
-            let k = engram::model::layers::repeat_kv(kv.as_tensor().clone(), nh / nkv)?;
-            let v = engram::model::layers::repeat_kv(kv.as_tensor().clone(), nh / nkv)?;
-            let y = engram::model::layers::attend(q.as_tensor(), &k, &v, bias.as_ref(), true)?;
+            let (k, v) = (kv.as_tensor(), kv.as_tensor());
+            let y = engram::model::layers::attend(q.as_tensor(), k, v, bias.as_ref(), true)?;
             let g = y.sqr()?.sum_all()?.backward()?;
             let _ = g.get(q.as_tensor());
         }

@@ -223,10 +223,13 @@ pub fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
         .reshape((b, h * n_rep, t, d))?)
 }
 
-/// Scaled dot-product attention with an additive bias.
+/// Scaled dot-product attention with an additive bias, over grouped key/value heads: query
+/// head h reads key/value head h / (n_heads / n_kv_heads). On the CPU in f32 this is one fused
+/// op with its backward pass (`fused::attention`); elsewhere the heads are repeated and the
+/// attention composed from candle's ops.
 ///
 /// # Shapes
-/// `q`: `[batch, n_heads, seq, head_dim]`, `k`, `v`: `[batch, n_heads, total, head_dim]`,
+/// `q`: `[batch, n_heads, seq, head_dim]`, `k`, `v`: `[batch, n_kv_heads, total, head_dim]`,
 /// `bias`: `[batch or 1, 1, seq, total]`; returns `[batch, seq, n_heads * head_dim]`.
 pub fn attend(
     q: &Tensor,
@@ -237,6 +240,11 @@ pub fn attend(
 ) -> Result<Tensor> {
     let (b, h, t, hd) = q.dims4()?;
     let scale = 1.0 / (hd as f64).sqrt();
+    if let Some(y) = super::fused::attention(q, k, v, bias, scale)? {
+        return Ok(y.reshape((b, t, h * hd))?); // (b, t, h, hd), contiguous
+    }
+    let n_rep = h / k.dim(1)?;
+    let (k, v) = (repeat_kv(k.clone(), n_rep)?, repeat_kv(v.clone(), n_rep)?);
     let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?; // (b, h, t, total)
     let scores = match bias {
         Some(bias) => scores.broadcast_add(bias)?,

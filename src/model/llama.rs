@@ -9,7 +9,7 @@
 use super::config::Config;
 use super::fused::swiglu;
 use super::hooks::{HookPoint, Trace};
-use super::layers::{attend, hook, linear, repeat_kv, rms_norm, BlockCtx, KvCache, Step};
+use super::layers::{attend, hook, linear, rms_norm, BlockCtx, KvCache, Step};
 use super::Weights;
 use crate::error::Result;
 use candle_core::{Device, Tensor};
@@ -150,10 +150,8 @@ pub fn block(
     let q = apply_rope(&q, cos, sin)?;
     let k = apply_rope(&k, cos, sin)?;
     let (k, v) = KvCache::extend(cache, l, k, v)?; // (b, nkv, past + t, hd)
-    let k = repeat_kv(k, nh / nkv)?; // (b, nh, past + t, hd)
-    let v = repeat_kv(v, nh / nkv)?;
     let (q, x, bias) = ctx.trim(q, x)?; // t -> 1 when only the last position is wanted
-    let y = attend(&q, &k, &v, bias.as_ref(), diff)?; // (b, t, nh * hd)
+    let y = attend(&q, &k, &v, bias.as_ref(), diff)?; // (b, t, nh * hd), grouped heads
     let a = linear(&y, g("self_attn.o_proj.weight")?, None)?;
     let a = hook!(trace, stop, HookPoint::AttnOut(l), a);
     let x = (x + a)?;
