@@ -541,6 +541,50 @@ fn attn_dims(q: &Layout, k: &Layout) -> Result<AttnDims> {
     })
 }
 
+/// One attention call's inputs as f32 slices, with its shapes.
+struct AttnInputs<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    d: AttnDims,
+}
+
+impl<'a> AttnInputs<'a> {
+    fn new(
+        name: &str,
+        (qs, ql): (&'a CpuStorage, &Layout),
+        (ks, kl): (&'a CpuStorage, &Layout),
+        (vs, vl): (&'a CpuStorage, &Layout),
+    ) -> Result<Self> {
+        Ok(AttnInputs {
+            q: f32s(qs, ql, name)?,
+            k: f32s(ks, kl, name)?,
+            v: f32s(vs, vl, name)?,
+            d: attn_dims(ql, kl)?,
+        })
+    }
+
+    /// Row `bi`, query head `h`: fills `p` with its pattern `[t, tk]` and returns the offset
+    /// of its key/value head within the row's `[nkv, tk, hd]` block, and its q `[t, hd]`,
+    /// k and v `[tk, hd]`.
+    fn head(
+        &self,
+        c: &AttnConst,
+        bi: usize,
+        h: usize,
+        p: &mut [f32],
+    ) -> (usize, &'a [f32], &'a [f32], &'a [f32]) {
+        let d = self.d;
+        let (qn, kn) = (d.t * d.hd, d.tk * d.hd);
+        let g0 = (h / (d.nh / d.nkv)) * kn;
+        let g = bi * d.nkv * kn + g0;
+        let qo = (bi * d.nh + h) * qn;
+        let (q, k, v) = (&self.q[qo..qo + qn], &self.k[g..g + kn], &self.v[g..g + kn]);
+        c.probs(q, d.hd, k, c.bias_of(bi, d), d, p);
+        (g0, q, k, v)
+    }
+}
+
 struct Attention(std::sync::Arc<AttnConst>);
 
 impl CustomOp3 for Attention {
@@ -559,24 +603,15 @@ impl CustomOp3 for Attention {
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         use rayon::prelude::*;
-        let (q, k, v) = (
-            f32s(qs, ql, self.name())?,
-            f32s(ks, kl, self.name())?,
-            f32s(vs, vl, self.name())?,
-        );
-        let d = attn_dims(ql, kl)?;
-        let c = &self.0;
-        let rep = d.nh / d.nkv;
+        let x = AttnInputs::new(self.name(), (qs, ql), (ks, kl), (vs, vl))?;
+        let (d, c) = (x.d, &self.0);
         let mut y = vec![0f32; d.b * d.t * d.nh * d.hd];
         y.par_chunks_mut(d.t * d.nh * d.hd)
             .enumerate()
             .for_each(|(bi, yb)| {
                 let mut p = vec![0f32; d.t * d.tk];
                 for h in 0..d.nh {
-                    let g = (bi * d.nkv + h / rep) * d.tk * d.hd;
-                    let (kg, vg) = (&k[g..g + d.tk * d.hd], &v[g..g + d.tk * d.hd]);
-                    let qh = &q[(bi * d.nh + h) * d.t * d.hd..];
-                    c.probs(qh, d.hd, kg, c.bias_of(bi, d), d, &mut p);
+                    let (_, _, _, vg) = x.head(c, bi, h, &mut p);
                     for i in 0..d.t {
                         let yo = &mut yb[(i * d.nh + h) * d.hd..(i * d.nh + h + 1) * d.hd];
                         for (j, &pij) in p[i * d.tk..(i + 1) * d.tk].iter().enumerate() {
@@ -639,15 +674,9 @@ impl CustomOp3 for AttentionBwd {
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         use rayon::prelude::*;
-        let (q, k, v) = (
-            f32s(qs, ql, self.name())?,
-            f32s(ks, kl, self.name())?,
-            f32s(vs, vl, self.name())?,
-        );
-        let d = attn_dims(ql, kl)?;
-        let (c, dy) = (&self.c, &self.dy);
-        let rep = d.nh / d.nkv;
-        let (nq, nk) = (q.len(), k.len());
+        let x = AttnInputs::new(self.name(), (qs, ql), (ks, kl), (vs, vl))?;
+        let (d, c, dy) = (x.d, &self.c, &self.dy);
+        let (nq, nk) = (x.q.len(), x.k.len());
         let mut out = vec![0f32; nq + 2 * nk];
         let (dq, dkv) = out.split_at_mut(nq);
         let (dk, dv) = dkv.split_at_mut(nk);
@@ -660,11 +689,8 @@ impl CustomOp3 for AttentionBwd {
                 let mut p = vec![0f32; d.t * d.tk];
                 let mut ds = vec![0f32; d.tk];
                 for h in 0..d.nh {
-                    let g0 = (h / rep) * d.tk * d.hd;
-                    let g = bi * kv_row + g0;
-                    let (kg, vg) = (&k[g..g + d.tk * d.hd], &v[g..g + d.tk * d.hd]);
-                    let qh = &q[(bi * d.nh + h) * d.t * d.hd..(bi * d.nh + h + 1) * d.t * d.hd];
-                    c.probs(qh, d.hd, kg, c.bias_of(bi, d), d, &mut p);
+                    // The pattern is recomputed here rather than kept from the forward pass.
+                    let (g0, qh, kg, vg) = x.head(c, bi, h, &mut p);
                     for i in 0..d.t {
                         let o = ((bi * d.t + i) * d.nh + h) * d.hd;
                         let dyi = &dy[o..o + d.hd];
