@@ -141,8 +141,11 @@ fn spread(
 ) -> Result<(Vec<WeightDelta>, Vec<LayerTrace>)> {
     let mut deltas = Vec::new();
     let mut traces = Vec::new();
+    // Layers below the first edited one never change: their output is computed once.
+    let mut prompts = KeyPrompts::new(model, reqs, prefixes)?;
+    prompts.cache_below(model, layers[0])?;
     for (i, &layer) in layers.iter().enumerate() {
-        let (keys, h) = keys_and_states(model, reqs, prefixes, layer, z_layer)?;
+        let (keys, h) = prompts.read(model, layer, z_layer)?;
         let remaining = (layers.len() - i) as f64;
         let resid = ((z - h)? / remaining)?; // (d_model, N)
         let dw = solver.solve(i, layer, &keys, &resid)?;
@@ -169,10 +172,8 @@ fn spread(
     Ok((deltas, traces))
 }
 
-/// Keys at `layer` and residuals after `z_layer` at each rewrite's subject token.
-///
-/// The key of rewrite i is MEMIT's `compute_ks`: the mean of (the bare prompt's key, the mean
-/// of the prefixed prompts' keys); the residual is the bare prompt's.
+/// Keys at `layer` and residuals after `z_layer` at each rewrite's subject token (see
+/// [`KeyPrompts::read`]).
 ///
 /// # Shapes
 /// Returns `[d_mlp, N]` and `[d_model, N]`, f64.
@@ -183,58 +184,147 @@ pub fn keys_and_states(
     layer: usize,
     z_layer: usize,
 ) -> Result<(Tensor, Tensor)> {
-    let tok = model.tok()?;
-    let np = prefixes.len();
-    let mut seqs = Vec::with_capacity(reqs.len() * np);
-    let mut lookups = Vec::with_capacity(reqs.len() * np);
-    for req in reqs {
-        for pre in prefixes {
-            let text = format!("{pre}{}", req.prompt);
-            let ids = tok.encode(&text)?;
-            let (_, end) = subject_span_from(model, &text, req.subject, &ids, pre.len())?;
-            lookups.push(end - 1);
-            seqs.push(ids);
-        }
-    }
-    let top = layer.max(z_layer);
-    let mut keys = Vec::with_capacity(seqs.len());
-    let mut states = Vec::with_capacity(seqs.len());
+    KeyPrompts::new(model, reqs, prefixes)?.read(model, layer, z_layer)
+}
+
+/// A batch's prompts (each rewrite's prompt under each context prefix), tokenized once and
+/// cut into chunks of like length, for reading keys and residuals again after each layer's
+/// update. [`KeyPrompts::cache_below`] keeps the residual entering the lowest edited layer,
+/// which the updates never change, so later reads run only the layers from there up.
+pub struct KeyPrompts {
+    chunks: Vec<KeyChunk>,
+    n_reqs: usize,
+    n_prefixes: usize,
+}
+
+struct KeyChunk {
+    batch: Batch,
+    /// Per row: its index in the flat (rewrite, prefix) order and its lookup position.
+    rows: Vec<(usize, usize)>,
+    /// The residual entering layer `.0`, `[rows, width, d_model]`.
+    base: Option<(usize, Tensor)>,
+}
+
+impl KeyPrompts {
+    /// Rows per forward pass.
     const CHUNK: usize = 64;
-    for (c, chunk) in seqs.chunks(CHUNK).enumerate() {
-        let batch = Batch::padded(chunk, PadSide::Right, 0);
-        let mut tr = Trace::new();
-        tr.capture(HookPoint::MlpKey(layer));
-        tr.capture(HookPoint::ResidPost(z_layer));
-        tr.stop_after(HookPoint::ResidPost(top));
-        model.forward(&batch, &mut tr)?;
-        let k = tr
-            .take(HookPoint::MlpKey(layer))
-            .ok_or_else(|| Error::invalid("keys", "capture missing"))?;
-        let h = tr
-            .take(HookPoint::ResidPost(z_layer))
-            .ok_or_else(|| Error::invalid("keys", "capture missing"))?;
-        for r in 0..chunk.len() {
-            let pos = lookups[c * CHUNK + r];
-            keys.push(k.i((r, pos))?);
-            states.push(h.i((r, pos))?);
+
+    /// Tokenize every prompt and find its subject's last token.
+    ///
+    /// # Errors
+    /// A subject not in its prompt, tokenizer errors.
+    pub fn new(model: &Model, reqs: &[Request<'_>], prefixes: &[String]) -> Result<KeyPrompts> {
+        let tok = model.tok()?;
+        let mut seqs = Vec::with_capacity(reqs.len() * prefixes.len());
+        for req in reqs {
+            for pre in prefixes {
+                let text = format!("{pre}{}", req.prompt);
+                let ids = tok.encode(&text)?;
+                let (_, end) = subject_span_from(model, &text, req.subject, &ids, pre.len())?;
+                seqs.push((ids, end - 1));
+            }
         }
+        // Sorted by length, a chunk pads little (prefixed prompts are about ten tokens longer
+        // than bare ones).
+        let mut order: Vec<usize> = (0..seqs.len()).collect();
+        order.sort_by_key(|&i| seqs[i].0.len());
+        let chunks = order
+            .chunks(Self::CHUNK)
+            .map(|idx| {
+                let ids: Vec<Vec<u32>> = idx.iter().map(|&i| seqs[i].0.clone()).collect();
+                KeyChunk {
+                    batch: Batch::padded(&ids, PadSide::Right, 0),
+                    rows: idx.iter().map(|&i| (i, seqs[i].1)).collect(),
+                    base: None,
+                }
+            })
+            .collect();
+        Ok(KeyPrompts {
+            chunks,
+            n_reqs: reqs.len(),
+            n_prefixes: prefixes.len(),
+        })
     }
-    let mut kcols = Vec::with_capacity(reqs.len());
-    let mut hcols = Vec::with_capacity(reqs.len());
-    for q in 0..reqs.len() {
-        let r0 = q * np;
-        let bare = &keys[r0];
-        let k = if np > 1 {
-            let rest = Tensor::stack(&keys[r0 + 1..r0 + np], 0)?.mean(0)?;
-            ((bare + rest)? / 2.0)?
-        } else {
-            bare.clone()
-        };
-        kcols.push(k);
-        hcols.push(states[r0].clone());
+
+    /// Keep the residual entering `layer` (with the model as it is now); reads of keys at
+    /// `layer` or above then start there. Only valid while layers below `layer` keep their
+    /// weights.
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub fn cache_below(&mut self, model: &Model, layer: usize) -> Result<()> {
+        for c in &mut self.chunks {
+            let mut tr = Trace::new();
+            tr.capture(HookPoint::ResidPre(layer));
+            tr.stop_after(HookPoint::ResidPre(layer));
+            model.forward(&c.batch, &mut tr)?;
+            let x = tr
+                .take(HookPoint::ResidPre(layer))
+                .ok_or_else(|| Error::invalid("keys", "capture missing"))?;
+            c.base = Some((layer, x));
+        }
+        Ok(())
     }
-    Ok((
-        Tensor::stack(&kcols, 1)?.to_dtype(DType::F64)?,
-        Tensor::stack(&hcols, 1)?.to_dtype(DType::F64)?,
-    ))
+
+    /// Keys at `layer` and residuals after `z_layer` at each rewrite's subject token.
+    ///
+    /// The key of rewrite i is MEMIT's `compute_ks`: the mean of (the bare prompt's key, the
+    /// mean of the prefixed prompts' keys); the residual is the bare prompt's.
+    ///
+    /// # Shapes
+    /// Returns `[d_mlp, N]` and `[d_model, N]`, f64.
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub fn read(&self, model: &Model, layer: usize, z_layer: usize) -> Result<(Tensor, Tensor)> {
+        let np = self.n_prefixes;
+        let top = layer.max(z_layer);
+        let mut keys: Vec<Option<Tensor>> = vec![None; self.n_reqs * np];
+        let mut states: Vec<Option<Tensor>> = vec![None; self.n_reqs * np];
+        for c in &self.chunks {
+            let mut tr = Trace::new();
+            tr.capture(HookPoint::MlpKey(layer));
+            tr.capture(HookPoint::ResidPost(z_layer));
+            tr.stop_after(HookPoint::ResidPost(top));
+            match &c.base {
+                Some((from, x)) if *from <= layer.min(z_layer) => {
+                    let mask = c.batch.mask.as_deref();
+                    model.forward_from(*from, x, mask, None, &mut tr, false)?;
+                }
+                _ => {
+                    model.forward(&c.batch, &mut tr)?;
+                }
+            }
+            let k = tr
+                .take(HookPoint::MlpKey(layer))
+                .ok_or_else(|| Error::invalid("keys", "capture missing"))?;
+            let h = tr
+                .take(HookPoint::ResidPost(z_layer))
+                .ok_or_else(|| Error::invalid("keys", "capture missing"))?;
+            for (r, &(i, pos)) in c.rows.iter().enumerate() {
+                keys[i] = Some(k.i((r, pos))?);
+                states[i] = Some(h.i((r, pos))?);
+            }
+        }
+        let keys: Vec<Tensor> = keys.into_iter().flatten().collect();
+        let states: Vec<Tensor> = states.into_iter().flatten().collect();
+        let mut kcols = Vec::with_capacity(self.n_reqs);
+        let mut hcols = Vec::with_capacity(self.n_reqs);
+        for q in 0..self.n_reqs {
+            let r0 = q * np;
+            let bare = &keys[r0];
+            let k = if np > 1 {
+                let rest = Tensor::stack(&keys[r0 + 1..r0 + np], 0)?.mean(0)?;
+                ((bare + rest)? / 2.0)?
+            } else {
+                bare.clone()
+            };
+            kcols.push(k);
+            hcols.push(states[r0].clone());
+        }
+        Ok((
+            Tensor::stack(&kcols, 1)?.to_dtype(DType::F64)?,
+            Tensor::stack(&hcols, 1)?.to_dtype(DType::F64)?,
+        ))
+    }
 }

@@ -340,6 +340,12 @@ fn search_chunk(
         .max()
         .unwrap_or(1);
     let width = p_col + tail;
+    tracing::debug!(
+        "value search chunk: {nq} requests, {} rows, tail {tail} ({} of {} tail tokens are padding)",
+        rows.len(),
+        rows.len() * tail - rows.iter().map(|r| r.ids.len() - r.lookup).sum::<usize>(),
+        rows.len() * tail
+    );
     let mut ids = Vec::with_capacity(rows.len());
     let mut mask = Vec::with_capacity(rows.len());
     for r in &rows {

@@ -154,3 +154,48 @@ fn sequential_alphaedit_keeps_earlier_edits() {
     assert!(earlier >= 0.8, "first batch retention {earlier}");
     assert!(report.retention[1].es_all >= 0.8, "{:?}", report.retention);
 }
+
+/// Reading keys from the cached residual below the first edited layer gives the keys and
+/// residuals of a full forward pass.
+#[test]
+fn keys_from_cached_residual_match_full_pass() {
+    use engram::edit::batch::KeyPrompts;
+    use engram::edit::vsearch::Request;
+    let m = real();
+    let spec = ten();
+    let reqs: Vec<Request> = spec.rewrites[..4]
+        .iter()
+        .map(|r| Request {
+            prompt: &r.prompt,
+            subject: &r.subject,
+            target: &r.target_new,
+        })
+        .collect();
+    let prefixes = vec![
+        String::new(),
+        "Hello there. ".to_string(),
+        "In the year of the long drought, ".to_string(),
+    ];
+    let full = KeyPrompts::new(m, &reqs, &prefixes).unwrap();
+    let mut cached = KeyPrompts::new(m, &reqs, &prefixes).unwrap();
+    cached.cache_below(m, 3).unwrap();
+    for layer in [3, 5] {
+        let (k0, h0) = full.read(m, layer, 6).unwrap();
+        let (k1, h1) = cached.read(m, layer, 6).unwrap();
+        assert_eq!(k0.dims(), &[m.config.d_mlp, 4]);
+        assert_eq!(h0.dims(), &[m.config.d_model, 4]);
+        let dk = max_abs_diff(
+            &k0.to_dtype(DType::F32).unwrap(),
+            &k1.to_dtype(DType::F32).unwrap(),
+        );
+        let dh = max_abs_diff(
+            &h0.to_dtype(DType::F32).unwrap(),
+            &h1.to_dtype(DType::F32).unwrap(),
+        );
+        assert!(
+            dk < 1e-4 && dh < 1e-3,
+            "layer {layer}: keys differ by {dk}, states by {dh}"
+        );
+        assert!(max_abs(&k0.to_dtype(DType::F32).unwrap()) > 1e-2);
+    }
+}
