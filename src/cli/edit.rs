@@ -124,22 +124,10 @@ pub fn print_report(r: &EditReport) {
         println!("{}", super::retention_table(&r.retention));
     }
     if let Some(l) = &r.locality {
-        let mut t = Table::new();
-        t.set_header(vec!["locality (unrelated prompts)", "value"]);
-        t.add_row(vec!["prompts".to_string(), l.kl.len().to_string()]);
-        t.add_row(vec![
-            "mean KL(base || edited)".to_string(),
-            format!("{:.2e}", l.kl_mean),
-        ]);
-        t.add_row(vec![
-            "top-1 agreement".to_string(),
-            format!("{:.1}%", 100.0 * l.top1_agreement),
-        ]);
-        t.add_row(vec![
-            "perplexity base -> edited".to_string(),
-            format!("{:.3} -> {:.3}", l.perplexity_base, l.perplexity_edited),
-        ]);
-        println!("{t}");
+        println!(
+            "{}",
+            super::locality_table("locality (unrelated prompts)", l)
+        );
     }
     if let Some(s) = &r.stats {
         println!("key statistics: {s}");

@@ -261,21 +261,7 @@ fn run_compare(a: CompareArgs) -> Result<()> {
     let (fb, fe) = (fluency(&base, &prompts)?, fluency(&edited, &prompts)?);
     let mut order: Vec<usize> = (0..loc.kl.len()).collect();
     order.sort_by(|&i, &j| loc.kl[j].total_cmp(&loc.kl[i]));
-    let mut t = Table::new();
-    t.set_header(vec!["measure", "value"]);
-    t.add_row(vec!["prompts".to_string(), loc.kl.len().to_string()]);
-    t.add_row(vec![
-        "mean KL(base || edited)".to_string(),
-        format!("{:.3e}", loc.kl_mean),
-    ]);
-    t.add_row(vec![
-        "top-1 agreement".to_string(),
-        format!("{:.1}%", 100.0 * loc.top1_agreement),
-    ]);
-    t.add_row(vec![
-        "perplexity base / edited".to_string(),
-        format!("{:.3} / {:.3}", loc.perplexity_base, loc.perplexity_edited),
-    ]);
+    let mut t = super::locality_table("measure", &loc);
     t.add_row(vec![
         "fluency (n-gram entropy) base / edited".to_string(),
         format!("{fb:.3} / {fe:.3}"),

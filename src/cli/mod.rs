@@ -131,6 +131,27 @@ pub fn save_model(m: &engram::model::Model, out: &Path, out_type: &str) -> Resul
     Ok(())
 }
 
+/// The locality summary shared by `edit` and `eval locality`: prompts, mean KL, top-1
+/// agreement and perplexity of the base and the edited model.
+pub fn locality_table(header: &str, l: &engram::eval::metrics::Locality) -> comfy_table::Table {
+    let mut t = comfy_table::Table::new();
+    t.set_header(vec![header, "value"]);
+    t.add_row(vec!["prompts".to_string(), l.kl.len().to_string()]);
+    t.add_row(vec![
+        "mean KL(base || edited)".to_string(),
+        format!("{:.3e}", l.kl_mean),
+    ]);
+    t.add_row(vec![
+        "top-1 agreement".to_string(),
+        format!("{:.1}%", 100.0 * l.top1_agreement),
+    ]);
+    t.add_row(vec![
+        "perplexity base -> edited".to_string(),
+        format!("{:.3} -> {:.3}", l.perplexity_base, l.perplexity_edited),
+    ]);
+    t
+}
+
 /// The retention table of a sequential edit: ES of all edits so far and of earlier batches.
 pub fn retention_table(points: &[engram::edit::run::RetentionPoint]) -> comfy_table::Table {
     let mut t = comfy_table::Table::new();

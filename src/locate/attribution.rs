@@ -122,6 +122,8 @@ pub fn trace_setup(model: &Model, s: &Setup, params: &LocateParams) -> Result<Lo
         mlp: vec![vec![0.0; n]; t],
         attn: vec![vec![0.0; n]; t],
     };
+    // per[kind][layer][token] -> grids.kind[token][layer] (a transpose, plus the window sums).
+    #[allow(clippy::needless_range_loop)]
     for i in 0..t {
         for l in 0..n {
             grids.hidden[i][l] = per[0][l][i];
