@@ -17,6 +17,8 @@ $E locate --prompt "The mother tongue of Danielle Darrieux is said to be" --subj
 $E eval counterfact --data $CF --method rome --layer 5 --n 100 --json out/cf-rome-l5.json --resume out/cf-rome-l5.jsonl
 # The same with the reference's 20 context prefixes (our default is 10).
 $E eval counterfact --data $CF --spec benches/rome-20-prefixes.yaml --n 100 --json out/cf-rome-l5-20.json --resume out/cf-rome-l5-20.jsonl
+# The same with the reference's Adam rate for v* (0.5; ours is 2.0).
+$E eval counterfact --data $CF --spec benches/rome-lr05.yaml --n 100 --json out/cf-rome-l5-lr05.json --resume out/cf-rome-l5-lr05.jsonl
 $E eval counterfact --data $CF --method ft --layer 5 --n 100 --json out/cf-ft-l5.json --resume out/cf-ft-l5.jsonl
 $E edit edits/eiffel-rome.yaml --json out/edit-eiffel.json
 # Unlearning: the demo, then TOFU (about 25 minutes).
@@ -26,14 +28,15 @@ $E eval tofu --data ../shared/data/tofu/authors-0-19.jsonl --world ../shared/dat
   --learn-steps 40 --json out/tofu.json
 $E eval tofu --data ../shared/data/tofu/authors-0-19.jsonl --world ../shared/data/tofu/world_facts.jsonl \
   --learn-steps 40 --methods npo --steps 30 --retain-weight 2 --json out/tofu-npo.json
-# Mass and sequential editing: 200 CounterFact cases in sequential batches (about 20 minutes each).
-$E eval counterfact --data $CF --method memit --batch-size 100 --sequential --n 200 \
-  --json out/cf-memit-seq200.json --plot out/cf-memit-seq200.svg
-$E eval counterfact --data $CF --method alphaedit --batch-size 100 --sequential --n 200 \
-  --json out/cf-alphaedit-seq200.json --plot out/cf-alphaedit-seq200.svg
+# Mass editing: one MEMIT batch of 100 from the unedited model, at our Adam rate and the reference's.
+$E eval counterfact --data $CF --method memit --batch-size 100 --n 100 --json out/cf-memit100.json
+$E eval counterfact --data $CF --spec benches/memit-lr05.yaml --batch-size 100 --n 100 --json out/cf-memit100-lr05.json
+# ROME one edit at a time on one model (about 20 minutes).
 $E eval counterfact --data $CF --method rome --layer 5 --batch-size 20 --sequential --n 200 \
   --json out/cf-rome-seq200.json --plot out/cf-rome-seq200.svg
-# 1000 edits in sequential batches of 100 (about an hour).
+# 1000 edits in sequential batches of 100 (40 minutes to an hour each).
+$E eval counterfact --data $CF --method memit --batch-size 100 --sequential --n 1000 \
+  --json out/cf-memit-seq1000.json --plot out/cf-memit-seq1000.svg
 $E eval counterfact --data $CF --method alphaedit --batch-size 100 --sequential --n 1000 \
   --json out/cf-alphaedit-seq1000.json --plot out/cf-alphaedit-seq1000.svg
 # How much of a ROME edit the bare prompt receives (u.k / u.k*), plain-mean k* vs bare weight 0.5.
