@@ -152,6 +152,50 @@ impl KvCache {
         Ok(KvCache { layers })
     }
 
+    /// Put `n` zero positions before the cached ones in every layer (left padding: the
+    /// caller's key mask must mark them as padding).
+    pub fn pad_left(&self, n: usize) -> Result<KvCache> {
+        if n == 0 {
+            return Ok(self.clone());
+        }
+        let pad = |t: &Tensor| -> Result<Tensor> {
+            let (b, h, _, d) = t.dims4()?;
+            let z = Tensor::zeros((b, h, n, d), t.dtype(), t.device())?;
+            Ok(Tensor::cat(&[&z, t], 2)?)
+        };
+        let layers = self
+            .layers
+            .iter()
+            .map(|e| match e {
+                Some((k, v)) => Ok(Some((pad(k)?, pad(v)?))),
+                None => Ok(None),
+            })
+            .collect::<Result<_>>()?;
+        Ok(KvCache { layers })
+    }
+
+    /// The rows of several caches of equal length, one after another.
+    pub fn cat_rows(parts: &[KvCache]) -> Result<KvCache> {
+        let n = parts.first().map(|c| c.layers.len()).unwrap_or(0);
+        let layers = (0..n)
+            .map(|l| {
+                let ks: Option<Vec<&Tensor>> = parts
+                    .iter()
+                    .map(|c| c.layers[l].as_ref().map(|(k, _)| k))
+                    .collect();
+                let vs: Option<Vec<&Tensor>> = parts
+                    .iter()
+                    .map(|c| c.layers[l].as_ref().map(|(_, v)| v))
+                    .collect();
+                match (ks, vs) {
+                    (Some(ks), Some(vs)) => Ok(Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?))),
+                    _ => Ok(None),
+                }
+            })
+            .collect::<Result<_>>()?;
+        Ok(KvCache { layers })
+    }
+
     /// Append this step's keys and values to layer `l` of the cache (if any) and return the
     /// keys and values of all positions so far.
     ///

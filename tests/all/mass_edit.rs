@@ -199,3 +199,53 @@ fn keys_from_cached_residual_match_full_pass() {
         assert!(max_abs(&k0.to_dtype(DType::F32).unwrap()) > 1e-2);
     }
 }
+
+/// The z search over several rewrites at once (rows padded together, the clean pass split
+/// into groups of like subject position) finds what each rewrite's search alone finds.
+#[test]
+fn searching_rewrites_together_equals_searching_each_alone() {
+    use engram::edit::spec::continuation;
+    use engram::edit::vsearch::{search, Request, SearchParams, Where};
+    let m = real();
+    let spec = ten();
+    let targets: Vec<String> = spec.rewrites[..3]
+        .iter()
+        .map(|r| continuation(&r.target_new))
+        .collect();
+    let reqs: Vec<Request> = spec.rewrites[..3]
+        .iter()
+        .zip(&targets)
+        .map(|(r, t)| Request {
+            prompt: &r.prompt,
+            subject: &r.subject,
+            target: t,
+        })
+        .collect();
+    let prefixes = vec![
+        String::new(),
+        "Hello there. ".to_string(),
+        "In the year of the long drought, ".to_string(),
+    ];
+    // Three steps each, never stopping early.
+    let params = SearchParams {
+        steps: 3,
+        lr: 2.0,
+        weight_decay: 0.5,
+        clamp_norm_factor: 0.75,
+        kl_factor: 0.0625,
+        stop_prob: 2.0,
+    };
+    let together = search(m, &reqs, &prefixes, 6, Where::ResidPost, &params, 3).unwrap();
+    for (i, r) in reqs.iter().enumerate() {
+        let alone = search(m, &[r.clone()], &prefixes, 6, Where::ResidPost, &params, 1).unwrap();
+        let (a, b) = (&alone[0], &together[i]);
+        assert_eq!(a.trace.steps, 3);
+        let rel = |x: &Tensor, y: &Tensor| max_abs_diff(x, y) / max_abs(x);
+        let (dd, dh) = (rel(&a.delta, &b.delta), rel(&a.h_bare, &b.h_bare));
+        assert!(
+            dd < 1e-2 && dh < 1e-4,
+            "rewrite {i}: delta differs by {dd}, h by {dh}"
+        );
+        assert!((a.trace.target_prob - b.trace.target_prob).abs() < 1e-3);
+    }
+}
