@@ -360,7 +360,9 @@ fn clean_pass(
         tr.take(p)
             .ok_or_else(|| Error::invalid("value search", "a capture is missing"))
     };
-    let mut parts: Vec<(KvCache, Tensor, Tensor, Tensor, Tensor)> = Vec::new();
+    // Per group: prefix cache, residual tail, keys, hooked states, last block's output.
+    let (mut caches, mut tails, mut keys, mut hooked, mut lasts) =
+        (vec![], vec![], vec![], vec![], vec![]);
     for g in &groups {
         let p_g = g.iter().map(|&r| rows[r].lookup).max().unwrap_or(0);
         let width = p_g + tail;
@@ -405,13 +407,11 @@ fn clean_pass(
         } else {
             cache.truncate(p_g)?.pad_left(p_col - p_g)?
         };
-        parts.push((
-            prefix,
-            take(&mut tr, HookPoint::ResidPre(layer))?.narrow(1, p_g, tail)?,
-            take(&mut tr, HookPoint::MlpKey(layer))?.i((.., p_g))?,
-            take(&mut tr, hook)?.i((.., p_g))?,
-            last.i((.., p_g))?,
-        ));
+        caches.push(prefix);
+        tails.push(take(&mut tr, HookPoint::ResidPre(layer))?.narrow(1, p_g, tail)?);
+        keys.push(take(&mut tr, HookPoint::MlpKey(layer))?.i((.., p_g))?);
+        hooked.push(take(&mut tr, hook)?.i((.., p_g))?);
+        lasts.push(last.i((.., p_g))?);
     }
     // Back to the chunk's row order.
     let order: Vec<usize> = groups.concat();
@@ -420,18 +420,15 @@ fn clean_pass(
         inv[r] = j as u32;
     }
     let inv = Tensor::new(inv.as_slice(), dev)?;
-    let cat =
-        |f: &dyn Fn(&(KvCache, Tensor, Tensor, Tensor, Tensor)) -> &Tensor| -> Result<Tensor> {
-            let ts: Vec<&Tensor> = parts.iter().map(f).collect();
-            Ok(Tensor::cat(&ts, 0)?.contiguous()?.index_select(&inv, 0)?)
-        };
-    let caches: Vec<KvCache> = parts.iter().map(|p| p.0.clone()).collect();
+    let cat = |ts: &[Tensor]| -> Result<Tensor> {
+        Ok(Tensor::cat(ts, 0)?.contiguous()?.index_select(&inv, 0)?)
+    };
     Ok(Clean {
         prefix: KvCache::cat_rows(&caches)?.select_rows(&inv)?,
-        resid_tail: cat(&|p| &p.1)?,
-        keys: cat(&|p| &p.2)?,
-        hooked: cat(&|p| &p.3)?,
-        last: cat(&|p| &p.4)?,
+        resid_tail: cat(&tails)?,
+        keys: cat(&keys)?,
+        hooked: cat(&hooked)?,
+        last: cat(&lasts)?,
     })
 }
 

@@ -237,7 +237,16 @@ fn searching_rewrites_together_equals_searching_each_alone() {
     };
     let together = search(m, &reqs, &prefixes, 6, Where::ResidPost, &params, 3).unwrap();
     for (i, r) in reqs.iter().enumerate() {
-        let alone = search(m, &[r.clone()], &prefixes, 6, Where::ResidPost, &params, 1).unwrap();
+        let alone = search(
+            m,
+            std::slice::from_ref(r),
+            &prefixes,
+            6,
+            Where::ResidPost,
+            &params,
+            1,
+        )
+        .unwrap();
         let (a, b) = (&alone[0], &together[i]);
         assert_eq!(a.trace.steps, 3);
         let rel = |x: &Tensor, y: &Tensor| max_abs_diff(x, y) / max_abs(x);
