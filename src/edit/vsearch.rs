@@ -330,8 +330,8 @@ struct Clean {
 ///
 /// Bare prompts' lookups sit about ten tokens before prefixed ones' (the prefix), so padding
 /// every row to the longest left part wasted about a third of this pass (first 100
-/// CounterFact cases). Rows are run in two groups of like lookup, each padded to its own
-/// longest, and each group's cache is padded on the left to `p_col` afterwards. Positions
+/// CounterFact cases). Rows are run in up to three groups of like lookup, each padded to its
+/// own longest, and each group's cache is padded on the left to `p_col` afterwards. Positions
 /// count real tokens only (`layers::position_ids`), so a row's keys and values do not depend
 /// on how much padding precedes it.
 fn clean_pass(
@@ -344,18 +344,43 @@ fn clean_pass(
 ) -> Result<Clean> {
     let cfg = &model.config;
     let dev = &model.device;
-    // Split at the largest gap between sorted lookups (one group when it is small).
+    // Up to three groups of consecutive lookups (in sorted order), of at least MIN rows each,
+    // chosen to compute the fewest positions: a group of rows costs rows x (its longest
+    // lookup + tail).
+    const MIN: usize = 4;
     let mut by_lookup: Vec<usize> = (0..rows.len()).collect();
     by_lookup.sort_by_key(|&r| rows[r].lookup);
-    let gap = by_lookup
-        .windows(2)
-        .enumerate()
-        .map(|(i, w)| (rows[w[1]].lookup - rows[w[0]].lookup, i + 1))
-        .max();
-    let groups: Vec<Vec<usize>> = match gap {
-        Some((g, at)) if g >= 3 => vec![by_lookup[..at].to_vec(), by_lookup[at..].to_vec()],
-        _ => vec![by_lookup],
-    };
+    let n = by_lookup.len();
+    let cost = |a: usize, b: usize| (b - a) * (rows[by_lookup[b - 1]].lookup + tail);
+    let mut best = (cost(0, n), vec![]);
+    for i in MIN..=n.saturating_sub(MIN) {
+        let c = cost(0, i) + cost(i, n);
+        if c < best.0 {
+            best = (c, vec![i]);
+        }
+        for j in i + MIN..=n.saturating_sub(MIN) {
+            let c = cost(0, i) + cost(i, j) + cost(j, n);
+            if c < best.0 {
+                best = (c, vec![i, j]);
+            }
+        }
+    }
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut at = 0;
+    for &cut in best.1.iter().chain(std::iter::once(&n)) {
+        groups.push(by_lookup[at..cut].to_vec());
+        at = cut;
+    }
+    tracing::debug!(
+        "clean pass: {} group(s), {} of {} tokens real (one group: {})",
+        groups.len(),
+        rows.iter().map(|r| r.ids.len()).sum::<usize>(),
+        groups
+            .iter()
+            .map(|g| g.len() * (g.iter().map(|&r| rows[r].lookup).max().unwrap_or(0) + tail))
+            .sum::<usize>(),
+        rows.len() * (p_col + tail)
+    );
     let take = |tr: &mut Trace, p: HookPoint| {
         tr.take(p)
             .ok_or_else(|| Error::invalid("value search", "a capture is missing"))
