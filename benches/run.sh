@@ -39,6 +39,9 @@ $E eval counterfact --data $CF --method memit --batch-size 100 --sequential --n 
   --json out/cf-memit-seq1000.json --plot out/cf-memit-seq1000.svg
 $E eval counterfact --data $CF --method alphaedit --batch-size 100 --sequential --n 1000 \
   --json out/cf-alphaedit-seq1000.json --plot out/cf-alphaedit-seq1000.svg
+# The README's AlphaEdit 1000 row at the Adam rate it ran with (0.5, the reference's).
+$E eval counterfact --data $CF --spec benches/alphaedit-lr05.yaml --batch-size 100 --sequential --n 1000 \
+  --json out/cf-alphaedit-seq1000-lr05.json --plot out/cf-alphaedit-seq1000-lr05.svg
 # How much of a ROME edit the bare prompt receives (u.k / u.k*), plain-mean k* vs bare weight 0.5.
 for env in "PREFIXES=20" "PREFIXES=20 HALF=1" "PREFIXES=10" "HALF=1"; do
   env $env cargo run --release --example key_ratio -- "Veracode, whose headquarters are in" Veracode
