@@ -39,7 +39,7 @@ $E eval counterfact --data $CF --method memit --batch-size 100 --sequential --n 
   --json out/cf-memit-seq1000.json --plot out/cf-memit-seq1000.svg
 $E eval counterfact --data $CF --method alphaedit --batch-size 100 --sequential --n 1000 \
   --json out/cf-alphaedit-seq1000.json --plot out/cf-alphaedit-seq1000.svg
-# The README's AlphaEdit 1000 row at the Adam rate it ran with (0.5, the reference's).
+# AlphaEdit's default rate is 0.5 already; the spec states it for the record.
 $E eval counterfact --data $CF --spec benches/alphaedit-lr05.yaml --batch-size 100 --sequential --n 1000 \
   --json out/cf-alphaedit-seq1000-lr05.json --plot out/cf-alphaedit-seq1000-lr05.svg
 # How much of a ROME edit the bare prompt receives (u.k / u.k*), plain-mean k* vs bare weight 0.5.

@@ -30,7 +30,11 @@ pub struct AlphaEditParams {
     pub layers: Vec<usize>,
     #[serde(default = "memit::d_steps")]
     pub v_num_grad_steps: usize,
-    #[serde(default = "memit::d_lr")]
+    /// Adam rate of the z search: the reference's 0.5, not MEMIT's 2.0 in engram. Over 1000
+    /// sequential CounterFact edits (batches of 100), 2.0 gave ES 94.8% (target 95%), NS
+    /// 60.7%, fluency 4.26 -> 3.54, 130-148 s per batch; 0.5 gave ES 96.2%, NS 60.1%,
+    /// fluency 4.26 -> 4.40, 293 s per batch.
+    #[serde(default = "d_lr")]
     pub v_lr: f64,
     #[serde(default = "memit::d_wd")]
     pub v_weight_decay: f64,
@@ -63,6 +67,10 @@ fn d_threshold() -> f64 {
 }
 fn d_l2() -> f64 {
     10.0
+}
+
+fn d_lr() -> f64 {
+    0.5
 }
 
 impl Default for AlphaEditParams {
