@@ -46,11 +46,7 @@ fn main() -> engram::Result<()> {
         .rewrites
         .iter()
         .zip(&targets)
-        .map(|(r, t)| Request {
-            prompt: &r.prompt,
-            subject: &r.subject,
-            target: t,
-        })
+        .map(|(r, t)| r.request(t))
         .collect();
     let found = search(
         &m,

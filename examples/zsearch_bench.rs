@@ -34,11 +34,7 @@ fn main() -> engram::Result<()> {
     let reqs: Vec<Request> = cases
         .iter()
         .zip(&targets)
-        .map(|(c, t)| Request {
-            prompt: &c.rewrite.prompt,
-            subject: &c.rewrite.subject,
-            target: t,
-        })
+        .map(|(c, t)| c.rewrite.request(t))
         .collect();
     let overrides = args.get(3).map(String::as_str).unwrap_or("{}");
     let bad = |e: serde_yaml::Error| engram::Error::invalid("PARAMS", e.to_string());

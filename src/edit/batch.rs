@@ -172,21 +172,6 @@ fn spread(
     Ok((deltas, traces))
 }
 
-/// Keys at `layer` and residuals after `z_layer` at each rewrite's subject token (see
-/// [`KeyPrompts::read`]).
-///
-/// # Shapes
-/// Returns `[d_mlp, N]` and `[d_model, N]`, f64.
-pub fn keys_and_states(
-    model: &Model,
-    reqs: &[Request<'_>],
-    prefixes: &[String],
-    layer: usize,
-    z_layer: usize,
-) -> Result<(Tensor, Tensor)> {
-    KeyPrompts::new(model, reqs, prefixes)?.read(model, layer, z_layer)
-}
-
 /// A batch's prompts (each rewrite's prompt under each context prefix), tokenized once and
 /// cut into chunks of like length, for reading keys and residuals again after each layer's
 /// update. [`KeyPrompts::cache_below`] keeps the residual entering the lowest edited layer,

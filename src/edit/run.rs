@@ -217,11 +217,7 @@ impl Editor {
         let target = continuation(&r.target_new);
         match &self.method {
             Method::Rome(p) => {
-                let req = Request {
-                    prompt: &r.prompt,
-                    subject: &r.subject,
-                    target: &target,
-                };
+                let req = r.request(&target);
                 let chol = self
                     .chol
                     .as_ref()
@@ -284,15 +280,7 @@ impl Editor {
     ) -> Result<(Vec<WeightDelta>, BatchTrace)> {
         self.prepare(model, &mut |_, _| {})?;
         let targets: Vec<String> = rs.iter().map(|r| continuation(&r.target_new)).collect();
-        let reqs: Vec<Request<'_>> = rs
-            .iter()
-            .zip(&targets)
-            .map(|(r, t)| Request {
-                prompt: &r.prompt,
-                subject: &r.subject,
-                target: t,
-            })
-            .collect();
+        let reqs: Vec<Request<'_>> = rs.iter().zip(&targets).map(|(r, t)| r.request(t)).collect();
         let prefixes = self.prefixes.clone().unwrap_or_default();
         match &self.method {
             Method::Memit(p) => {

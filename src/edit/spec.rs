@@ -117,6 +117,18 @@ pub struct Rewrite {
     pub neighborhood: Vec<Neighbor>,
 }
 
+impl Rewrite {
+    /// This rewrite as a value-search request for `target` (usually
+    /// [`continuation`]`(&self.target_new)`, which the caller keeps alive).
+    pub fn request<'a>(&'a self, target: &'a str) -> super::vsearch::Request<'a> {
+        super::vsearch::Request {
+            prompt: &self.prompt,
+            subject: &self.subject,
+            target,
+        }
+    }
+}
+
 /// An edit spec.
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]

@@ -161,6 +161,22 @@ struct Row {
     kl: bool,
 }
 
+impl Row {
+    /// The row's ids and key mask with its lookup at column `p` of `width` columns: padding
+    /// on the left (`p - lookup`) and on the right.
+    fn aligned(&self, p: usize, width: usize) -> (Vec<u32>, Vec<u8>) {
+        let left = p - self.lookup;
+        let right = width - left - self.ids.len();
+        let mut ids = vec![0u32; left];
+        ids.extend_from_slice(&self.ids);
+        ids.extend(std::iter::repeat_n(0u32, right));
+        let mut mask = vec![0u8; left];
+        mask.extend(std::iter::repeat_n(1u8, self.ids.len()));
+        mask.extend(std::iter::repeat_n(0u8, right));
+        (ids, mask)
+    }
+}
+
 fn build_rows(model: &Model, reqs: &[Request<'_>], prefixes: &[String]) -> Result<Vec<Row>> {
     let tok = model.tok()?;
     let mut rows = Vec::new();
@@ -390,22 +406,8 @@ fn clean_pass(
         (vec![], vec![], vec![], vec![], vec![]);
     for g in &groups {
         let p_g = g.iter().map(|&r| rows[r].lookup).max().unwrap_or(0);
-        let width = p_g + tail;
-        let mut ids = Vec::with_capacity(g.len());
-        let mut mask = Vec::with_capacity(g.len());
-        for &r in g {
-            let row = &rows[r];
-            let left = p_g - row.lookup;
-            let right = width - left - row.ids.len();
-            let mut i = vec![0u32; left];
-            i.extend_from_slice(&row.ids);
-            i.extend(std::iter::repeat_n(0u32, right));
-            let mut m = vec![0u8; left];
-            m.extend(std::iter::repeat_n(1u8, row.ids.len()));
-            m.extend(std::iter::repeat_n(0u8, right));
-            ids.push(i);
-            mask.push(m);
-        }
+        let (ids, mask): (Vec<_>, Vec<_>) =
+            g.iter().map(|&r| rows[r].aligned(p_g, p_g + tail)).unzip();
         let mut tr = Trace::new();
         tr.capture(HookPoint::ResidPre(layer));
         tr.capture(HookPoint::MlpKey(layer));
@@ -492,16 +494,7 @@ fn search_chunk(
         rows.len() * tail,
     );
     // The search's key mask: row r's tokens sit in columns P - lookup.. (left padding).
-    let mask: Vec<Vec<u8>> = rows
-        .iter()
-        .map(|r| {
-            let left = p_col - r.lookup;
-            let mut m = vec![0u8; left];
-            m.extend(std::iter::repeat_n(1u8, r.ids.len()));
-            m.extend(std::iter::repeat_n(0u8, width - left - r.ids.len()));
-            m
-        })
-        .collect();
+    let mask: Vec<Vec<u8>> = rows.iter().map(|r| r.aligned(p_col, width).1).collect();
 
     // One clean pass: KV cache, the residual entering L, keys and hooked states at the lookups.
     let clean = clean_pass(model, &rows, p_col, tail, layer, hook)?;

@@ -165,11 +165,7 @@ fn keys_from_cached_residual_match_full_pass() {
     let spec = ten();
     let reqs: Vec<Request> = spec.rewrites[..4]
         .iter()
-        .map(|r| Request {
-            prompt: &r.prompt,
-            subject: &r.subject,
-            target: &r.target_new,
-        })
+        .map(|r| r.request(&r.target_new))
         .collect();
     let prefixes = vec![
         String::new(),
@@ -215,11 +211,7 @@ fn searching_rewrites_together_equals_searching_each_alone() {
     let reqs: Vec<Request> = spec.rewrites[..3]
         .iter()
         .zip(&targets)
-        .map(|(r, t)| Request {
-            prompt: &r.prompt,
-            subject: &r.subject,
-            target: t,
-        })
+        .map(|(r, t)| r.request(t))
         .collect();
     let prefixes = vec![
         String::new(),
