@@ -59,6 +59,7 @@ pub fn compute(
     solver: &mut dyn LayerSolver,
 ) -> Result<(Vec<WeightDelta>, BatchTrace)> {
     let z_layer = last_layer(model, layers)?;
+    let t0 = std::time::Instant::now();
     let found = vsearch::search(
         model,
         reqs,
@@ -77,7 +78,15 @@ pub fn compute(
         1,
     )?
     .to_dtype(DType::F64)?; // (d_model, N)
+    let t1 = std::time::Instant::now();
     let (deltas, layer_traces) = spread_targets(model, reqs, layers, prefixes, &z, solver)?;
+    tracing::debug!(
+        "batch of {}: z search {:.1} s, spreading over {} layers {:.1} s",
+        reqs.len(),
+        (t1 - t0).as_secs_f64(),
+        layers.len(),
+        t1.elapsed().as_secs_f64()
+    );
     Ok((
         deltas,
         BatchTrace {

@@ -24,7 +24,8 @@
 //!   searching each alone. A request that reaches `stop_prob` is frozen while the others go on;
 //! - requests are sorted by the length of their rows after the subject before they are cut
 //!   into chunks, so a chunk pads little;
-//! - the KL prompt ends at the subject's last token, the only position the KL term reads.
+//! - the KL prompt ends at the subject's last token, the only position the KL term reads, and
+//!   the KL rows run as a batch of their own, one position long.
 
 use crate::error::{Error, Result};
 use crate::locate::subject_span_from;
@@ -217,28 +218,106 @@ fn build_rows(model: &Model, reqs: &[Request<'_>], prefixes: &[String]) -> Resul
     Ok(rows)
 }
 
+/// One sub-batch of the search's rows: the residual entering the layer at its positions, the
+/// cached keys and values before them, the key mask, and each row's request.
+struct Rows {
+    resid: Tensor,
+    cache: KvCache,
+    mask: Vec<Vec<u8>>,
+    /// Per row, the index of its request's delta.
+    req_of_row: Tensor,
+    /// Zeros for the positions after the lookup, `[rows, len - 1, d_model]` (len > 1).
+    zeros_tail: Option<Tensor>,
+}
+
+impl Rows {
+    /// Rows `idx` of the chunk, their first `len` tail positions.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        all: &[Row],
+        idx: &[usize],
+        len: usize,
+        resid_tail: &Tensor,
+        cache: &KvCache,
+        mask: &[Vec<u8>],
+        d_model: usize,
+        dev: &candle_core::Device,
+    ) -> Result<Rows> {
+        let row_idx: Vec<u32> = idx.iter().map(|&r| r as u32).collect();
+        let row_idx = Tensor::new(row_idx.as_slice(), dev)?;
+        let req_of_row: Vec<u32> = idx.iter().map(|&r| all[r].req as u32).collect();
+        let past = mask.first().map(|m| m.len()).unwrap_or(0) - resid_tail.dim(1)?;
+        Ok(Rows {
+            resid: resid_tail
+                .narrow(1, 0, len)?
+                .contiguous()?
+                .index_select(&row_idx, 0)?,
+            cache: cache.select_rows(&row_idx)?,
+            mask: idx
+                .iter()
+                .map(|&r| mask[r][..past + len].to_vec())
+                .collect(),
+            req_of_row: Tensor::new(req_of_row.as_slice(), dev)?,
+            zeros_tail: if len > 1 {
+                Some(Tensor::zeros(
+                    (idx.len(), len - 1, d_model),
+                    DType::F32,
+                    dev,
+                )?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// Run layers `layer..` with each row's request delta added at its lookup (position 0).
+    /// Returns the last block's output, `[rows, len, d_model]`.
+    fn forward(&self, model: &Model, layer: usize, hook: HookPoint, delta: &Var) -> Result<Tensor> {
+        let per_row = delta
+            .as_tensor()
+            .index_select(&self.req_of_row, 0)?
+            .unsqueeze(1)?;
+        let add = match &self.zeros_tail {
+            Some(z) => Tensor::cat(&[&per_row, z], 1)?,
+            None => per_row,
+        };
+        let mut tr = Trace::new().differentiable();
+        tr.push(hook, Positions::All, Op::Add(add));
+        tr.stop_after(HookPoint::ResidPost(model.config.n_layers - 1));
+        let mut c = self.cache.clone();
+        model.forward_from(
+            layer,
+            &self.resid,
+            Some(&self.mask),
+            Some(&mut c),
+            &mut tr,
+            false,
+        )
+    }
+}
+
 /// The rows of the requests still searching, and everything indexed by them.
+///
+/// The prompt rows and the KL rows run as two batches: a KL row needs its lookup position
+/// only, and padding it to the prompts' tail made about a tenth of every step's positions
+/// (`zsearch_bench memit 48`, debug log).
 struct Active {
     /// Request ids, ascending.
     reqs: Vec<usize>,
     req_ids: Tensor,
-    /// Indices into the full row list.
+    /// The prompt rows (indices into the chunk's row list) and their batch.
     rows: Vec<usize>,
-    resid_tail: Tensor,
-    cache: KvCache,
-    mask: Vec<Vec<u8>>,
-    /// Flat (row, tail offset) of each loss position, its target token, weight, and row.
+    prompts: Rows,
+    /// The KL rows, one per active request in `reqs` order, at their lookup only.
+    kl: Rows,
+    /// Flat (prompt row, tail offset) of each loss position, its target token, weight, and row.
     gather: Tensor,
     target_t: Tensor,
     weights: Tensor,
     row_of: Vec<usize>,
-    /// Per active request: its KL row (in the active rows), clean log-probs, decay scale.
-    kl_rows: Tensor,
+    /// Per active request: clean log-probs of the KL prompt and the decay scale.
     kl_base: Tensor,
     wd_scale: Tensor,
-    /// Per active row, the index of its request's delta.
-    req_of_row: Tensor,
-    zeros_tail: Option<Tensor>,
 }
 
 impl Active {
@@ -257,25 +336,18 @@ impl Active {
         d_model: usize,
         dev: &candle_core::Device,
     ) -> Result<Active> {
-        let rows: Vec<usize> = reqs
+        let (kl_rows, rows): (Vec<usize>, Vec<usize>) = reqs
             .iter()
             .flat_map(|&q| q * per_req..(q + 1) * per_req)
-            .collect();
-        let row_idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-        let row_idx = Tensor::new(row_idx.as_slice(), dev)?;
+            .partition(|&r| all[r].kl);
         // Loss positions: row r's target token j is predicted at column (prompt_len - 1 + j),
         // i.e. at tail offset (prompt_len - 1 + j - lookup).
         let mut gather = Vec::new();
         let mut target_ids = Vec::new();
         let mut row_of = Vec::new();
         let mut weights = Vec::new();
-        let mut kl_rows = Vec::new();
         for (i, &r) in rows.iter().enumerate() {
             let row = &all[r];
-            if row.kl {
-                kl_rows.push(i as u32);
-                continue;
-            }
             for (j, &t) in row.target.iter().enumerate() {
                 let rel = row.prompt_len - 1 + j - row.lookup;
                 gather.push((i * tail + rel) as u32);
@@ -285,32 +357,22 @@ impl Active {
                 weights.push(1.0 / (n_prompts as f32 * row.target.len() as f32));
             }
         }
-        let req_of_row: Vec<u32> = rows.iter().map(|&r| all[r].req as u32).collect();
         let req_ids: Vec<u32> = reqs.iter().map(|&q| q as u32).collect();
         let req_ids = Tensor::new(req_ids.as_slice(), dev)?;
         let wd: Vec<f32> = reqs.iter().map(|&q| wd_scale[q]).collect();
+        let batch = |idx: &[usize], len: usize| {
+            Rows::new(all, idx, len, resid_tail, cache, mask, d_model, dev)
+        };
         Ok(Active {
             reqs: reqs.to_vec(),
-            resid_tail: resid_tail.contiguous()?.index_select(&row_idx, 0)?,
-            cache: cache.select_rows(&row_idx)?,
-            mask: rows.iter().map(|&r| mask[r].clone()).collect(),
+            prompts: batch(&rows, tail)?,
+            kl: batch(&kl_rows, 1)?,
             gather: Tensor::new(gather.as_slice(), dev)?,
             target_t: Tensor::new(target_ids.as_slice(), dev)?.unsqueeze(1)?,
             weights: Tensor::new(weights.as_slice(), dev)?,
             row_of,
-            kl_rows: Tensor::new(kl_rows.as_slice(), dev)?,
             kl_base: kl_base.index_select(&req_ids, 0)?,
             wd_scale: Tensor::new(wd.as_slice(), dev)?,
-            req_of_row: Tensor::new(req_of_row.as_slice(), dev)?,
-            zeros_tail: if tail > 1 {
-                Some(Tensor::zeros(
-                    (rows.len(), tail - 1, d_model),
-                    DType::F32,
-                    dev,
-                )?)
-            } else {
-                None
-            },
             req_ids,
             rows,
         })
@@ -470,7 +532,6 @@ fn search_chunk(
     params: &SearchParams,
 ) -> Result<Vec<Found>> {
     let cfg = &model.config;
-    let n = cfg.n_layers;
     let dev = &model.device;
     let per_req = prefixes.len() + 1; // prompt rows, then the KL row
     let n_prompts = prefixes.len();
@@ -572,33 +633,14 @@ fn search_chunk(
             .as_ref()
             .ok_or_else(|| Error::invalid("value search", "no rows"))?;
         // Each row gets its request's delta at its lookup (tail column 0).
-        let per_row = delta
-            .as_tensor()
-            .index_select(&v.req_of_row, 0)?
-            .unsqueeze(1)?;
-        let add = match &v.zeros_tail {
-            Some(z) => Tensor::cat(&[&per_row, z], 1)?,
-            None => per_row,
-        };
-        let mut tr = Trace::new().differentiable();
-        tr.push(hook, Positions::All, Op::Add(add));
-        tr.stop_after(HookPoint::ResidPost(n - 1));
-        let mut c = v.cache.clone();
-        let x = model.forward_from(
-            layer,
-            &v.resid_tail,
-            Some(&v.mask),
-            Some(&mut c),
-            &mut tr,
-            false,
-        )?; // (rows, tail, d)
+        let x = v.prompts.forward(model, layer, hook, &delta)?; // (rows, tail, d)
         let n_rows = v.rows.len();
         let flat = x.reshape((n_rows * tail, cfg.d_model))?;
         let picked = flat.index_select(&v.gather, 0)?.unsqueeze(0)?; // (1, positions, d)
         let lp = candle_nn::ops::log_softmax(&model.head(&picked, true)?.squeeze(0)?, D::Minus1)?;
         let tok_lp = lp.gather(&v.target_t, 1)?.squeeze(1)?; // (positions)
         let nll_terms = (tok_lp.mul(&v.weights)? * -1.0)?;
-        let kl_x = x.i((.., 0..1))?.contiguous()?.index_select(&v.kl_rows, 0)?; // (na, 1, d)
+        let kl_x = v.kl.forward(model, layer, hook, &delta)?; // (na, 1, d)
         let kl_lp = candle_nn::ops::log_softmax(&model.head(&kl_x, true)?.squeeze(1)?, D::Minus1)?;
         // KL(new || old), as the reference's kl_div(init, new, log_target=True).
         let kl = kl_lp.exp()?.mul(&(kl_lp.clone() - &v.kl_base)?)?.sum(1)?; // (na)

@@ -181,6 +181,12 @@ impl Trace {
         self.stop_after
     }
 
+    /// True when the pass does anything at `point`: an intervention, a capture or a stop.
+    /// Blocks use it to take shortcuts through activations nobody looks at.
+    pub fn touches(&self, point: HookPoint) -> bool {
+        self.stop_after == Some(point) || self.interventions.iter().any(|iv| iv.point == point)
+    }
+
     /// A captured activation.
     pub fn get(&self, point: HookPoint) -> Option<&Tensor> {
         self.captured.get(&point)

@@ -41,6 +41,29 @@ fn empty_trace_is_bit_identical_to_a_capturing_trace() {
 }
 
 #[test]
+fn mlp_in_row_blocks_matches_the_whole_batch() {
+    // 576 positions (more than 512): a pass that looks at no MLP key runs the MLP in row blocks;
+    // capturing the keys forces the whole-batch path.
+    let m = tiny("tiny-llama");
+    let ids: Vec<Vec<u32>> = (0..12)
+        .map(|r| {
+            (0..48)
+                .map(|j| ((r * 31 + j * 7) % 90 + 1) as u32)
+                .collect()
+        })
+        .collect();
+    let batch = Batch { ids, mask: None };
+    let blocked = m.forward(&batch, &mut Trace::new()).unwrap();
+    let mut t = Trace::new();
+    for l in 0..m.config.n_layers {
+        t.capture(HookPoint::MlpKey(l));
+    }
+    let whole = m.forward(&batch, &mut t).unwrap();
+    let diff = max_abs_diff(&blocked, &whole);
+    assert!(diff < 1e-5, "row blocks differ by {diff}");
+}
+
+#[test]
 fn replacing_an_activation_with_itself_changes_nothing() {
     let m = tiny("tiny-llama");
     let mut t = Trace::new();
