@@ -4,7 +4,7 @@ use anyhow::Result;
 use clap::Subcommand;
 use comfy_table::Table;
 use engram::edit::spec::{EditSpec, Method};
-use engram::eval::counterfact;
+use engram::eval::counterfact::{self, SeqEvent};
 use engram::eval::metrics::{fluency, locality, run_suite, Suite};
 use std::path::PathBuf;
 
@@ -122,18 +122,35 @@ fn run_cf(a: CfArgs) -> Result<()> {
     let name = method.name().to_string();
     let mut seq = None;
     let rows = if a.sequential {
-        let run =
-            counterfact::run_sequential(&mut m, method, &cases, a.batch_size, &mut |d, n| {
-                pb.set_message(format!("{name}: {d} edits applied"));
-                pb.set_position(d as u64);
-                if pb.is_hidden() {
-                    // No terminal (a log file): one line per batch instead of the bar.
-                    eprintln!(
-                        "{name}: {d}/{n} edits applied, {:.0} s",
-                        pb.elapsed().as_secs_f64()
-                    );
+        let run = counterfact::run_sequential(&mut m, method, &cases, a.batch_size, &mut |e| {
+            let msg = match e {
+                SeqEvent::Scoring { cases, after } => {
+                    let when = if after {
+                        "after the last edit"
+                    } else {
+                        "before editing"
+                    };
+                    format!("{name}: scoring {cases} cases {when}")
                 }
-            })?;
+                SeqEvent::Batch {
+                    done,
+                    total,
+                    seconds,
+                    retention,
+                } => {
+                    pb.set_position(done as u64);
+                    format!(
+                        "{name}: {done}/{total} edits applied (batch {seconds:.0} s), ES of all so far {:.1}%",
+                        100.0 * retention.es_all
+                    )
+                }
+            };
+            if pb.is_hidden() {
+                // No terminal (a log file): one line per event instead of the bar.
+                eprintln!("{msg}, {:.0} s", pb.elapsed().as_secs_f64());
+            }
+            pb.set_message(msg);
+        })?;
         let rows = run.rows.clone();
         seq = Some(run);
         rows

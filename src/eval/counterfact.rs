@@ -357,9 +357,24 @@ pub struct SequentialRun {
     pub batch_seconds: Vec<f64>,
 }
 
+/// What a sequential run reports as it goes.
+#[derive(Debug)]
+pub enum SeqEvent<'a> {
+    /// Scoring every case before any edit (`after: false`) or after the last (`after: true`).
+    Scoring { cases: usize, after: bool },
+    /// A batch is applied: `done` of `total` edits so far, the batch's edit seconds, and the
+    /// retention measured after it.
+    Batch {
+        done: usize,
+        total: usize,
+        seconds: f64,
+        retention: &'a RetentionPoint,
+    },
+}
+
 /// Sequential editing: batches of `batch_size` cases applied one after another to the same
 /// model (ROME and FT-L: one case at a time, retention still measured per batch). The model
-/// is left edited. `progress(done, total)` after each batch.
+/// is left edited. `progress` hears of each phase and each batch.
 ///
 /// # Errors
 /// As the methods; a bad case (e.g. subject not in prompt) fails the run, since later
@@ -369,7 +384,7 @@ pub fn run_sequential(
     method: Method,
     cases: &[Case],
     batch_size: usize,
-    progress: &mut dyn FnMut(usize, usize),
+    progress: &mut dyn FnMut(SeqEvent<'_>),
 ) -> Result<SequentialRun> {
     let t_all = Instant::now();
     let mut editor = Editor::new(model, method)?;
@@ -377,6 +392,10 @@ pub fn run_sequential(
     let rewrites: Vec<Rewrite> = cases.iter().map(|c| c.rewrite.clone()).collect();
     let flu_prompts: Vec<String> = rewrites.iter().take(20).map(|r| r.prompt.clone()).collect();
     let fluency_before = fluency(model, &flu_prompts)?;
+    progress(SeqEvent::Scoring {
+        cases: cases.len(),
+        after: false,
+    });
     let pre = rewrites
         .iter()
         .map(|r| score_rewrite(model, r))
@@ -399,9 +418,19 @@ pub fn run_sequential(
         for e in &mut edit_s[b * bs..done] {
             *e = secs / chunk.len() as f64;
         }
-        retention.push(RetentionPoint::measure(model, &rewrites[..done], b * bs)?);
-        progress(done, rewrites.len());
+        let point = RetentionPoint::measure(model, &rewrites[..done], b * bs)?;
+        progress(SeqEvent::Batch {
+            done,
+            total: rewrites.len(),
+            seconds: secs,
+            retention: &point,
+        });
+        retention.push(point);
     }
+    progress(SeqEvent::Scoring {
+        cases: cases.len(),
+        after: true,
+    });
     let t_eval = Instant::now();
     let post = rewrites
         .iter()
