@@ -634,15 +634,20 @@ fn search_chunk(
             .ok_or_else(|| Error::invalid("value search", "no rows"))?;
         // Each row gets its request's delta at its lookup (tail column 0).
         let x = v.prompts.forward(model, layer, hook, &delta)?; // (rows, tail, d)
+        let kl_x = v.kl.forward(model, layer, hook, &delta)?; // (na, 1, d)
         let n_rows = v.rows.len();
         let flat = x.reshape((n_rows * tail, cfg.d_model))?;
-        let picked = flat.index_select(&v.gather, 0)?.unsqueeze(0)?; // (1, positions, d)
-        let lp = candle_nn::ops::log_softmax(&model.head(&picked, true)?.squeeze(0)?, D::Minus1)?;
+        let picked = flat.index_select(&v.gather, 0)?; // (positions, d)
+        let (n_pos, na) = (picked.dim(0)?, kl_x.dim(0)?);
+        // One head call for the loss positions and the KL positions: each call reads the
+        // head's whole [vocab, d_model] matrix, forward and backward.
+        let both = Tensor::cat(&[&picked, &kl_x.squeeze(1)?], 0)?.unsqueeze(0)?;
+        let lp_all = candle_nn::ops::log_softmax(&model.head(&both, true)?.squeeze(0)?, D::Minus1)?;
+        let lp = lp_all.narrow(0, 0, n_pos)?;
         let tok_lp = lp.gather(&v.target_t, 1)?.squeeze(1)?; // (positions)
         let nll_terms = (tok_lp.mul(&v.weights)? * -1.0)?;
-        let kl_x = v.kl.forward(model, layer, hook, &delta)?; // (na, 1, d)
-        let kl_lp = candle_nn::ops::log_softmax(&model.head(&kl_x, true)?.squeeze(1)?, D::Minus1)?;
-        // KL(new || old), as the reference's kl_div(init, new, log_target=True).
+        let kl_lp = lp_all.narrow(0, n_pos, na)?; // (na, vocab)
+                                                  // KL(new || old), as the reference's kl_div(init, new, log_target=True).
         let kl = kl_lp.exp()?.mul(&(kl_lp.clone() - &v.kl_base)?)?.sum(1)?; // (na)
                                                                             // sqrt has an infinite derivative at 0 (the first step); the epsilon keeps the
                                                                             // gradient finite where torch.norm uses the subgradient 0.
