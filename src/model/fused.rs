@@ -34,10 +34,6 @@ fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
 
-// ---------------------------------------------------------------------------------------------
-// RMSNorm: y = x * r * w, r = 1 / sqrt(mean(x^2) + eps), over the last dimension.
-
-/// r = 1 / sqrt(mean(x^2) + eps) of one row.
 // The element-wise ops below split their work over rayon's threads (the matrix products
 // already do): single-threaded, they left the second core idle for about 5% of a causal
 // trace and of a value-search step (perf). Each element is computed as before.
@@ -50,6 +46,10 @@ fn rows_per_block(d: usize) -> usize {
     (ELEMENT_BLOCK / d.max(1)).max(1)
 }
 
+// ---------------------------------------------------------------------------------------------
+// RMSNorm: y = x * r * w, r = 1 / sqrt(mean(x^2) + eps), over the last dimension.
+
+/// r = 1 / sqrt(mean(x^2) + eps) of one row.
 fn inv_rms(row: &[f32], eps: f32) -> f32 {
     let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
     1.0 / (ms + eps).sqrt()
