@@ -465,6 +465,74 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The whole SwiGLU MLP as one autograd node: y = (silu(h Wg^T) * (h Wu^T)) Wd^T.
+//
+// Composed, a differentiable MLP is four nodes (three linear maps and the SwiGLU product), and
+// candle's backward pass gives each node's input a fresh zero gradient and adds into it: about
+// nine passes over `[positions, d_mlp]` tensors per layer per step of the value search that
+// compute nothing. As one node, the backward pass is two element-wise products (fused) and
+// three matrix products, and only h's gradient is accumulated.
+
+struct Mlp {
+    /// The forward pass's output, `[positions, d_model]`, computed outside the graph.
+    y: Tensor,
+    /// Kept for the backward pass, `[positions, d_mlp]`.
+    gate: Tensor,
+    up: Tensor,
+    wg: Tensor,
+    wu: Tensor,
+    wd: Tensor,
+}
+
+impl CustomOp1 for Mlp {
+    fn name(&self) -> &'static str {
+        "engram-mlp"
+    }
+
+    /// The output was computed when the node was built; this hands it to the graph.
+    fn cpu_fwd(&self, _s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok((CpuStorage::F32(to_vec(&self.y)?), l.shape().clone()))
+    }
+
+    /// dkey = g Wd; (dgate, dup) = SwiGLU's backward; dh = dgate Wg + dup Wu.
+    fn bwd(&self, h: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let n = self.gate.dim(0)?;
+        let g = g.contiguous()?.reshape((n, self.wd.dim(0)?))?;
+        let dkey = g.matmul(&self.wd)?; // (n, d_mlp)
+        let both = self.gate.apply_op3_no_bwd(&self.up, &dkey, &SwiGluBwd)?; // [2, n, d_mlp]
+        let dh = (both.get(0)?.matmul(&self.wg)? + both.get(1)?.matmul(&self.wu)?)?;
+        Ok(Some(dh.reshape(h.shape())?))
+    }
+}
+
+/// The SwiGLU MLP `down(silu(gate(h)) * up(h))` as one differentiable node in `h`; `None`
+/// where it does not apply (nothing to differentiate, weights that are trained, or not f32 on
+/// the CPU), and the caller composes it instead. Same numbers as the composed form.
+///
+/// # Shapes
+/// `h`: `[batch, seq, d_model]`; `wg`, `wu`: `[d_mlp, d_model]`; `wd`: `[d_model, d_mlp]`.
+pub fn mlp(h: &Tensor, wg: &Tensor, wu: &Tensor, wd: &Tensor) -> Result<Option<Tensor>> {
+    let trained = [wg, wu, wd].iter().any(|w| w.is_variable() || w.track_op());
+    if !h.track_op() || trained || !fusable(&[h, wg, wu, wd]) {
+        return Ok(None);
+    }
+    let (b, t, d) = h.dims3()?;
+    let x = h.detach().contiguous()?.reshape((b * t, d))?;
+    let gate = x.matmul(&wg.t()?)?;
+    let up = x.matmul(&wu.t()?)?;
+    let y = swiglu(&gate, &up)?.matmul(&wd.t()?)?;
+    let node = Mlp {
+        y: y.reshape((b, t, wd.dim(0)?))?,
+        gate,
+        up,
+        wg: wg.clone(),
+        wu: wu.clone(),
+        wd: wd.clone(),
+    };
+    Ok(Some(h.contiguous()?.apply_op1(node)?))
+}
+
+// ---------------------------------------------------------------------------------------------
 // Attention over grouped key/value heads: y = softmax(q k^T * scale + bias) v.
 //
 // Composed from candle's primitives this is a copy of every key and value head per query head
@@ -933,6 +1001,25 @@ mod tests {
                 "{shape:?}: value {dy}, gradient {dg}"
             );
         }
+    }
+
+    #[test]
+    fn mlp_node_matches_composed() {
+        let (dm, dmlp) = (16, 40);
+        let h = rand(&[3, 5, dm], 21);
+        let wg = (rand(&[dmlp, dm], 22) * 0.2).unwrap();
+        let wu = (rand(&[dmlp, dm], 23) * 0.2).unwrap();
+        let wd = (rand(&[dm, dmlp], 24) * 0.2).unwrap();
+        let (a, b, c) = (wg.clone(), wu.clone(), wd.clone());
+        let (dy, dg) = compare(
+            &[h],
+            move |t| Ok(mlp(&t[0], &wg, &wu, &wd)?.expect("fusable")),
+            move |t| {
+                let lin = |x: &Tensor, w: &Tensor| x.broadcast_matmul(&w.t()?);
+                lin(&swiglu(&lin(&t[0], &a)?, &lin(&t[0], &b)?)?, &c)
+            },
+        );
+        assert!(dy < 1e-5 && dg < 1e-4, "value {dy}, gradient {dg}");
     }
 
     #[test]

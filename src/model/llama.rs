@@ -169,8 +169,15 @@ pub fn block(
         g("mlp.up_proj.weight")?,
         g("mlp.down_proj.weight")?,
     );
-    let m = if !diff && h.device().is_cpu() && !trace.touches(HookPoint::MlpKey(l)) {
-        mlp_in_row_blocks(&h, wg, wu, wd)?
+    let key_seen = trace.touches(HookPoint::MlpKey(l));
+    let fused = match (key_seen, diff) {
+        (false, false) if h.device().is_cpu() => Some(mlp_in_row_blocks(&h, wg, wu, wd)?),
+        // One autograd node for the whole MLP (the value search; None when weights train).
+        (false, true) => super::fused::mlp(&h, wg, wu, wd)?,
+        _ => None,
+    };
+    let m = if let Some(m) = fused {
+        m
     } else {
         let gate = linear(&h, wg, None)?; // (b, t, d_mlp)
         let up = linear(&h, wu, None)?;
