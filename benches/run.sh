@@ -39,6 +39,9 @@ $E eval counterfact --data $CF --method memit --batch-size 100 --sequential --n 
   --json out/cf-memit-seq1000.json --plot out/cf-memit-seq1000.svg
 $E eval counterfact --data $CF --method alphaedit --batch-size 100 --sequential --n 1000 \
   --json out/cf-alphaedit-seq1000.json --plot out/cf-alphaedit-seq1000.svg
+# ROME one edit at a time over 1000 cases, retention every 100 (about 80 minutes).
+$E eval counterfact --data $CF --method rome --layer 5 --batch-size 100 --sequential --n 1000 \
+  --json out/cf-rome-seq1000.json --plot out/cf-rome-seq1000.svg
 # AlphaEdit's default rate is 0.5 already; the spec states it for the record.
 $E eval counterfact --data $CF --spec benches/alphaedit-lr05.yaml --batch-size 100 --sequential --n 1000 \
   --json out/cf-alphaedit-seq1000-lr05.json --plot out/cf-alphaedit-seq1000-lr05.svg
@@ -55,3 +58,6 @@ cargo run --release --example mass_sweep -- memit:15000 memit:5000 memit:3000 me
 # The value search alone (z at layer 6 for MEMIT, v* at layer 5 for ROME) on CounterFact cases.
 cargo run --release --example zsearch_bench -- memit 48
 cargo run --release --example zsearch_bench -- rome 8
+# Matrix-product rates for a block's shapes against the square peak, one process: why the MLP
+# runs in blocks of 512 positions when nothing differentiates (8192 rows: whole vs blocks).
+cargo run --release --example gemm_shapes -- 8192

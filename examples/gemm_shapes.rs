@@ -1,6 +1,8 @@
 //! Matmul rates for the shapes a block runs, against the square peak, in one process:
-//! separate q/k/v and gate/up maps against merged ones, and weights read transposed
-//! (`x · Wᵀ`, as `linear` does) against weights stored as `[in, out]`.
+//! separate q/k/v and gate/up maps against merged ones, weights read transposed (`x · Wᵀ`, as
+//! `linear` does) against weights stored as `[in, out]`, the whole MLP on all rows against
+//! blocks of rows (what `llama::mlp_in_row_blocks` does), and the output head.
+//! A benchmark for choosing shapes, not a test: the rates move with the machine's load.
 //!
 //! `cargo run --release --example gemm_shapes -- [rows]`
 use candle_core::{Device, Tensor};
@@ -69,10 +71,8 @@ fn main() -> candle_core::Result<()> {
             100.0 * b / peak
         );
     }
-    let w = Tensor::randn(0f32, 1.0, (d, 1536), &dev)?;
     let h = Tensor::randn(0f32, 1.0, (m, 1536), &dev)?;
     let wd = Tensor::randn(0f32, 1.0, (576, 1536), &dev)?;
-    let _ = w;
     let c = rate(
         &|| h.matmul(&wd.t().unwrap()).unwrap(),
         2.0 * (m * 1536 * 576) as f64,
