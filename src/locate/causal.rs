@@ -225,63 +225,34 @@ pub fn trace_setup(
             // In the last layer only the last position feeds the logits: a restore at token
             // i < t - 1 there changes nothing, and the model computes that position alone.
             let last = j + 1 == n;
-            // The rows (position 0: token i) whose clean MLP / attention output is restored
-            // here: those of every window cell whose window holds layer j.
-            let restored = |kind: &str| -> Vec<usize> {
-                if last && len > 1 {
-                    return vec![];
-                }
-                cells
+            // Restore the clean MLP / attention output at token i (position 0) for the rows
+            // of every window cell whose window holds layer j.
+            let mut tr = Trace::new();
+            for (kind, point) in [
+                ("mlp", HookPoint::MlpOut(j)),
+                ("attn", HookPoint::AttnOut(j)),
+            ] {
+                let at: Vec<(usize, usize)> = cells
                     .iter()
                     .filter(|&&(k, l, _)| {
                         let (lo, hi) = window(l, params.window, n);
                         k == kind && (lo..hi).contains(&j)
                     })
-                    .flat_map(|&(_, _, r0)| r0..r0 + rows)
-                    .collect()
-            };
-            let at = [
-                (HookPoint::MlpOut(j), restored("mlp")),
-                (HookPoint::AttnOut(j), restored("attn")),
-            ];
-            // Rows are independent (each has its own cached prefix), so the layer runs on
-            // blocks of about BLOCK_POSITIONS positions: a whole batch of up to ~10,000
-            // positions spilled its intermediates out of the caches. Not the last layer: it
-            // runs one position per row into the output head, whose matrix products want
-            // many rows.
-            let per_block = match last {
-                true => b,
-                false => (BLOCK_POSITIONS / (rows * len)).max(1) * rows,
-            };
-            let mut outs = Vec::new();
-            for r0 in (0..b).step_by(per_block) {
-                let nb = per_block.min(b - r0);
-                let mut tr = Trace::new();
-                for (point, rows_at) in &at {
-                    let cells_at: Vec<(usize, usize)> = rows_at
-                        .iter()
-                        .filter(|&&r| (r0..r0 + nb).contains(&r))
-                        .map(|&r| (r - r0, 0))
-                        .collect();
-                    if cells_at.is_empty() {
-                        continue;
-                    }
-                    let src = clean.get(*point).expect("captured").narrow(1, i, len)?;
-                    let src = src.broadcast_as((nb, len, src.dim(2)?))?;
-                    tr.push(*point, Positions::Cells(cells_at), Op::Replace(src));
+                    .flat_map(|&(_, _, r0)| (r0..r0 + rows).map(|r| (r, 0)))
+                    .collect();
+                if at.is_empty() || (last && len > 1) {
+                    continue;
                 }
-                if !last {
-                    tr.stop_after(HookPoint::ResidPost(j));
-                }
-                let mut c = layer_cache(&cached, j, nb / rows)?;
-                // The last layer returns the logits of the last position: (nb, 1, vocab).
-                let xb = xj.narrow(0, r0, nb)?;
-                outs.push(model.forward_from(j, &xb, None, c.as_mut(), &mut tr, last)?);
+                let src = clean.get(point).expect("captured").narrow(1, i, len)?;
+                let src = src.broadcast_as((b, len, src.dim(2)?))?;
+                tr.push(point, Positions::Cells(at), Op::Replace(src));
             }
-            x = Some(match outs.len() {
-                1 => outs.pop().expect("one block"),
-                _ => Tensor::cat(&outs, 0)?,
-            });
+            if !last {
+                tr.stop_after(HookPoint::ResidPost(j));
+            }
+            let mut c = layer_cache(&cached, j, b / rows)?;
+            // The last layer returns the logits of the last position: (b, 1, vocab).
+            x = Some(model.forward_from(j, &xj, None, c.as_mut(), &mut tr, last)?);
             evals += (b * if last { 1 } else { len }) as u64;
         }
         let mut p = prob(&x.expect("cells at every token"), tid)?;
@@ -320,9 +291,6 @@ pub fn trace_setup(
         secs,
     ))
 }
-
-/// Positions per block when a layer runs on the traced rows (see the layer loop).
-const BLOCK_POSITIONS: usize = 1024;
 
 /// Layer `l` of the corrupted run's cache (positions before the traced token), its `rows`
 /// noise samples repeated `copies` times (batch-major); `None` when nothing is cached.
