@@ -646,11 +646,12 @@ fn search_chunk(
         let lp = lp_all.narrow(0, 0, n_pos)?;
         let tok_lp = lp.gather(&v.target_t, 1)?.squeeze(1)?; // (positions)
         let nll_terms = (tok_lp.mul(&v.weights)? * -1.0)?;
+        // KL(new || old), as the reference's kl_div(init, new, log_target=True).
         let kl_lp = lp_all.narrow(0, n_pos, na)?; // (na, vocab)
-                                                  // KL(new || old), as the reference's kl_div(init, new, log_target=True).
         let kl = kl_lp.exp()?.mul(&(kl_lp.clone() - &v.kl_base)?)?.sum(1)?; // (na)
-                                                                            // sqrt has an infinite derivative at 0 (the first step); the epsilon keeps the
-                                                                            // gradient finite where torch.norm uses the subgradient 0.
+
+        // sqrt has an infinite derivative at 0 (the first step); the epsilon keeps the
+        // gradient finite where torch.norm uses the subgradient 0.
         let d_act = delta.as_tensor().index_select(&v.req_ids, 0)?;
         let dnorm = (d_act.sqr()?.sum(1)? + 1e-12)?.sqrt()?; // (na)
         let loss = ((nll_terms.sum_all()? + (kl.sum_all()? * params.kl_factor)?)?
