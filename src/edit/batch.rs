@@ -150,14 +150,19 @@ fn spread(
 ) -> Result<(Vec<WeightDelta>, Vec<LayerTrace>)> {
     let mut deltas = Vec::new();
     let mut traces = Vec::new();
-    // Layers below the first edited one never change: their output is computed once.
     let mut prompts = KeyPrompts::new(model, reqs, prefixes)?;
-    prompts.cache_below(model, layers[0])?;
     for (i, &layer) in layers.iter().enumerate() {
-        let (keys, h) = prompts.read(model, layer, z_layer)?;
+        let t0 = std::time::Instant::now();
+        let (keys, h) = prompts.read(model, layer, z_layer)?; // then layer `layer` changes
         let remaining = (layers.len() - i) as f64;
         let resid = ((z - h)? / remaining)?; // (d_model, N)
+        let t1 = std::time::Instant::now();
         let dw = solver.solve(i, layer, &keys, &resid)?;
+        tracing::debug!(
+            "layer {layer}: keys read in {:.2} s, solved in {:.2} s",
+            (t1 - t0).as_secs_f64(),
+            t1.elapsed().as_secs_f64()
+        );
         let resid_norm = resid
             .sqr()?
             .sum(0)?
@@ -183,27 +188,98 @@ fn spread(
 
 /// A batch's prompts (each rewrite's prompt under each context prefix), tokenized once and
 /// cut into chunks of like length, for reading keys and residuals again after each layer's
-/// update. [`KeyPrompts::cache_below`] keeps the residual entering the lowest edited layer,
-/// which the updates never change, so later reads run only the layers from there up.
+/// update.
+///
+/// Three savings over running every prompt through the model at each read, none changing a
+/// number:
+/// - a prompt is cut after its subject's last token, the only position read (causal
+///   attention: later tokens cannot change it);
+/// - keys are read from all prompts but the residual after `z_layer` from the bare prompts
+///   only, so the prefixed prompts stop at the key;
+/// - each read keeps the residual entering its layer, and the next read starts there: MEMIT
+///   reads layers in ascending order and changes only the layer just read, so nothing below
+///   it changes in between. A read at a lower layer than the last starts from the embeddings.
 pub struct KeyPrompts {
-    chunks: Vec<KeyChunk>,
+    /// Every (rewrite, prefix) prompt, for the keys.
+    all: RowSet,
+    /// The bare prompts, for the residuals.
+    bare: RowSet,
     n_reqs: usize,
     n_prefixes: usize,
 }
 
+/// Prompts cut into chunks, with the residual entering the layer last read.
+struct RowSet {
+    chunks: Vec<KeyChunk>,
+}
+
 struct KeyChunk {
     batch: Batch,
-    /// Per row: its index in the flat (rewrite, prefix) order and its lookup position.
+    /// Per row: its index in the set's flat order and its lookup position.
     rows: Vec<(usize, usize)>,
     /// The residual entering layer `.0`, `[rows, width, d_model]`.
     base: Option<(usize, Tensor)>,
 }
 
-impl KeyPrompts {
+impl RowSet {
     /// Rows per forward pass.
     const CHUNK: usize = 64;
 
-    /// Tokenize every prompt and find its subject's last token.
+    /// `seqs`: per prompt, its ids ending at the lookup.
+    fn new(seqs: Vec<Vec<u32>>) -> RowSet {
+        // Sorted by length, a chunk pads little (prefixed prompts are about ten tokens longer
+        // than bare ones).
+        let mut order: Vec<usize> = (0..seqs.len()).collect();
+        order.sort_by_key(|&i| seqs[i].len());
+        let chunks = order
+            .chunks(Self::CHUNK)
+            .map(|idx| {
+                let ids: Vec<Vec<u32>> = idx.iter().map(|&i| seqs[i].clone()).collect();
+                KeyChunk {
+                    batch: Batch::padded(&ids, PadSide::Right, 0),
+                    rows: idx.iter().map(|&i| (i, seqs[i].len() - 1)).collect(),
+                    base: None,
+                }
+            })
+            .collect();
+        RowSet { chunks }
+    }
+
+    /// `point` (at or above `layer`) at each prompt's lookup, in the set's flat order; keeps
+    /// the residual entering `layer` for the next read.
+    fn read(&mut self, model: &Model, layer: usize, point: HookPoint) -> Result<Vec<Tensor>> {
+        let missing = || Error::invalid("keys", "capture missing");
+        let mut out: Vec<Option<Tensor>> =
+            vec![None; self.chunks.iter().map(|c| c.rows.len()).sum()];
+        for c in &mut self.chunks {
+            let mut tr = Trace::new();
+            tr.capture(HookPoint::ResidPre(layer));
+            tr.capture(point);
+            tr.stop_after(point);
+            match &c.base {
+                Some((from, x)) if *from <= layer => {
+                    let mask = c.batch.mask.as_deref();
+                    model.forward_from(*from, x, mask, None, &mut tr, false)?;
+                }
+                _ => {
+                    model.forward(&c.batch, &mut tr)?;
+                }
+            }
+            let y = tr.take(point).ok_or_else(missing)?;
+            c.base = Some((
+                layer,
+                tr.take(HookPoint::ResidPre(layer)).ok_or_else(missing)?,
+            ));
+            for (r, &(i, pos)) in c.rows.iter().enumerate() {
+                out[i] = Some(y.i((r, pos))?);
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+}
+
+impl KeyPrompts {
+    /// Tokenize every prompt and cut it after its subject's last token.
     ///
     /// # Errors
     /// A subject not in its prompt, tokenizer errors.
@@ -213,97 +289,53 @@ impl KeyPrompts {
         for req in reqs {
             for pre in prefixes {
                 let text = format!("{pre}{}", req.prompt);
-                let ids = tok.encode(&text)?;
+                let mut ids = tok.encode(&text)?;
                 let (_, end) = subject_span_from(model, &text, req.subject, &ids, pre.len())?;
-                seqs.push((ids, end - 1));
+                ids.truncate(end);
+                seqs.push(ids);
             }
         }
-        // Sorted by length, a chunk pads little (prefixed prompts are about ten tokens longer
-        // than bare ones).
-        let mut order: Vec<usize> = (0..seqs.len()).collect();
-        order.sort_by_key(|&i| seqs[i].0.len());
-        let chunks = order
-            .chunks(Self::CHUNK)
-            .map(|idx| {
-                let ids: Vec<Vec<u32>> = idx.iter().map(|&i| seqs[i].0.clone()).collect();
-                KeyChunk {
-                    batch: Batch::padded(&ids, PadSide::Right, 0),
-                    rows: idx.iter().map(|&i| (i, seqs[i].1)).collect(),
-                    base: None,
-                }
-            })
-            .collect();
+        let bare = seqs.iter().step_by(prefixes.len()).cloned().collect();
         Ok(KeyPrompts {
-            chunks,
+            all: RowSet::new(seqs),
+            bare: RowSet::new(bare),
             n_reqs: reqs.len(),
             n_prefixes: prefixes.len(),
         })
     }
 
-    /// Keep the residual entering `layer` (with the model as it is now); reads of keys at
-    /// `layer` or above then start there. Only valid while layers below `layer` keep their
-    /// weights.
-    ///
-    /// # Errors
-    /// Tensor errors.
-    pub fn cache_below(&mut self, model: &Model, layer: usize) -> Result<()> {
-        for c in &mut self.chunks {
-            let mut tr = Trace::new();
-            tr.capture(HookPoint::ResidPre(layer));
-            tr.stop_after(HookPoint::ResidPre(layer));
-            model.forward(&c.batch, &mut tr)?;
-            let x = tr
-                .take(HookPoint::ResidPre(layer))
-                .ok_or_else(|| Error::invalid("keys", "capture missing"))?;
-            c.base = Some((layer, x));
-        }
-        Ok(())
-    }
-
-    /// Keys at `layer` and residuals after `z_layer` at each rewrite's subject token.
+    /// Keys at `layer` and residuals after `z_layer` (>= `layer`) at each rewrite's subject
+    /// token, with the model as it is now.
     ///
     /// The key of rewrite i is MEMIT's `compute_ks`: the mean of (the bare prompt's key, the
     /// mean of the prefixed prompts' keys); the residual is the bare prompt's.
+    ///
+    /// Reads must come in ascending `layer` order, with no layer below the one last read
+    /// changed in between (what MEMIT does); a read at a lower layer starts afresh.
     ///
     /// # Shapes
     /// Returns `[d_mlp, N]` and `[d_model, N]`, f64.
     ///
     /// # Errors
-    /// Tensor errors.
-    pub fn read(&self, model: &Model, layer: usize, z_layer: usize) -> Result<(Tensor, Tensor)> {
-        let np = self.n_prefixes;
-        let top = layer.max(z_layer);
-        let mut keys: Vec<Option<Tensor>> = vec![None; self.n_reqs * np];
-        let mut states: Vec<Option<Tensor>> = vec![None; self.n_reqs * np];
-        for c in &self.chunks {
-            let mut tr = Trace::new();
-            tr.capture(HookPoint::MlpKey(layer));
-            tr.capture(HookPoint::ResidPost(z_layer));
-            tr.stop_after(HookPoint::ResidPost(top));
-            match &c.base {
-                Some((from, x)) if *from <= layer.min(z_layer) => {
-                    let mask = c.batch.mask.as_deref();
-                    model.forward_from(*from, x, mask, None, &mut tr, false)?;
-                }
-                _ => {
-                    model.forward(&c.batch, &mut tr)?;
-                }
-            }
-            let k = tr
-                .take(HookPoint::MlpKey(layer))
-                .ok_or_else(|| Error::invalid("keys", "capture missing"))?;
-            let h = tr
-                .take(HookPoint::ResidPost(z_layer))
-                .ok_or_else(|| Error::invalid("keys", "capture missing"))?;
-            for (r, &(i, pos)) in c.rows.iter().enumerate() {
-                keys[i] = Some(k.i((r, pos))?);
-                states[i] = Some(h.i((r, pos))?);
-            }
+    /// `z_layer` below `layer`, tensor errors.
+    pub fn read(
+        &mut self,
+        model: &Model,
+        layer: usize,
+        z_layer: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        if z_layer < layer {
+            return Err(Error::invalid(
+                "layers",
+                format!("the residual layer {z_layer} is below the key layer {layer}"),
+            ));
         }
-        let keys: Vec<Tensor> = keys.into_iter().flatten().collect();
-        let states: Vec<Tensor> = states.into_iter().flatten().collect();
+        let np = self.n_prefixes;
+        let keys = self.all.read(model, layer, HookPoint::MlpKey(layer))?;
+        let states = self
+            .bare
+            .read(model, layer, HookPoint::ResidPost(z_layer))?;
         let mut kcols = Vec::with_capacity(self.n_reqs);
-        let mut hcols = Vec::with_capacity(self.n_reqs);
         for q in 0..self.n_reqs {
             let r0 = q * np;
             let bare = &keys[r0];
@@ -314,11 +346,10 @@ impl KeyPrompts {
                 bare.clone()
             };
             kcols.push(k);
-            hcols.push(states[r0].clone());
         }
         Ok((
             Tensor::stack(&kcols, 1)?.to_dtype(DType::F64)?,
-            Tensor::stack(&hcols, 1)?.to_dtype(DType::F64)?,
+            Tensor::stack(&states, 1)?.to_dtype(DType::F64)?,
         ))
     }
 }

@@ -13,10 +13,11 @@
 //! `clamp_norm_factor` x |h|, where h is the hooked state at the bare prompt's subject token.
 //!
 //! Departures from the references, all for speed, none changing the numbers of one request:
-//! - layers below L never change, so their output is computed once, not at every step;
+//! - layers below L never change, so their output is computed once, not at every step (and
+//!   for MEMIT, whose delta is added after layer L, layer L's output too);
 //! - rows are left-padded so every subject's last token sits in one column P; positions before
 //!   P never change, so their keys and values are cached once and only positions P.. are
-//!   recomputed at each step;
+//!   recomputed at each step; above layer L, the clean pass runs only the positions up to P;
 //! - the output head runs only at the positions the loss reads;
 //! - several requests are searched together (MEMIT): each has its own row of the trainable
 //!   `[requests, d_model]` matrix, added only to its own prompts; the summed loss gives each
@@ -270,9 +271,16 @@ impl Rows {
         })
     }
 
-    /// Run layers `layer..` with each row's request delta added at its lookup (position 0).
-    /// Returns the last block's output, `[rows, len, d_model]`.
-    fn forward(&self, model: &Model, layer: usize, hook: HookPoint, delta: &Var) -> Result<Tensor> {
+    /// Run layers `start..` with each row's request delta added at its lookup (position 0):
+    /// at `hook`, or to the input residual when `hook` is `None`. Returns the last block's
+    /// output, `[rows, len, d_model]`.
+    fn forward(
+        &self,
+        model: &Model,
+        start: usize,
+        hook: Option<HookPoint>,
+        delta: &Var,
+    ) -> Result<Tensor> {
         let per_row = delta
             .as_tensor()
             .index_select(&self.req_of_row, 0)?
@@ -282,17 +290,20 @@ impl Rows {
             None => per_row,
         };
         let mut tr = Trace::new().differentiable();
-        tr.push(hook, Positions::All, Op::Add(add));
-        tr.stop_after(HookPoint::ResidPost(model.config.n_layers - 1));
+        let x = match hook {
+            Some(h) => {
+                tr.push(h, Positions::All, Op::Add(add));
+                self.resid.clone()
+            }
+            None => (&self.resid + add)?,
+        };
+        let n = model.config.n_layers;
+        if start == n {
+            return Ok(x);
+        }
+        tr.stop_after(HookPoint::ResidPost(n - 1));
         let mut c = self.cache.clone();
-        model.forward_from(
-            layer,
-            &self.resid,
-            Some(&self.mask),
-            Some(&mut c),
-            &mut tr,
-            false,
-        )
+        model.forward_from(start, &x, Some(&self.mask), Some(&mut c), &mut tr, false)
     }
 }
 
@@ -395,7 +406,8 @@ struct Clean {
     /// Keys and values of the positions before column P, `[rows, n_kv_heads, P, head_dim]`
     /// per layer (left-padded; the search's key mask marks the padding).
     prefix: KvCache,
-    /// The residual entering the layer at the tail positions (P..), `[rows, tail, d_model]`.
+    /// The residual entering the search's first layer (L, or L + 1 when the delta is added
+    /// after L) at the tail positions (P..), `[rows, tail, d_model]`.
     resid_tail: Tensor,
     /// The layer's MLP key and the hooked state at the lookup, `[rows, d_mlp]`, `[rows, d_model]`.
     keys: Tensor,
@@ -424,12 +436,16 @@ fn clean_pass(
     let dev = &model.device;
     // Up to three groups of consecutive lookups (in sorted order), of at least MIN rows each,
     // chosen to compute the fewest positions: a group of rows costs rows x (its longest
-    // lookup + tail).
+    // lookup + tail) in layers 0..=layer, rows x (its longest lookup + 1) above.
     const MIN: usize = 4;
     let mut by_lookup: Vec<usize> = (0..rows.len()).collect();
     by_lookup.sort_by_key(|&r| rows[r].lookup);
     let n = by_lookup.len();
-    let cost = |a: usize, b: usize| (b - a) * (rows[by_lookup[b - 1]].lookup + tail);
+    let (below, above) = (layer + 1, cfg.n_layers - layer - 1);
+    let cost = |a: usize, b: usize| {
+        let lk = rows[by_lookup[b - 1]].lookup;
+        (b - a) * (below * (lk + tail) + above * (lk + 1))
+    };
     let mut best = (cost(0, n), vec![]);
     for i in MIN..=n.saturating_sub(MIN) {
         let c = cost(0, i) + cost(i, n);
@@ -474,14 +490,26 @@ fn clean_pass(
         tr.capture(HookPoint::ResidPre(layer));
         tr.capture(HookPoint::MlpKey(layer));
         tr.capture(hook);
-        // Stop before the head: only the KL rows' lookup positions need logits.
-        tr.stop_after(HookPoint::ResidPost(cfg.n_layers - 1));
+        tr.stop_after(HookPoint::ResidPost(layer));
         let mut cache = KvCache::new(cfg.n_layers);
         let batch = Batch {
             ids,
-            mask: Some(mask),
+            mask: Some(mask.clone()),
         };
-        let last = model.forward_cached(&batch, Some(&mut cache), &mut tr)?; // (g, width, d)
+        let mid = model.forward_cached(&batch, Some(&mut cache), &mut tr)?; // (g, width, d)
+                                                                            // Above the layer the search recomputes the tail (columns past p_g) at every step, so
+                                                                            // the clean pass runs there only the prefix, for its keys and values, and the lookup,
+                                                                            // for the KL rows' clean output (the head comes later, on the KL rows alone).
+        let last = if layer + 1 < cfg.n_layers {
+            let keep = p_g + 1;
+            let mask: Vec<Vec<u8>> = mask.iter().map(|m| m[..keep].to_vec()).collect();
+            let mut up = Trace::new();
+            up.stop_after(HookPoint::ResidPost(cfg.n_layers - 1));
+            let x = mid.narrow(1, 0, keep)?;
+            model.forward_from(layer + 1, &x, Some(&mask), Some(&mut cache), &mut up, false)?
+        } else {
+            mid
+        }; // (g, p_g + 1 or width, d)
         let prefix = if p_col == 0 {
             KvCache::new(cfg.n_layers)
         } else if p_g == 0 {
@@ -497,9 +525,17 @@ fn clean_pass(
             cache.truncate(p_g)?.pad_left(p_col - p_g)?
         };
         caches.push(prefix);
-        tails.push(take(&mut tr, HookPoint::ResidPre(layer))?.narrow(1, p_g, tail)?);
+        let hooked_g = take(&mut tr, hook)?;
+        // The search's input: the residual entering layer L, or, when the delta is added
+        // after layer L, layer L's output (the search then starts at L + 1).
+        let input = if hook == HookPoint::ResidPost(layer) {
+            hooked_g.clone()
+        } else {
+            take(&mut tr, HookPoint::ResidPre(layer))?
+        };
+        tails.push(input.narrow(1, p_g, tail)?);
         keys.push(take(&mut tr, HookPoint::MlpKey(layer))?.i((.., p_g))?);
-        hooked.push(take(&mut tr, hook)?.i((.., p_g))?);
+        hooked.push(hooked_g.i((.., p_g))?);
         lasts.push(last.i((.., p_g))?);
     }
     // Back to the chunk's row order.
@@ -538,6 +574,13 @@ fn search_chunk(
     let hook = match at {
         Where::MlpOut => HookPoint::MlpOut(layer),
         Where::ResidPost => HookPoint::ResidPost(layer),
+    };
+    // Where each step starts and adds the delta. MEMIT's delta is added to the residual after
+    // layer L, the input of layer L + 1, so steps start there (layer L's output at the tail
+    // does not depend on the delta) and add it to the input.
+    let (start, hook_at) = match at {
+        Where::MlpOut => (layer, Some(hook)),
+        Where::ResidPost => (layer + 1, None),
     };
 
     // Align every lookup at column P (left padding), pad the tails on the right.
@@ -633,8 +676,8 @@ fn search_chunk(
             .as_ref()
             .ok_or_else(|| Error::invalid("value search", "no rows"))?;
         // Each row gets its request's delta at its lookup (tail column 0).
-        let x = v.prompts.forward(model, layer, hook, &delta)?; // (rows, tail, d)
-        let kl_x = v.kl.forward(model, layer, hook, &delta)?; // (na, 1, d)
+        let x = v.prompts.forward(model, start, hook_at, &delta)?; // (rows, tail, d)
+        let kl_x = v.kl.forward(model, start, hook_at, &delta)?; // (na, 1, d)
         let n_rows = v.rows.len();
         let flat = x.reshape((n_rows * tail, cfg.d_model))?;
         let picked = flat.index_select(&v.gather, 0)?; // (positions, d)

@@ -155,13 +155,18 @@ fn sequential_alphaedit_keeps_earlier_edits() {
     assert!(report.retention[1].es_all >= 0.8, "{:?}", report.retention);
 }
 
-/// Reading keys from the cached residual below the first edited layer gives the keys and
-/// residuals of a full forward pass.
+/// `KeyPrompts` reads (prompts cut after the subject, prefixed prompts stopped at the key,
+/// each read starting from the residual the previous read kept) give the keys and residuals
+/// of full forward passes over the whole prompts, also after a layer between two reads changed.
 #[test]
-fn keys_from_cached_residual_match_full_pass() {
+fn key_reads_match_full_passes() {
+    use candle_core::IndexOp;
     use engram::edit::batch::KeyPrompts;
     use engram::edit::vsearch::Request;
-    let m = real();
+    use engram::edit::DeltaKind;
+    use engram::locate::subject_span_from;
+    use engram::model::Site;
+    let mut m = real().clone();
     let spec = ten();
     let reqs: Vec<Request> = spec.rewrites[..4]
         .iter()
@@ -172,28 +177,86 @@ fn keys_from_cached_residual_match_full_pass() {
         "Hello there. ".to_string(),
         "In the year of the long drought, ".to_string(),
     ];
-    let full = KeyPrompts::new(m, &reqs, &prefixes).unwrap();
-    let mut cached = KeyPrompts::new(m, &reqs, &prefixes).unwrap();
-    cached.cache_below(m, 3).unwrap();
-    for layer in [3, 5] {
-        let (k0, h0) = full.read(m, layer, 6).unwrap();
-        let (k1, h1) = cached.read(m, layer, 6).unwrap();
-        assert_eq!(k0.dims(), &[m.config.d_mlp, 4]);
-        assert_eq!(h0.dims(), &[m.config.d_model, 4]);
-        let dk = max_abs_diff(
-            &k0.to_dtype(DType::F32).unwrap(),
-            &k1.to_dtype(DType::F32).unwrap(),
-        );
-        let dh = max_abs_diff(
-            &h0.to_dtype(DType::F32).unwrap(),
-            &h1.to_dtype(DType::F32).unwrap(),
-        );
+    // One prompt at a time, uncut: MEMIT's key (mean of the bare key and the mean of the
+    // prefixed keys) at `layer` and the bare prompt's residual after layer 6.
+    let naive = |m: &engram::model::Model, layer: usize| -> (Tensor, Tensor) {
+        let tok = m.tok().unwrap();
+        let (mut kcols, mut hcols) = (vec![], vec![]);
+        for req in &reqs {
+            let mut keys = vec![];
+            for pre in &prefixes {
+                let text = format!("{pre}{}", req.prompt);
+                let ids = tok.encode(&text).unwrap();
+                let (_, end) = subject_span_from(m, &text, req.subject, &ids, pre.len()).unwrap();
+                let mut tr = Trace::new();
+                tr.capture(HookPoint::MlpKey(layer));
+                tr.capture(HookPoint::ResidPost(6));
+                m.forward(
+                    &Batch {
+                        ids: vec![ids],
+                        mask: None,
+                    },
+                    &mut tr,
+                )
+                .unwrap();
+                keys.push(
+                    tr.take(HookPoint::MlpKey(layer))
+                        .unwrap()
+                        .i((0, end - 1))
+                        .unwrap(),
+                );
+                if pre.is_empty() {
+                    hcols.push(
+                        tr.take(HookPoint::ResidPost(6))
+                            .unwrap()
+                            .i((0, end - 1))
+                            .unwrap(),
+                    );
+                }
+            }
+            let rest = Tensor::stack(&keys[1..], 0).unwrap().mean(0).unwrap();
+            kcols.push(((&keys[0] + rest).unwrap() / 2.0).unwrap());
+        }
+        (
+            Tensor::stack(&kcols, 1).unwrap(),
+            Tensor::stack(&hcols, 1).unwrap(),
+        )
+    };
+    let (d_mlp, d_model) = (m.config.d_mlp, m.config.d_model);
+    let close = |what: &str, (k0, h0): (Tensor, Tensor), (k1, h1): (Tensor, Tensor)| {
+        assert_eq!(k1.dims(), &[d_mlp, 4]);
+        assert_eq!(h1.dims(), &[d_model, 4]);
+        let k1 = k1.to_dtype(DType::F32).unwrap();
+        let h1 = h1.to_dtype(DType::F32).unwrap();
+        let (dk, dh) = (max_abs_diff(&k0, &k1), max_abs_diff(&h0, &h1));
         assert!(
             dk < 1e-4 && dh < 1e-3,
-            "layer {layer}: keys differ by {dk}, states by {dh}"
+            "{what}: keys differ by {dk}, states by {dh}"
         );
-        assert!(max_abs(&k0.to_dtype(DType::F32).unwrap()) > 1e-2);
-    }
+        assert!(max_abs(&k0) > 1e-2);
+    };
+    let mut reads = KeyPrompts::new(&m, &reqs, &prefixes).unwrap();
+    close("layer 3", naive(&m, 3), reads.read(&m, 3, 6).unwrap());
+    // Change layer 3's MLP output weights, as MEMIT's update would, then read layer 5.
+    let name = m.weight_name(3, Site::MlpOut).unwrap();
+    let w = m.weights.get(&name).unwrap().clone();
+    let d = WeightDelta {
+        name,
+        layer: 3,
+        kind: DeltaKind::Dense((w * 0.5).unwrap()),
+    };
+    apply(&mut m, &d).unwrap();
+    let after = naive(&m, 5);
+    close(
+        "layer 5 after a change at 3",
+        after.clone(),
+        reads.read(&m, 5, 6).unwrap(),
+    );
+    let fresh = KeyPrompts::new(&m, &reqs, &prefixes)
+        .unwrap()
+        .read(&m, 5, 6)
+        .unwrap();
+    close("layer 5, fresh", after, fresh);
 }
 
 /// The z search over several rewrites at once (rows padded together, the clean pass split
