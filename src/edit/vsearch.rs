@@ -26,7 +26,11 @@
 //! - requests are sorted by the length of their rows after the subject before they are cut
 //!   into chunks, so a chunk pads little;
 //! - the KL prompt ends at the subject's last token, the only position the KL term reads, and
-//!   the KL rows run as a batch of their own, one position long.
+//!   the KL rows run as a batch of their own, one position long;
+//! - when the bare prompt starts with the subject (80% of CounterFact), the cut KL prompt is
+//!   the bare prompt's first tokens, so its output is read from the bare row's lookup and no
+//!   KL row runs; requests are grouped so that whole chunks run without a KL batch (whose
+//!   few rows cost about 7% of a step: every weight is read for a handful of positions).
 
 use crate::error::{Error, Result};
 use crate::locate::subject_span_from;
@@ -126,8 +130,13 @@ pub fn search(
         .chunks(per_req)
         .map(|rs| rs.iter().map(|r| r.ids.len() - r.lookup).max().unwrap_or(1))
         .collect();
+    // Requests whose KL row must run come last, so the other chunks need no KL batch.
+    let own_kl: Vec<bool> = rows
+        .chunks(per_req)
+        .map(|rs| rs.iter().any(|r| r.kl && !r.shared))
+        .collect();
     let mut order: Vec<usize> = (0..reqs.len()).collect();
-    order.sort_by_key(|&i| tails[i]); // stable: equal tails keep their order
+    order.sort_by_key(|&i| (own_kl[i], tails[i])); // stable: equal keys keep their order
     let mut out: Vec<Option<Found>> = vec![None; reqs.len()];
     for idx in order.chunks(chunk.max(1)) {
         // The chunk's rows, their request numbers made local to the chunk.
@@ -161,6 +170,9 @@ struct Row {
     prompt_len: usize,
     target: Vec<u32>,
     kl: bool,
+    /// A KL row that is the start of its request's bare prompt row: not run, its output is
+    /// read from the bare row at the lookup.
+    shared: bool,
 }
 
 impl Row {
@@ -199,6 +211,7 @@ fn build_rows(model: &Model, reqs: &[Request<'_>], prefixes: &[String]) -> Resul
                 prompt_len: p.len(),
                 target: t,
                 kl: false,
+                shared: false,
             });
         }
         let kl_text = format!("{} is a", req.subject);
@@ -207,6 +220,9 @@ fn build_rows(model: &Model, reqs: &[Request<'_>], prefixes: &[String]) -> Resul
         // The KL term reads the subject's last token; under causal attention the tokens
         // after it cannot change that position, so they are dropped (a tail of one).
         kl_ids.truncate(kl_end);
+        // The bare prompt is the first (empty prefix).
+        let bare = &rows[rows.len() - prefixes.len()];
+        let shared = bare.lookup == kl_end - 1 && bare.ids.get(..kl_end) == Some(&kl_ids[..]);
         rows.push(Row {
             req: q,
             ids: kl_ids,
@@ -214,6 +230,7 @@ fn build_rows(model: &Model, reqs: &[Request<'_>], prefixes: &[String]) -> Resul
             prompt_len: 0,
             target: vec![],
             kl: true,
+            shared,
         });
     }
     Ok(rows)
@@ -309,9 +326,9 @@ impl Rows {
 
 /// The rows of the requests still searching, and everything indexed by them.
 ///
-/// The prompt rows and the KL rows run as two batches: a KL row needs its lookup position
-/// only, and padding it to the prompts' tail made about a tenth of every step's positions
-/// (`zsearch_bench memit 48`, debug log).
+/// The prompt rows and the KL rows that must run are two batches: a KL row needs its lookup
+/// position only, and padding it to the prompts' tail made about a tenth of every step's
+/// positions (`zsearch_bench memit 48`, debug log).
 struct Active {
     /// Request ids, ascending.
     reqs: Vec<usize>,
@@ -319,10 +336,13 @@ struct Active {
     /// The prompt rows (indices into the chunk's row list) and their batch.
     rows: Vec<usize>,
     prompts: Rows,
-    /// The KL rows, one per active request in `reqs` order, at their lookup only.
-    kl: Rows,
-    /// Flat (prompt row, tail offset) of each loss position, its target token, weight, and row.
+    /// The KL rows that run (not shared with a bare prompt), at their lookup only.
+    kl: Option<Rows>,
+    /// Rows to read from `[prompt rows x tail, then the KL batch's rows]` (flat): the loss
+    /// positions (the first `n_loss`), then each active request's KL position in `reqs` order.
     gather: Tensor,
+    n_loss: usize,
+    /// Per loss position: its target token, weight, and prompt row.
     target_t: Tensor,
     weights: Tensor,
     row_of: Vec<usize>,
@@ -351,6 +371,11 @@ impl Active {
             .iter()
             .flat_map(|&q| q * per_req..(q + 1) * per_req)
             .partition(|&r| all[r].kl);
+        let run_kl: Vec<usize> = kl_rows
+            .iter()
+            .copied()
+            .filter(|&r| !all[r].shared)
+            .collect();
         // Loss positions: row r's target token j is predicted at column (prompt_len - 1 + j),
         // i.e. at tail offset (prompt_len - 1 + j - lookup).
         let mut gather = Vec::new();
@@ -368,6 +393,19 @@ impl Active {
                 weights.push(1.0 / (n_prompts as f32 * row.target.len() as f32));
             }
         }
+        let n_loss = gather.len();
+        // KL positions: a shared one is its bare row's lookup (tail offset 0; request a's
+        // prompt rows are rows a * n_prompts.., the bare one first), the others follow the
+        // prompt rows in the flat order.
+        let mut next = rows.len() * tail;
+        for (a, &r) in kl_rows.iter().enumerate() {
+            if all[r].shared {
+                gather.push((a * n_prompts * tail) as u32);
+            } else {
+                gather.push(next as u32);
+                next += 1;
+            }
+        }
         let req_ids: Vec<u32> = reqs.iter().map(|&q| q as u32).collect();
         let req_ids = Tensor::new(req_ids.as_slice(), dev)?;
         let wd: Vec<f32> = reqs.iter().map(|&q| wd_scale[q]).collect();
@@ -377,8 +415,13 @@ impl Active {
         Ok(Active {
             reqs: reqs.to_vec(),
             prompts: batch(&rows, tail)?,
-            kl: batch(&kl_rows, 1)?,
+            kl: if run_kl.is_empty() {
+                None
+            } else {
+                Some(batch(&run_kl, 1)?)
+            },
             gather: Tensor::new(gather.as_slice(), dev)?,
+            n_loss,
             target_t: Tensor::new(target_ids.as_slice(), dev)?.unsqueeze(1)?,
             weights: Tensor::new(weights.as_slice(), dev)?,
             row_of,
@@ -677,14 +720,19 @@ fn search_chunk(
             .ok_or_else(|| Error::invalid("value search", "no rows"))?;
         // Each row gets its request's delta at its lookup (tail column 0).
         let x = v.prompts.forward(model, start, hook_at, &delta)?; // (rows, tail, d)
-        let kl_x = v.kl.forward(model, start, hook_at, &delta)?; // (na, 1, d)
         let n_rows = v.rows.len();
         let flat = x.reshape((n_rows * tail, cfg.d_model))?;
-        let picked = flat.index_select(&v.gather, 0)?; // (positions, d)
-        let (n_pos, na) = (picked.dim(0)?, kl_x.dim(0)?);
+        let flat = match &v.kl {
+            Some(kl) => {
+                let kl_x = kl.forward(model, start, hook_at, &delta)?; // (run KL rows, 1, d)
+                Tensor::cat(&[&flat, &kl_x.squeeze(1)?], 0)?
+            }
+            None => flat,
+        };
         // One head call for the loss positions and the KL positions: each call reads the
         // head's whole [vocab, d_model] matrix, forward and backward.
-        let both = Tensor::cat(&[&picked, &kl_x.squeeze(1)?], 0)?.unsqueeze(0)?;
+        let both = flat.index_select(&v.gather, 0)?.unsqueeze(0)?; // (1, positions, d)
+        let (n_pos, na) = (v.n_loss, active.len());
         let lp_all = candle_nn::ops::log_softmax(&model.head(&both, true)?.squeeze(0)?, D::Minus1)?;
         let lp = lp_all.narrow(0, 0, n_pos)?;
         let tok_lp = lp.gather(&v.target_t, 1)?.squeeze(1)?; // (positions)
@@ -765,4 +813,74 @@ fn search_chunk(
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reading a shared KL prompt's output from its bare prompt row gives what running the
+    /// KL row gives: the same vectors and KL values, search for search (smollm2-135m).
+    #[test]
+    fn shared_kl_rows_match_running_them() {
+        let m = crate::model::load(None, &candle_core::Device::Cpu).expect("smollm2-135m");
+        let reqs = [
+            Request {
+                prompt: "Danielle Darrieux's mother tongue is",
+                subject: "Danielle Darrieux",
+                target: " English",
+            },
+            Request {
+                prompt: "The mother tongue of Danielle Darrieux is",
+                subject: "Danielle Darrieux",
+                target: " English",
+            },
+            Request {
+                prompt: "Toko Yasuda plays the",
+                subject: "Toko Yasuda",
+                target: " piano",
+            },
+        ];
+        let prefixes = vec![String::new(), "Hello there. ".to_string()];
+        let params = SearchParams {
+            steps: 4,
+            lr: 2.0,
+            weight_decay: 0.5,
+            clamp_norm_factor: 0.75,
+            kl_factor: 0.0625,
+            stop_prob: 0.99,
+        };
+        let rows = build_rows(&m, &reqs, &prefixes).unwrap();
+        let shared: Vec<bool> = rows.iter().filter(|r| r.kl).map(|r| r.shared).collect();
+        assert_eq!(shared, [true, false, true]);
+        let unshared: Vec<Row> = rows
+            .iter()
+            .map(|r| Row {
+                shared: false,
+                ..r.clone()
+            })
+            .collect();
+        let run = |rows: Vec<Row>| {
+            search_chunk(&m, rows, 3, &prefixes, 6, Where::ResidPost, &params).unwrap()
+        };
+        let (a, b) = (run(rows), run(unshared));
+        for (q, (a, b)) in a.iter().zip(&b).enumerate() {
+            assert!(a.trace.kl > 0.0, "request {q}: KL {}", a.trace.kl);
+            let dk = (a.trace.kl - b.trace.kl).abs();
+            let dd = (&a.delta - &b.delta)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                dk < 1e-4 * b.trace.kl.max(1e-3) && dd < 1e-3,
+                "request {q}: KL {} vs {}, delta differs by {dd}",
+                a.trace.kl,
+                b.trace.kl
+            );
+        }
+    }
 }
