@@ -11,6 +11,7 @@
 //! The kernels cover contiguous f32 tensors on the CPU; anything else takes the composed path
 //! (see the `*_any` functions), so every device and dtype still works.
 
+use super::matmul::{g_w_any, x_wt_any};
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
 };
@@ -498,9 +499,9 @@ impl CustomOp1 for Mlp {
     fn bwd(&self, h: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let n = self.gate.dim(0)?;
         let g = g.contiguous()?.reshape((n, self.wd.dim(0)?))?;
-        let dkey = g.matmul(&self.wd)?; // (n, d_mlp)
+        let dkey = g_w_any(&g, &self.wd)?; // (n, d_mlp)
         let both = self.gate.apply_op3_no_bwd(&self.up, &dkey, &SwiGluBwd)?; // [2, n, d_mlp]
-        let dh = (both.get(0)?.matmul(&self.wg)? + both.get(1)?.matmul(&self.wu)?)?;
+        let dh = (g_w_any(&both.get(0)?, &self.wg)? + g_w_any(&both.get(1)?, &self.wu)?)?;
         Ok(Some(dh.reshape(h.shape())?))
     }
 }
@@ -518,9 +519,9 @@ pub fn mlp(h: &Tensor, wg: &Tensor, wu: &Tensor, wd: &Tensor) -> Result<Option<T
     }
     let (b, t, d) = h.dims3()?;
     let x = h.detach().contiguous()?.reshape((b * t, d))?;
-    let gate = x.matmul(&wg.t()?)?;
-    let up = x.matmul(&wu.t()?)?;
-    let y = swiglu(&gate, &up)?.matmul(&wd.t()?)?;
+    let gate = x_wt_any(&x, wg)?;
+    let up = x_wt_any(&x, wu)?;
+    let y = x_wt_any(&swiglu(&gate, &up)?, wd)?;
     let node = Mlp {
         y: y.reshape((b, t, wd.dim(0)?))?,
         gate,

@@ -14,6 +14,7 @@ pub mod hooks;
 pub mod layers;
 pub mod llama;
 pub mod load;
+pub mod matmul;
 pub mod save;
 pub mod tokenizer;
 
