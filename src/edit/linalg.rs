@@ -5,6 +5,7 @@
 //! is ~1.2 GFLOP, a fraction of a second here.
 
 use crate::error::{Error, Result};
+use crate::model::fused::dot;
 use candle_core::{DType, Tensor};
 
 /// A lower-triangular Cholesky factor `L` with `A = L L^T`, row-major `n x n`.
@@ -67,26 +68,6 @@ impl Cholesky {
         }
         y
     }
-}
-
-/// `a . b` in eight independent partial sums, which the compiler turns into vector
-/// instructions (a single running sum is a chain of dependent additions it may not reorder).
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    const W: usize = 8;
-    let mut acc = [0.0f64; W];
-    let (ca, cb) = (a.chunks_exact(W), b.chunks_exact(W));
-    let tail: f64 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for k in 0..W {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    acc.iter().sum::<f64>() + tail
 }
 
 impl Cholesky {

@@ -542,22 +542,27 @@ pub fn mlp(h: &Tensor, wg: &Tensor, wu: &Tensor, wd: &Tensor) -> Result<Option<T
 // sequences of causal tracing and the v* search, those copies and calls cost more than the
 // arithmetic. The fused op reads each key/value head in place and keeps one row of scores.
 
-/// a . b, with eight partial sums so the compiler vectorises it.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
+/// `a . b` in eight independent partial sums, which the compiler turns into vector
+/// instructions (a single running sum is a chain of dependent additions it may not reorder).
+/// For f32 here and f64 in `edit::linalg`.
+pub(crate) fn dot<T>(a: &[T], b: &[T]) -> T
+where
+    T: Copy + Default + std::ops::Add<Output = T> + std::ops::Mul<Output = T> + std::iter::Sum,
+{
+    let mut acc = [T::default(); 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
+    let tail: T = ca
         .remainder()
         .iter()
         .zip(cb.remainder())
-        .map(|(x, y)| x * y)
+        .map(|(&x, &y)| x * y)
         .sum();
     for (x, y) in ca.zip(cb) {
         for l in 0..8 {
-            acc[l] += x[l] * y[l];
+            acc[l] = acc[l] + x[l] * y[l];
         }
     }
-    acc.iter().sum::<f32>() + tail
+    acc.into_iter().sum::<T>() + tail
 }
 
 /// y += a x.

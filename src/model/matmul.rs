@@ -89,23 +89,32 @@ pub fn x_wt_slice(x: &[f32], w: &Tensor) -> candle_core::Result<Option<Vec<f32>>
     }))
 }
 
+/// `f` over the rows of `t` along its last dimension (`inner` wide, `outer` wide after);
+/// `None` where `t` is not a contiguous f32 CPU tensor or `f` does not apply.
+fn over_rows(
+    t: &Tensor,
+    inner: usize,
+    outer: usize,
+    f: impl FnOnce(&[f32]) -> candle_core::Result<Option<Vec<f32>>>,
+) -> candle_core::Result<Option<Tensor>> {
+    let mut shape = t.dims().to_vec();
+    if inner == 0 || shape.last() != Some(&inner) {
+        return Ok(None);
+    }
+    let Some(Some(y)) = with_f32(t, f).transpose()? else {
+        return Ok(None);
+    };
+    *shape.last_mut().expect("non-empty") = outer;
+    Ok(Some(Tensor::from_vec(y, shape, &Device::Cpu)?))
+}
+
 /// `x · wᵀ` over the last dimension of `x`.
 ///
 /// # Shapes
 /// `x`: `[.., k]`, `w`: `[n, k]` -> `[.., n]`.
 pub fn x_wt(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
     let (n, k) = w.dims2()?;
-    let mut shape = x.dims().to_vec();
-    if shape.last() != Some(&k) {
-        return Ok(None);
-    }
-    let m = x.elem_count() / k.max(1);
-    let y = with_f32(x, |xs| {
-        with_f32(w, |ws| product(m, n, k, xs, (1, k), ws, (k, 1)))
-    });
-    let Some(Some(y)) = y else { return Ok(None) };
-    *shape.last_mut().expect("non-empty") = n;
-    Ok(Some(Tensor::from_vec(y, shape, &Device::Cpu)?))
+    over_rows(x, k, n, |xs| x_wt_slice(xs, w))
 }
 
 /// `g · w` over the last dimension of `g`.
@@ -114,17 +123,11 @@ pub fn x_wt(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
 /// `g`: `[.., n]`, `w`: `[n, k]` -> `[.., k]`.
 pub fn g_w(g: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
     let (n, k) = w.dims2()?;
-    let mut shape = g.dims().to_vec();
-    if shape.last() != Some(&n) {
-        return Ok(None);
-    }
-    let m = g.elem_count() / n.max(1);
-    let y = with_f32(g, |gs| {
-        with_f32(w, |ws| product(m, k, n, gs, (1, n), ws, (1, k)))
-    });
-    let Some(Some(y)) = y else { return Ok(None) };
-    *shape.last_mut().expect("non-empty") = k;
-    Ok(Some(Tensor::from_vec(y, shape, &Device::Cpu)?))
+    over_rows(g, n, k, |gs| {
+        Ok(with_f32(w, |ws| {
+            product(gs.len() / n, k, n, gs, (1, n), ws, (1, k))
+        }))
+    })
 }
 
 /// `x · wᵀ`, through [`x_wt`] where it applies, else `Tensor::matmul` (which also records
