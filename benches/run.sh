@@ -61,3 +61,15 @@ cargo run --release --example zsearch_bench -- rome 8
 # Matrix-product rates for a block's shapes against the square peak, one process: why the MLP
 # runs in blocks of 512 positions when nothing differentiates (8192 rows: whole vs blocks).
 cargo run --release --example gemm_shapes -- 8192
+# Key statistics from a fresh cache: sampling 200 x 128 tokens, then the layer-5 keys.
+H=$(mktemp -d); mkdir -p "$H/models"
+ln -s "${ENGRAM_HOME:-$HOME/.cache/engram}/models/smollm2-135m" "$H/models/"
+ENGRAM_HOME=$H $E stats --layer 5
+# Peer: ROME's own causal tracing code on the 12-token prompt above, when a checkout of
+# github.com/kmeng01/rome is given in $ROME (needs torch, transformers, gguf, accelerate and
+# matplotlib from PyPI; see scripts/reference_trace.py).
+if [ -n "${ROME:-}" ]; then
+  python3 scripts/reference_trace.py --rome "$ROME" \
+    --gguf "${ENGRAM_HOME:-$HOME/.cache/engram}/models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf" \
+    --prompt "Anaal Nathrakh, that was created in" --subject "Anaal Nathrakh" --noise 0.4067
+fi

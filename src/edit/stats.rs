@@ -12,7 +12,7 @@
 //! corpus, sample count, length and seed.
 
 use crate::error::{Error, Result};
-use crate::model::generate::{generate, GenParams};
+use crate::model::generate::{generate_grouped, GenParams};
 use crate::model::{fetch, Batch, HookPoint, Model, PadSide, Trace};
 use candle_core::{DType, Tensor};
 use std::collections::HashMap;
@@ -238,20 +238,33 @@ pub fn corpus_sequences(
     match &spec.corpus {
         Corpus::SelfSampled => {
             let mut out = Vec::with_capacity(spec.samples);
-            // Chunks bound the KV cache's memory.
-            let chunk = 50;
+            // Each chunk of 50 sequences draws from its own seeded stream (seed + index of its
+            // first sequence); up to BATCH of them decode as one batch, which gives the same
+            // text as one chunk at a time (`generate_grouped`) with larger matrix products.
+            // The batch bounds the KV cache (200 x 128 positions: about 1.2 GB).
+            const CHUNK: usize = 50;
+            const BATCH: usize = 200;
+            let p = GenParams {
+                max_new_tokens: spec.seq_len.saturating_sub(1),
+                temperature: 1.0,
+                top_p: 1.0,
+                top_k: 0,
+                seed: spec.seed,
+                stop_at_eos: false,
+            };
+            let steps = p.max_new_tokens.max(1);
             let mut done = 0;
             while done < spec.samples {
-                let n = chunk.min(spec.samples - done);
-                let p = GenParams {
-                    max_new_tokens: spec.seq_len.saturating_sub(1),
-                    temperature: 1.0,
-                    top_p: 1.0,
-                    top_k: 0,
-                    seed: spec.seed.wrapping_add(done as u64),
-                    stop_at_eos: false,
-                };
-                for row in generate(model, &vec![vec![start]; n], &p)? {
+                let n = BATCH.min(spec.samples - done);
+                let groups: Vec<(usize, u64)> = (done..done + n)
+                    .step_by(CHUNK)
+                    .map(|c| (CHUNK.min(done + n - c), spec.seed.wrapping_add(c as u64)))
+                    .collect();
+                let rows =
+                    generate_grouped(model, &vec![vec![start]; n], &p, &groups, &mut |step| {
+                        progress(done + n * step.min(steps) / steps, spec.samples)
+                    })?;
+                for row in rows {
                     let mut s = vec![start];
                     s.extend(row);
                     out.push(s);

@@ -5,6 +5,7 @@ use super::{Batch, KvCache, Model, PadSide, Trace};
 use crate::error::{Error, Result};
 use candle_core::{DType, IndexOp};
 use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
 
 /// How to decode.
 #[derive(Debug, Clone, Copy)]
@@ -57,11 +58,37 @@ impl GenParams {
 /// # Errors
 /// Empty prompts, bad parameters, tensor errors.
 pub fn generate(model: &Model, prompts: &[Vec<u32>], p: &GenParams) -> Result<Vec<Vec<u32>>> {
+    generate_grouped(model, prompts, p, &[(prompts.len(), p.seed)], &mut |_| {})
+}
+
+/// [`generate`] with the rows split into consecutive groups, `(rows, seed)` each, that draw
+/// from their own random streams (`p.seed` is not used). A group's rows get the tokens that a
+/// separate `generate` call on those rows with that seed gives: each row's logits do not
+/// depend on the other rows, and each group's draws are taken in the same order. So callers
+/// can run many seeded chunks as one batch (larger matrix products; the weights are packed
+/// once per step for all of them) without changing what they sample. `progress(steps)` is
+/// called after each decoding step.
+///
+/// # Errors
+/// Groups that do not cover the prompts, empty prompts, bad parameters, tensor errors.
+pub fn generate_grouped(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    p: &GenParams,
+    groups: &[(usize, u64)],
+    progress: &mut dyn FnMut(usize),
+) -> Result<Vec<Vec<u32>>> {
     p.validate()?;
     if prompts.is_empty() || prompts.iter().any(|r| r.is_empty()) {
         return Err(Error::invalid(
             "--prompt",
             "must contain at least one token",
+        ));
+    }
+    if groups.iter().map(|g| g.0).sum::<usize>() != prompts.len() {
+        return Err(Error::invalid(
+            "generate",
+            "the seed groups must cover every prompt row",
         ));
     }
     let longest = prompts.iter().map(|r| r.len()).max().unwrap_or(0);
@@ -75,7 +102,16 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], p: &GenParams) -> Result<Ve
         ));
     }
     let eos = model.tokenizer.as_ref().and_then(|t| t.eos);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(p.seed);
+    // One random stream per group; row r draws from `rngs[group_of[r]]`.
+    let mut rngs: Vec<rand::rngs::StdRng> = groups
+        .iter()
+        .map(|&(_, seed)| rand::rngs::StdRng::seed_from_u64(seed))
+        .collect();
+    let group_of: Vec<usize> = groups
+        .iter()
+        .enumerate()
+        .flat_map(|(g, &(n, _))| std::iter::repeat_n(g, n))
+        .collect();
     let batch = Batch::padded(prompts, PadSide::Left, 0);
     let mut mask = batch.mask.clone();
     let mut cache = KvCache::new(model.config.n_layers);
@@ -87,9 +123,25 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], p: &GenParams) -> Result<Ve
         let t = logits.dim(1)?;
         let last = logits.i((.., t - 1, ..))?.to_dtype(DType::F32)?; // (b, vocab)
         let rows: Vec<Vec<f32>> = last.to_vec2()?;
+        // Each sampled row takes one uniform number from its group's stream, in row order
+        // (drawn here, before the rows are picked in parallel).
+        let draws: Vec<f64> = group_of
+            .iter()
+            .map(|&g| {
+                if p.temperature == 0.0 {
+                    0.0
+                } else {
+                    rngs[g].random::<f64>()
+                }
+            })
+            .collect();
+        let picks: Vec<u32> = rows
+            .par_iter()
+            .zip(&draws)
+            .map(|(row, &u)| pick(row, p, u))
+            .collect();
         let mut next = Vec::with_capacity(b);
-        for (r, row) in rows.iter().enumerate() {
-            let tok = pick(row, p, &mut rng);
+        for (r, tok) in picks.into_iter().enumerate() {
             if !done[r] {
                 out[r].push(tok);
                 if p.stop_at_eos && Some(tok) == eos {
@@ -98,6 +150,7 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], p: &GenParams) -> Result<Ve
             }
             next.push(vec![tok]);
         }
+        progress(step + 1);
         if done.iter().all(|&d| d) || step + 1 == p.max_new_tokens {
             break;
         }
@@ -123,7 +176,9 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], p: &GenParams) -> Result<Ve
 }
 
 /// Choose the next token from one row of logits.
-fn pick(logits: &[f32], p: &GenParams, rng: &mut impl Rng) -> u32 {
+///
+/// `uniform` is the row's draw from [0, 1), used only when sampling.
+fn pick(logits: &[f32], p: &GenParams, uniform: f64) -> u32 {
     let argmax = || {
         logits
             .iter()
@@ -147,7 +202,10 @@ fn pick(logits: &[f32], p: &GenParams, rng: &mut impl Rng) -> u32 {
         .map(|(i, &v)| (i, (((v - max) as f64) / p.temperature).exp()))
         .collect();
     let z: f64 = probs.iter().map(|x| x.1).sum();
-    probs.sort_by(|a, b| b.1.total_cmp(&a.1));
+    // Most likely first, ties in token order: the order a stable sort by probability gives.
+    // The weights are >= 0 and not NaN, so their bits order like their values; one integer
+    // key (inverted bits, then the index) sorts unstably to that same order, faster.
+    probs.sort_unstable_by_key(|&(i, w)| (u128::from(!w.to_bits()) << 64) | i as u128);
     let mut kept = Vec::new();
     let mut mass = 0.0;
     for (i, w) in probs {
@@ -158,7 +216,7 @@ fn pick(logits: &[f32], p: &GenParams, rng: &mut impl Rng) -> u32 {
         }
     }
     let total: f64 = kept.iter().map(|x| x.1).sum();
-    let mut u = rng.random::<f64>() * total;
+    let mut u = uniform * total;
     for &(i, w) in &kept {
         if u < w {
             return i as u32;
