@@ -62,9 +62,11 @@ pub fn generate(model: &Model, prompts: &[Vec<u32>], p: &GenParams) -> Result<Ve
 }
 
 /// [`generate`] with the rows split into consecutive groups, `(rows, seed)` each, that draw
-/// from their own random streams (`p.seed` is not used). A group's rows get the tokens that a
-/// separate `generate` call on those rows with that seed gives: each row's logits do not
-/// depend on the other rows, and each group's draws are taken in the same order. So callers
+/// from their own random streams (`p.seed` is not used). When the prompts have one length
+/// (as in the key statistics), a group's rows get the tokens that a separate `generate` call
+/// on those rows with that seed gives: each row's logits do not depend on the other rows, and
+/// each group's draws are taken in the same order. (Prompts of different lengths are
+/// left-padded to the batch's longest, which can move logits in their last bits.) So callers
 /// can run many seeded chunks as one batch (larger matrix products; the weights are packed
 /// once per step for all of them) without changing what they sample. `progress(steps)` is
 /// called after each decoding step.
