@@ -540,9 +540,10 @@ fn clean_pass(
             mask: Some(mask.clone()),
         };
         let mid = model.forward_cached(&batch, Some(&mut cache), &mut tr)?; // (g, width, d)
-                                                                            // Above the layer the search recomputes the tail (columns past p_g) at every step, so
-                                                                            // the clean pass runs there only the prefix, for its keys and values, and the lookup,
-                                                                            // for the KL rows' clean output (the head comes later, on the KL rows alone).
+
+        // Above the layer the search recomputes the tail (columns past p_g) at every step, so
+        // the clean pass runs there only the prefix, for its keys and values, and the lookup,
+        // for the KL rows' clean output (the head comes later, on the KL rows alone).
         let last = if layer + 1 < cfg.n_layers {
             let keep = p_g + 1;
             let mask: Vec<Vec<u8>> = mask.iter().map(|m| m[..keep].to_vec()).collect();
