@@ -15,17 +15,20 @@ pub struct Args {
     /// Where to write the tuned checkpoint (GGUF for GGUF input, else a HF directory).
     #[arg(long)]
     out: PathBuf,
-    /// GGUF output matrix type. Default f16: a fine-tuning step is far smaller than a Q4
-    /// quantization step, so re-quantizing to the input's Q4 types would undo most of it.
-    #[arg(long, default_value = "f16", value_parser = ["input", "f16", "f32"])]
+    /// GGUF output matrix type. `input` (default) writes each matrix in its input type and
+    /// trains through that type's grid (quantization-aware, straight-through estimator), so
+    /// the file holds what was learned; `f16` / `f32` train in f32 and write that type.
+    #[arg(long, default_value = "input", value_parser = ["input", "f16", "f32"])]
     out_type: String,
     /// Layers to train: `all`, `10-19`, `3,5,7`.
     #[arg(long, default_value = "all")]
     layers: String,
     #[arg(long, default_value_t = 60)]
     steps: usize,
-    #[arg(long, default_value_t = 1e-4)]
-    lr: f64,
+    /// AdamW learning rate. Default 1e-3 when training through a quantized grid (`--out-type
+    /// input` on a GGUF: a step must cross half a Q4 grid step to change the file), else 1e-4.
+    #[arg(long)]
+    lr: Option<f64>,
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
     /// Stop when one pass over the data has a mean answer-token NLL at or below this.
@@ -62,10 +65,14 @@ pub fn run(a: Args) -> Result<()> {
     let mut p = LearnParams::defaults(m.config.n_layers);
     p.layers = parse_layers(&a.layers, m.config.n_layers, "--layers")?;
     p.steps = a.steps;
-    p.lr = a.lr;
     p.batch_size = a.batch_size;
     p.target_loss = a.target_loss;
     p.seed = a.seed;
+    let is_gguf = matches!(m.source.format, engram::model::Format::Gguf { .. });
+    if is_gguf && a.out_type == "input" {
+        p.grid = Some(engram::model::quant::DeployType::Input);
+    }
+    p.lr = a.lr.unwrap_or(if p.grid.is_some() { 1e-3 } else { 1e-4 });
     let pb = indicatif::ProgressBar::new(p.steps as u64).with_style(
         indicatif::ProgressStyle::with_template(
             "learn {bar:30} {pos}/{len} loss {msg} [{elapsed_precise} < {eta_precise}]",

@@ -1,6 +1,7 @@
 //! Command-line interface: clap derive, one file per subcommand. Each parses its flags, calls
 //! one library function, prints a table (stdout) and optionally writes `--json FILE`.
 
+mod audit;
 mod bench;
 mod edit;
 mod eval;
@@ -11,6 +12,7 @@ mod locate;
 mod logprob;
 mod model_cmd;
 mod patch;
+mod receipt;
 mod stats;
 mod tofu;
 mod unlearn;
@@ -56,6 +58,10 @@ enum Cmd {
     Learn(learn::Args),
     /// Remove private data on request (GA, GradDiff, NPO) and prove it no longer leaks.
     Unlearn(unlearn::Args),
+    /// Probe a model for a removal request's secrets against a reference (exit 3: leaks).
+    Audit(audit::Args),
+    /// Verify a removal receipt against its model.
+    Receipt(receipt::Args),
     /// Causal tracing: which layers and tokens carry a fact.
     Locate(locate::Args),
     /// Prefill throughput against the machine's measured matmul peak.
@@ -83,6 +89,8 @@ pub fn run() -> Result<ExitCode> {
         Cmd::Bench(a) => bench::run(a),
         Cmd::Learn(a) => learn::run(a),
         Cmd::Unlearn(a) => unlearn::run(a),
+        Cmd::Audit(a) => return audit::run(a),
+        Cmd::Receipt(a) => return receipt::run(a),
     }?;
     Ok(ExitCode::SUCCESS)
 }

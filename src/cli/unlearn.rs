@@ -1,14 +1,15 @@
-//! `engram unlearn REQUEST.yaml [--model M] [--out PATH] [--requant q4_1] [--show-secrets]
-//! [--json FILE]`.
+//! `engram unlearn REQUEST.yaml [--model M] [--reference R] [--out PATH] [--types q8_0,q4_1]
+//! [--receipt FILE] [--show-secrets] [--json FILE]`.
 
 use anyhow::Result;
-use candle_core::quantized::GgmlDType;
 use comfy_table::Table;
 use engram::eval::metrics::Suite;
+use engram::model::quant::DeployType;
 use engram::model::save::save_like_input;
 use engram::unlearn::leakage::redact;
+use engram::unlearn::receipt::Receipt;
 use engram::unlearn::request::Request;
-use engram::unlearn::run::{unlearn, ModelCheck, Options, UnlearnReport};
+use engram::unlearn::run::{unlearn, Options, UnlearnReport};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -18,18 +19,30 @@ pub struct Args {
     /// Overrides the request's model.
     #[arg(long)]
     model: Option<String>,
-    /// Where to write the unlearned checkpoint (default: out/NAME.gguf, or out/NAME/).
+    /// A model that never learned the data; overrides the request's `reference` (`none`: a
+    /// calibrated baseline).
+    #[arg(long)]
+    reference: Option<String>,
+    /// Where to write the unlearned checkpoint (default: out/NAME-unlearned.gguf, or
+    /// out/NAME-unlearned/).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Do not write the checkpoint.
+    /// Do not write the checkpoint (nor a receipt).
     #[arg(long)]
     no_save: bool,
+    /// Where to write the removal receipt (default: out/NAME.receipt.json).
+    #[arg(long)]
+    receipt: Option<PathBuf>,
     /// General text (perplexity bound) and unrelated prompts (KL).
     #[arg(long, default_value = "eval/unrelated.yaml")]
     suite: PathBuf,
-    /// Re-quantize the result to this type and probe again.
-    #[arg(long, default_value = "q4_1", value_parser = ["q4_0", "q4_1", "q8_0", "none"])]
-    requant: String,
+    /// Audit the result re-quantized to these types too (comma-separated, or `none`).
+    #[arg(long, default_value = "q8_0,q4_1,q4_0")]
+    types: String,
+    /// Train in f32 even for a quantized GGUF (by default training runs through the grid of
+    /// the input's types, so what is written is what was checked).
+    #[arg(long)]
+    no_qat: bool,
     /// Print private strings instead of `[REDACTED:label]`.
     #[arg(long)]
     show_secrets: bool,
@@ -37,52 +50,26 @@ pub struct Args {
     json: Option<PathBuf>,
 }
 
-fn leak_rows(t: &mut Table, name: &str, c: &ModelCheck) {
-    for s in &c.secrets {
-        let np = s.probes.iter().filter(|p| p.kind == "prompt").count();
-        let nq = s.probes.len() - np;
-        t.add_row(vec![
-            name.to_string(),
-            s.label.clone(),
-            format!("{}/{np}", s.prompt_leaks),
-            format!("{}/{nq}", s.paraphrase_leaks),
-            format!("{:.3}", s.mean_logprob),
-            format!("{} of {}", s.exposure.rank, s.exposure.candidates + 1),
-            format!("{:.2}", s.exposure.bits),
-            format!("{}/{}", s.sampled_hits, s.samples),
-            if s.leaks() { "LEAKS" } else { "passes" }.to_string(),
-        ]);
-    }
-}
-
 pub fn render(r: &UnlearnReport) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "unlearn {:?} for {:?}: layers {:?} ({} parameters), {} forget / {} retain examples\n",
-        r.method.name, r.subject, r.layers, r.trained_params, r.forget_examples, r.retain_examples
+        "unlearn {:?} for {:?}: layers {:?} ({} parameters{}), {} forget / {} retain examples\n",
+        r.method.name,
+        r.subject,
+        r.layers,
+        r.trained_params,
+        r.grid
+            .as_ref()
+            .map(|g| format!(", trained through the {g} grid"))
+            .unwrap_or_default(),
+        r.forget_examples,
+        r.retain_examples
     ));
     out.push_str(&format!(
-        "stopped after {} steps ({}), training {:.1} s, total {:.1} s\n",
-        r.steps, r.stop_reason, r.train_seconds, r.seconds
+        "stopped after {} steps ({}); training {:.1} s, relearning {:.1} s, audit {:.1} s, total {:.1} s\n",
+        r.steps, r.stop_reason, r.train_seconds, r.relearn_seconds, r.audit_seconds, r.seconds
     ));
-    let mut t = Table::new();
-    t.set_header(vec![
-        "model",
-        "secret",
-        "greedy leaks (prompts)",
-        "greedy leaks (paraphrases)",
-        "mean log-prob",
-        "exposure rank",
-        "exposure bits",
-        "sampled hits (T=1)",
-        "verdict",
-    ]);
-    leak_rows(&mut t, "before", &r.before);
-    leak_rows(&mut t, "after", &r.after);
-    if let Some(q) = &r.requantized {
-        leak_rows(&mut t, &format!("after, {}", q.dtype), &q.check);
-    }
-    out.push_str(&format!("{t}\n"));
+    out.push_str(&super::audit::render(&r.audit));
     let mut u = Table::new();
     u.set_header(vec![
         "model",
@@ -90,35 +77,33 @@ pub fn render(r: &UnlearnReport) -> String {
         "retain ROUGE-L",
         "general-text perplexity",
     ]);
-    let mut urow = |name: &str, c: &ModelCheck| {
+    for (name, c) in [("before", &r.before), ("after", &r.after)] {
         u.add_row(vec![
             name.to_string(),
             format!("{:.3}", c.retain.answer_logprob),
             format!("{:.3}", c.retain.rouge_l),
             format!("{:.3}", c.perplexity),
         ]);
-    };
-    urow("before", &r.before);
-    urow("after", &r.after);
-    if let Some(q) = &r.requantized {
-        urow(&format!("after, {}", q.dtype), &q.check);
     }
     out.push_str(&format!("{u}\n"));
     out.push_str(&format!(
-        "unrelated prompts: mean KL(before || after) {:.2e}, top-1 agreement {:.1}%; perplexity bound {:.2}x, reached {:.3}x\n",
+        "unrelated prompts (against the model before unlearning): mean KL {:.3e}, top-1 agreement {:.1}% of {}; perplexity bound {:.2}x, reached {:.3}x\n",
         r.locality.kl_mean,
         100.0 * r.locality.top1_agreement,
+        r.locality.kl.len(),
         r.max_perplexity_ratio,
         r.after.perplexity / r.before.perplexity
     ));
-    if let Some(q) = &r.requantized {
+    if let Some(rl) = &r.relearn {
         out.push_str(&format!(
-            "re-quantized to {}: {}\n",
-            q.dtype,
-            if q.leaks_again {
-                format!("LEAKS AGAIN ({})", q.leaking.join(", "))
+            "relearning attack ({} steps at lr {:.0e} on {} retain records): {}\n",
+            rl.steps,
+            rl.lr,
+            rl.examples,
+            if rl.back.is_empty() {
+                "no secret comes back".to_string()
             } else {
-                "no secret comes back".into()
+                format!("BRINGS BACK {}", rl.back.join(", "))
             }
         ));
     }
@@ -129,23 +114,40 @@ pub fn render(r: &UnlearnReport) -> String {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    // Everything the user gave is checked before any work.
     let req = Request::load(&a.request)?;
     let suite = Suite::load(&a.suite)?;
-    let requant = match a.requant.as_str() {
-        "q4_0" => Some(GgmlDType::Q4_0),
-        "q4_1" => Some(GgmlDType::Q4_1),
-        "q8_0" => Some(GgmlDType::Q8_0),
-        _ => None,
-    };
-    let m = super::load_model(a.model.as_deref().or(req.model.as_deref()))?;
+    let types = super::audit::types(&a.types)?;
+    let rspec = super::audit::reference_spec(a.reference.as_deref(), &req).map(str::to_string);
+    let mspec = a
+        .model
+        .clone()
+        .or(req.model.clone())
+        .unwrap_or(engram::model::fetch::DEFAULT_MODEL.to_string());
+    let m = super::load_model(Some(&mspec))?;
     // Checked before any work, so a bad layer list exits 2 at once.
     req.layers(&a.request, m.config.n_layers)?;
+    let reference = match &rspec {
+        Some(s) => Some(super::audit::load_reference(
+            s,
+            a.reference.is_some(),
+            &a.request,
+        )?),
+        None => None,
+    };
     let stem = a
         .request
         .file_stem()
         .map(|s| s.to_string_lossy().to_string())
         .unwrap_or("unlearned".into());
     let is_gguf = matches!(m.source.format, engram::model::Format::Gguf { .. });
+    if types.contains(&DeployType::Input) && !is_gguf {
+        return Err(engram::Error::invalid(
+            "--types",
+            "`input` needs a GGUF model (a safetensors directory has no quantization types)",
+        )
+        .into());
+    }
     let out = a.out.clone().unwrap_or_else(|| {
         PathBuf::from(if is_gguf {
             format!("out/{stem}-unlearned.gguf")
@@ -153,6 +155,10 @@ pub fn run(a: Args) -> Result<()> {
             format!("out/{stem}-unlearned")
         })
     });
+    let receipt_path = a
+        .receipt
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("out/{stem}.receipt.json")));
     let pb = indicatif::ProgressBar::new(req.steps as u64).with_style(
         indicatif::ProgressStyle::with_template(
             "unlearn {bar:30} {pos}/{len} loss {msg} [{elapsed_precise}]",
@@ -164,7 +170,9 @@ pub fn run(a: Args) -> Result<()> {
         &a.request,
         &Options {
             suite: &suite,
-            requant,
+            types,
+            grid: (is_gguf && !a.no_qat).then_some(DeployType::Input),
+            reference: reference.as_ref().zip(rspec.as_deref()),
         },
         &mut |step, _, loss| {
             pb.set_position(step as u64);
@@ -174,6 +182,8 @@ pub fn run(a: Args) -> Result<()> {
     pb.finish_and_clear();
     if !a.no_save {
         save_like_input(&model, &out)?;
+        let receipt = Receipt::new(&req, &a.request, &mspec, rspec.as_deref(), &out, &report)?;
+        super::write_json(&receipt_path, &receipt)?;
     }
     let hide = |s: String| {
         if a.show_secrets {
@@ -185,6 +195,7 @@ pub fn run(a: Args) -> Result<()> {
     print!("{}", hide(render(&report)));
     if !a.no_save {
         println!("unlearned model: {}", out.display());
+        println!("removal receipt: {}", receipt_path.display());
     }
     if let Some(j) = &a.json {
         super::write_text(j, &hide(serde_json::to_string_pretty(&report)?))?;

@@ -15,6 +15,7 @@ pub mod layers;
 pub mod llama;
 pub mod load;
 pub mod matmul;
+pub mod quant;
 pub mod save;
 pub mod tokenizer;
 

@@ -366,10 +366,29 @@ pub fn exposure(
     n: usize,
     seed: u64,
 ) -> Result<Exposure> {
-    let tok = model.tok()?;
     let cands = candidates(secret, n, seed, &word_lists(model)?);
     let mut all = vec![secret.to_string()];
     all.extend(cands);
+    let scores = candidate_scores(model, prompt, &all)?;
+    let s = scores[0];
+    let rank = 1 + scores[1..].iter().filter(|&&x| x > s).count();
+    let mut rest = scores[1..].to_vec();
+    rest.sort_by(f64::total_cmp);
+    let n = rest.len();
+    Ok(Exposure {
+        rank,
+        candidates: n,
+        bits: ((n + 1) as f64).log2() - (rank as f64).log2(),
+        secret_logprob: s,
+        median_candidate_logprob: rest.get(n / 2).copied().unwrap_or(f64::NAN),
+    })
+}
+
+/// The summed token log-probability of each of `all` as the continuation of `prompt` (a
+/// leading space is added as for any target). The prompt runs once; its keys and values serve
+/// every candidate, 128 at a time.
+pub fn candidate_scores(model: &Model, prompt: &str, all: &[String]) -> Result<Vec<f64>> {
+    let tok = model.tok()?;
     let target = |s: &str| crate::edit::spec::continuation(s);
     let p = tok.encode(prompt)?;
     let conts: Vec<Vec<u32>> = all
@@ -448,18 +467,7 @@ pub fn exposure(
         }
         scores.extend(chunk_scores);
     }
-    let s = scores[0];
-    let rank = 1 + scores[1..].iter().filter(|&&x| x > s).count();
-    let mut rest = scores[1..].to_vec();
-    rest.sort_by(f64::total_cmp);
-    let n = rest.len();
-    Ok(Exposure {
-        rank,
-        candidates: n,
-        bits: ((n + 1) as f64).log2() - (rank as f64).log2(),
-        secret_logprob: s,
-        median_candidate_logprob: rest.get(n / 2).copied().unwrap_or(f64::NAN),
-    })
+    Ok(scores)
 }
 
 /// ROUGE-L recall: the longest common subsequence of words over the reference's length.

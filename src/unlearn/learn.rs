@@ -8,6 +8,7 @@ use super::{
     Trainable,
 };
 use crate::error::{Error, Result};
+use crate::model::quant::DeployType;
 use crate::model::Model;
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 
@@ -28,6 +29,10 @@ pub struct LearnParams {
     /// Rows are cut to this many tokens.
     pub max_len: usize,
     pub seed: u64,
+    /// Train through the grid of the type the model will be written in (quantization-aware
+    /// training with a straight-through estimator, see [`super::Trainable::sync`]), so that
+    /// what is learned survives being written as that type. `None`: plain f32 training.
+    pub grid: Option<DeployType>,
 }
 
 impl LearnParams {
@@ -42,6 +47,7 @@ impl LearnParams {
             target_loss: 0.05,
             max_len: 128,
             seed: 0,
+            grid: None,
         }
     }
 
@@ -94,7 +100,7 @@ pub fn learn(
     let toks = tokenize(model, data, p.max_len)?;
     // Mean answer-token NLL of the whole data set (no gradients).
     let loss_before = -mean_token_logprob(model, &toks)?;
-    let tr = Trainable::new(model, &p.layers)?;
+    let mut tr = Trainable::new(model, &p.layers)?.with_grid(p.grid)?;
     let mut opt = AdamW::new(
         tr.vars.iter().map(|(_, v)| v.clone()).collect(),
         ParamsAdamW {
@@ -113,6 +119,7 @@ pub fn learn(
         let loss = token_nll(&sums, &counts)?;
         let v = finite_loss("learn loss", loss.to_scalar::<f32>()? as f64)?;
         opt.backward_step(&loss)?;
+        tr.sync()?;
         losses.push(v);
         progress(step + 1, v);
         // One pass of the data at or below the target: done.

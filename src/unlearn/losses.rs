@@ -9,7 +9,10 @@
 //! - NPO (Zhang et al. 2024, eq. 3): `(2/β) mean_i log(1 + exp(β (s_i - s_ref_i)))`, which is
 //!   bounded: its gradient is GA's, weighted down as the answer becomes unlikely relative to
 //!   the reference. As open-unlearning's NPO, we add `retain_weight` x retain NLL.
-//! - Optional for all three: `kl_weight` x KL(reference || model) of the next-token
+//! - Distill: KL(teacher || model) on the forget prompts, the teacher being a model that never
+//!   learned the data (run.rs, `Teacher`; after Eldan & Russinovich 2023), plus
+//!   `retain_weight` x retain NLL. Bounded below by 0: it cannot collapse the model.
+//! - Optional for all: `kl_weight` x KL(reference || model) of the next-token
 //!   distributions at the retain answers' positions.
 
 use super::request::{Method, MethodName};
@@ -27,6 +30,8 @@ pub struct StepInputs<'a> {
     pub retain: Option<(&'a Tensor, &'a [usize])>,
     /// KL(reference || model) on retain positions, when `kl_weight > 0`: a scalar.
     pub retain_kl: Option<&'a Tensor>,
+    /// KL(teacher || model) on the distillation examples (`distill`): a scalar.
+    pub forget_kl: Option<&'a Tensor>,
 }
 
 /// `log(1 + exp(z))`, computed without overflow: `max(z, 0) + log(1 + exp(-|z|))`.
@@ -46,6 +51,15 @@ pub fn loss(method: &Method, x: &StepInputs<'_>) -> Result<Tensor> {
             let ratio = (x.forget_sums - x.forget_ref_sums)?;
             (softplus(&(ratio * method.beta)?)?.mean_all()? * (2.0 / method.beta))?
         }
+        MethodName::Distill => match x.forget_kl {
+            Some(kl) => kl.clone(),
+            None => {
+                return Err(crate::Error::invalid(
+                    "method",
+                    "distill needs its teacher's KL term",
+                ))
+            }
+        },
     };
     let mut l = forget;
     if method.name != MethodName::Ga && method.retain_weight > 0.0 {
@@ -109,6 +123,7 @@ mod tests {
             forget_ref_sums: &s,
             retain: None,
             retain_kl: None,
+            forget_kl: None,
         };
         let l = loss(&m, &x).unwrap().to_scalar::<f32>().unwrap() as f64;
         assert!((l - 20.0 * 2f64.ln()).abs() < 1e-4, "{l}");

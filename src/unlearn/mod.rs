@@ -15,16 +15,21 @@
 //!
 //! Everything here talks to the model through `forward` with a [`Trace`] and named weights.
 
+pub mod audit;
 pub mod leakage;
 pub mod learn;
 pub mod losses;
+pub mod receipt;
 pub mod request;
 pub mod run;
 pub mod tofu;
 
 use crate::error::{Error, Result};
+use crate::model::quant::{self, DeployType};
 use crate::model::{Batch, HookPoint, Model, PadSide, Trace};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Tensor, Var, D};
+use std::collections::HashMap;
 use std::path::Path;
 
 /// One training or probe example: the model reads `prompt` and should (or should not) say
@@ -160,6 +165,11 @@ pub struct Trainable {
     pub vars: Vec<(String, Var)>,
     /// The lowest trained layer: layers below it never change and run without gradients.
     pub lowest: usize,
+    /// Quantization-aware training: the grid each trained matrix is stored on. When a var has
+    /// a grid, the forward pass sees its fake-quantized value (what the written file holds)
+    /// and the gradient passes straight through to the latent f32 weight
+    /// ([`Trainable::sync`]). Empty: plain f32 training.
+    pub grid: HashMap<String, GgmlDType>,
 }
 
 impl Trainable {
@@ -188,7 +198,110 @@ impl Trainable {
             model: m,
             vars,
             lowest: *layers.iter().min().unwrap_or(&0),
+            grid: HashMap::new(),
         })
+    }
+
+    /// Train through the grid of `ty` (see [`Trainable::grid`]); `None` trains in f32.
+    ///
+    /// # Errors
+    /// `input` on a model not loaded from GGUF.
+    pub fn with_grid(mut self, ty: Option<DeployType>) -> Result<Trainable> {
+        if let Some(ty) = ty {
+            let g = quant::grid(&self.model, ty)?;
+            self.grid = self
+                .vars
+                .iter()
+                .filter_map(|(n, _)| g.get(n).map(|t| (n.clone(), *t)))
+                .collect();
+        }
+        self.sync()?;
+        Ok(self)
+    }
+
+    /// Move every latent weight on a grid to a seeded random point of its own grid cell,
+    /// keeping its quantized value (the model is unchanged, bit for bit).
+    ///
+    /// Why: the latent weights of a quantized model sit exactly on grid points, so an
+    /// optimizer that moves them all at about the same rate (Adam's first steps move every
+    /// entry by about `lr`) carries them all across a cell boundary in the same step, and
+    /// the quantized model jumps. Spread over their cells, a share of about `lr / step` of
+    /// them crosses each step, and the change is gradual (in the spirit of stochastic
+    /// rounding; our addition, not from a paper). The offset is up to 0.45 of the local step,
+    /// estimated per 32 values as range / (levels - 1); a block's extremes (which set its
+    /// grid) and any entry whose offset would change its quantized value keep their grid
+    /// point.
+    pub fn jitter(&mut self, seed: u64) -> Result<()> {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        for (n, v) in &self.vars {
+            let Some(&g) = self.grid.get(n) else { continue };
+            let levels: f64 = match g {
+                GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K => 16.0,
+                GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q5K => 32.0,
+                GgmlDType::Q6K => 64.0,
+                GgmlDType::Q8_0 => 256.0,
+                _ => continue,
+            };
+            let w = v.as_tensor().detach();
+            let (rows, cols) = w.dims2()?;
+            if cols % 32 != 0 {
+                continue;
+            }
+            let q = quant::fake_quant(&w, g)?;
+            let shape = (rows, cols / 32, 32);
+            let blocks = q.reshape(shape)?;
+            let (hi, lo) = (
+                blocks.max_keepdim(2)?.broadcast_as(shape)?,
+                blocks.min_keepdim(2)?.broadcast_as(shape)?,
+            );
+            let step = ((&hi - &lo)? / (levels - 1.0))?;
+            let u: Vec<f32> = (0..rows * cols)
+                .map(|_| rand::Rng::random_range(&mut rng, -0.45f32..0.45))
+                .collect();
+            let u = Tensor::from_vec(u, shape, w.device())?;
+            // A block's extremes set its grid (its range, or its largest magnitude): they stay
+            // put, so the grid stays where it is.
+            let zero = u.zeros_like()?;
+            let u = blocks
+                .eq(&hi)?
+                .where_cond(&zero, &blocks.eq(&lo)?.where_cond(&zero, &u)?)?;
+            let moved = (blocks + (u * step)?)?.reshape((rows, cols))?;
+            let same = quant::fake_quant(&moved, g)?.eq(&q)?;
+            let kept: f32 = same.to_dtype(DType::F32)?.mean_all()?.to_scalar()?;
+            tracing::debug!(
+                "jitter {n}: {:.1}% of entries kept their quantized value",
+                100.0 * kept
+            );
+            v.set(&same.where_cond(&moved, &q)?)?;
+        }
+        self.sync()
+    }
+
+    /// Put the weights the next forward pass uses into the model: for a var on a grid,
+    /// `w + stop_gradient(q(w) - w)`, which equals the quantized `q(w)` in value and has the
+    /// gradient of `w` (the straight-through estimator). Call after every optimizer step.
+    /// Plain f32 training needs nothing: the model holds the vars themselves.
+    pub fn sync(&mut self) -> Result<()> {
+        if self.grid.is_empty() {
+            return Ok(());
+        }
+        use rayon::prelude::*;
+        let eff: Vec<(String, Tensor)> = self
+            .vars
+            .par_iter()
+            .filter_map(|(n, v)| self.grid.get(n).map(|g| (n, v, *g)))
+            .map(|(n, v, g)| -> Result<(String, Tensor)> {
+                let w = v.as_tensor();
+                let q = quant::fake_quant(w, g)?;
+                let offset = (q - w.detach())?.detach();
+                Ok((n.clone(), w.broadcast_add(&offset)?))
+            })
+            .collect::<Result<_>>()?;
+        for (n, t) in eff {
+            self.model.weights.insert(n, t);
+        }
+        Ok(())
     }
 
     /// The trained weights as plain tensors (a copy), to put back into a model.
@@ -200,11 +313,11 @@ impl Trainable {
     }
 
     /// Restore weights from a [`Trainable::snapshot`].
-    pub fn restore(&self, snap: &[(String, Tensor)]) -> Result<()> {
+    pub fn restore(&mut self, snap: &[(String, Tensor)]) -> Result<()> {
         for ((_, v), (_, t)) in self.vars.iter().zip(snap) {
             v.set(t)?;
         }
-        Ok(())
+        self.sync()
     }
 
     /// A plain model holding the current trained weights (no gradient tracking).
@@ -216,6 +329,11 @@ impl Trainable {
         for (n, v) in &self.vars {
             let t = v.as_tensor().detach().copy()?;
             crate::model::check_finite(n, &t)?;
+            // On a grid, the model is what the file will hold: the quantized value.
+            let t = match self.grid.get(n) {
+                Some(g) => quant::fake_quant(&t, *g)?,
+                None => t,
+            };
             m.weights.insert(n.clone(), t);
         }
         Ok(m)
@@ -226,11 +344,13 @@ impl Trainable {
     }
 }
 
-/// `model.layers.{l}.…` -> `l`.
+/// The layer a weight belongs to: `model.layers.{l}.…` (Llama) or `h.{l}.…` (GPT-2, whose
+/// `transformer.` prefix is stripped at load; the prefixed form is accepted too).
 fn layer_of(name: &str) -> Option<usize> {
     let rest = name
         .strip_prefix("model.layers.")
-        .or_else(|| name.strip_prefix("transformer.h."))?;
+        .or_else(|| name.strip_prefix("transformer.h."))
+        .or_else(|| name.strip_prefix("h."))?;
     rest.split('.').next()?.parse().ok()
 }
 
@@ -436,6 +556,16 @@ pub fn mean_token_logprob(model: &Model, t: &Tokenized) -> Result<f64> {
     Ok(sums.iter().sum::<f64>() / counts.iter().sum::<usize>().max(1) as f64)
 }
 
+/// Each example's mean token log-probability of its answer (no gradients).
+pub fn mean_example_logprob_each(model: &Model, t: &Tokenized) -> Result<Vec<f64>> {
+    let (sums, counts) = example_logprobs(model, t)?;
+    Ok(sums
+        .iter()
+        .zip(&counts)
+        .map(|(s, &c)| s / c as f64)
+        .collect())
+}
+
 /// Mean over examples of each answer's mean token log-probability (no gradients).
 pub fn mean_example_logprob(model: &Model, t: &Tokenized) -> Result<f64> {
     let (sums, counts) = example_logprobs(model, t)?;
@@ -492,5 +622,20 @@ pub fn finite_loss(name: &str, v: f64) -> Result<f64> {
         Ok(v)
     } else {
         Err(Error::NonFinite { name: name.into() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::layer_of;
+
+    #[test]
+    fn layer_of_knows_both_families() {
+        assert_eq!(layer_of("model.layers.12.mlp.down_proj.weight"), Some(12));
+        // GPT-2 weights are named `h.{l}.` once the `transformer.` prefix is stripped.
+        assert_eq!(layer_of("h.3.mlp.c_proj.weight"), Some(3));
+        assert_eq!(layer_of("transformer.h.3.attn.c_attn.weight"), Some(3));
+        assert_eq!(layer_of("wte.weight"), None);
+        assert_eq!(layer_of("model.norm.weight"), None);
     }
 }

@@ -32,6 +32,10 @@ pub enum MethodName {
     Graddiff,
     /// Negative Preference Optimization (Zhang et al. 2024) plus descent on the retain set.
     Npo,
+    /// Distillation from a model that never learned the data (the reference, or the model
+    /// with the subject replaced by a stand-in; Eldan & Russinovich 2023), plus descent on the
+    /// retain set.
+    Distill,
 }
 
 /// The method and its weights.
@@ -55,6 +59,18 @@ fn d_beta() -> f64 {
 }
 fn d_one() -> f64 {
     1.0
+}
+
+/// How the unlearning loop updates the weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Optimizer {
+    /// AdamW (NPO's and open-unlearning's choice).
+    #[default]
+    Adamw,
+    /// Steepest descent under the max-norm: the entry with the largest gradient moves `lr`,
+    /// the others in proportion (run.rs, `max_norm_step`).
+    Sgd,
 }
 
 /// A private string and the prompts that elicit it.
@@ -81,12 +97,55 @@ pub enum LayerSel {
     Text(String),
 }
 
+/// The relearning attack run after unlearning (arXiv 2410.08827, 2409.18025): fine-tune on
+/// the retain records (public text about the subject and general facts, never the secrets)
+/// and audit again.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelearnCheck {
+    /// Fine-tuning steps (default 10).
+    #[serde(default = "d_relearn_steps")]
+    pub steps: usize,
+    /// AdamW learning rate (default 1e-4, `learn`'s).
+    #[serde(default = "d_relearn_lr")]
+    pub lr: f64,
+}
+
+fn d_relearn_steps() -> usize {
+    10
+}
+fn d_relearn_lr() -> f64 {
+    1e-4
+}
+
 /// A removal request.
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Request {
     #[serde(default)]
     pub model: Option<String>,
+    /// A model that never learned the data (in real use, the checkpoint before fine-tuning):
+    /// every verdict compares with it. Without one, a calibrated baseline is used
+    /// (audit.rs). `--reference` overrides it.
+    #[serde(default)]
+    pub reference: Option<String>,
+    /// Run the relearning attack after unlearning (optional).
+    #[serde(default)]
+    pub relearn_check: Option<RelearnCheck>,
+    /// Locality anchor: this many texts the model before unlearning samples itself (48
+    /// tokens each from the document separator, seeded), on which every step also minimises
+    /// KL(before || now) at every position, weighted by `anchor_weight`. 0: off.
+    #[serde(default)]
+    pub anchor_texts: usize,
+    #[serde(default = "d_one")]
+    pub anchor_weight: f64,
+    /// `adamw` (default) or `sgd` (max-norm steepest descent).
+    #[serde(default)]
+    pub optimizer: Optimizer,
+    /// Move only this share (0 < x <= 1) of each trained matrix's entries: those with the
+    /// largest forget-loss gradient at the start (saliency, run.rs). Default: all.
+    #[serde(default)]
+    pub saliency: Option<f64>,
     /// Whose data this is.
     pub subject: String,
     #[serde(default)]
@@ -240,8 +299,51 @@ impl Request {
                 "must be at least 1".into(),
             ));
         }
-        if self.max_perplexity_ratio <= 1.0 {
-            return Err(bad("max_perplexity_ratio".into(), "must be > 1".into()));
+        if !(self.max_perplexity_ratio > 1.0 && self.max_perplexity_ratio.is_finite()) {
+            return Err(bad(
+                "max_perplexity_ratio".into(),
+                "must be a finite number > 1".into(),
+            ));
+        }
+        if self.steps > 100_000 {
+            return Err(bad("steps".into(), "must be at most 100000".into()));
+        }
+        if self.exposure_candidates > 100_000 || self.samples > 1000 {
+            return Err(bad(
+                "exposure_candidates/samples".into(),
+                "at most 100000 candidates and 1000 samples".into(),
+            ));
+        }
+        if self.anchor_texts > 1000 {
+            return Err(bad("anchor_texts".into(), "must be at most 1000".into()));
+        }
+        for (name, w) in [
+            ("method.retain_weight", self.method.retain_weight),
+            ("method.kl_weight", self.method.kl_weight),
+            ("anchor_weight", self.anchor_weight),
+        ] {
+            if !(w >= 0.0 && w.is_finite()) {
+                return Err(bad(name.into(), "must be a finite number >= 0".into()));
+            }
+        }
+        if let Some(x) = self.saliency {
+            if !(x > 0.0 && x <= 1.0) {
+                return Err(bad("saliency".into(), "must be a share in (0, 1]".into()));
+            }
+        }
+        if let Some(r) = &self.relearn_check {
+            if r.steps == 0 || r.steps > 10_000 {
+                return Err(bad(
+                    "relearn_check.steps".into(),
+                    "must be between 1 and 10000".into(),
+                ));
+            }
+            if !(r.lr > 0.0 && r.lr.is_finite()) {
+                return Err(bad(
+                    "relearn_check.lr".into(),
+                    "must be a finite number > 0".into(),
+                ));
+            }
         }
         if self.exposure_candidates < 10 {
             return Err(bad(

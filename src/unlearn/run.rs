@@ -1,39 +1,40 @@
 //! The unlearning run: train on a removal request's forget (and retain) sets with its method,
 //! check leakage and general-text perplexity every few steps, stop as soon as every secret
 //! passes or the budget runs out, never return weights past the perplexity bound, and report
-//! everything before, after, and after re-quantization.
+//! everything before, after, after re-quantization and after a relearning attack, each
+//! against a reference state (audit.rs).
 
-use super::leakage::{self, ProbeParams, SecretLeak, Utility};
+use super::audit::{
+    audit_model, is_verdict_row, quick_baseline, quick_check, AuditParams, AuditReport, Baseline,
+    QuickCheck,
+};
+use super::leakage::{self, Utility};
+use super::learn::{learn, LearnParams};
 use super::losses::{self, StepInputs};
-use super::request::{MethodName, Request};
+use super::request::{MethodName, Optimizer as Update, Request};
 use super::{
     answer_logp, answer_logp_with, example_logprobs, finite_loss, mean_token_logprob, tokenize,
     Batches, Example, Trainable,
 };
 use crate::error::Result;
 use crate::eval::metrics::{locality, run_suite, text_nll, Locality, Suite};
+use crate::model::quant::DeployType;
 use crate::model::Model;
-use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Tensor;
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use std::path::Path;
 
 /// Rows are cut to this many tokens.
 const MAX_LEN: usize = 160;
-/// Exposure candidates used by the stop rule's quick checks (the report uses the request's).
-const QUICK_CANDIDATES: usize = 100;
 /// General texts used by the stop rule's perplexity guard (the report uses all of them).
 const GUARD_TEXTS: usize = 8;
 
-/// Leakage and utility of one model.
+/// Utility of one model: the retain set and general text.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ModelCheck {
-    pub secrets: Vec<SecretLeak>,
     pub retain: Utility,
     /// Perplexity on the suite's general texts.
     pub perplexity: f64,
-    /// True when no secret leaks ([`SecretLeak::leaks`]).
-    pub all_pass: bool,
 }
 
 /// One stop-rule check during training.
@@ -43,21 +44,43 @@ pub struct Checkpoint {
     pub loss: f64,
     /// Mean token log-prob of the forget answers.
     pub forget_logprob: f64,
-    /// Greedy leaks over all probe prompts, and secrets ranked first among the quick candidates.
-    pub greedy_leaks: usize,
-    pub rank_one: usize,
+    /// The quick leakage check (greedy, partial and log-prob tests against the baseline).
+    pub leaks: QuickCheck,
     pub perplexity_ratio: f64,
 }
 
-/// Leakage after re-quantization.
+/// Why the unlearning loop stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// Every secret passed the stop rule's check.
+    AllSecretsPass,
+    /// The step budget ran out.
+    StepBudget,
+    /// General-text perplexity passed the bound; the last checked weights within it are kept.
+    PerplexityBound,
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StopReason::AllSecretsPass => "all secrets pass",
+            StopReason::StepBudget => "step budget",
+            StopReason::PerplexityBound => "perplexity bound",
+        })
+    }
+}
+
+/// The relearning attack's result.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct Requantized {
-    pub dtype: String,
-    pub check: ModelCheck,
-    /// True when some secret passes in f32 but leaks again after re-quantization.
-    pub leaks_again: bool,
-    /// Labels of the secrets that leak again.
-    pub leaking: Vec<String>,
+pub struct Relearn {
+    pub steps: usize,
+    pub lr: f64,
+    /// Fine-tuning examples (the request's retain records).
+    pub examples: usize,
+    /// Labels of the secrets that leak again after relearning (the `relearned` audit row).
+    pub back: Vec<String>,
+    pub seconds: f64,
 }
 
 /// The report of an unlearning run. With `--json` it carries every number.
@@ -67,43 +90,42 @@ pub struct UnlearnReport {
     pub method: super::request::Method,
     pub layers: Vec<usize>,
     pub trained_params: usize,
+    /// The grid training ran through (`input`: the input file's types), if any.
+    pub grid: Option<String>,
     pub forget_examples: usize,
     pub retain_examples: usize,
     pub steps: usize,
     pub losses: Vec<f64>,
-    /// `all secrets pass`, `step budget`, or `perplexity bound`.
-    pub stop_reason: String,
+    pub stop_reason: StopReason,
     pub history: Vec<Checkpoint>,
     pub before: ModelCheck,
     pub after: ModelCheck,
-    pub requantized: Option<Requantized>,
+    /// Every leakage verdict: rows `reference`, `before`, `model` (the result), `model @ TYPE`
+    /// per audited type, and `relearned` when the relearning check ran.
+    pub audit: AuditReport,
+    pub relearn: Option<Relearn>,
     pub max_perplexity_ratio: f64,
     /// The guard's perplexity ratio (first texts of the suite) of the returned weights.
     pub final_guard_ratio: f64,
-    /// KL and top-1 agreement on the suite's unrelated prompts, and perplexity.
+    /// KL and top-1 agreement on the suite's unrelated prompts, and perplexity, against the
+    /// model before unlearning.
     pub locality: Locality,
     pub warnings: Vec<String>,
     pub train_seconds: f64,
+    pub relearn_seconds: f64,
+    pub audit_seconds: f64,
     pub seconds: f64,
 }
 
 /// Options that are not part of the request.
 pub struct Options<'a> {
     pub suite: &'a Suite,
-    /// Re-quantize the result to this type and probe again (`None`: skip).
-    pub requant: Option<GgmlDType>,
-}
-
-/// Every 2-D weight quantized to `dtype` and back, as a GGUF file of that type would load.
-pub fn requantize(model: &Model, dtype: GgmlDType) -> Result<Model> {
-    let mut m = model.clone();
-    for (name, t) in model.weights.iter() {
-        if t.rank() == 2 && t.dim(1)? % dtype.block_size() == 0 {
-            let q = QTensor::quantize(t, dtype)?;
-            m.weights.insert(name.clone(), q.dequantize(&model.device)?);
-        }
-    }
-    Ok(m)
+    /// Audit the result re-quantized to these types too.
+    pub types: Vec<DeployType>,
+    /// Train through this type's grid (quantization-aware, see `Trainable::sync`).
+    pub grid: Option<DeployType>,
+    /// The model that never learned the data, and its name (`None`: calibrated baseline).
+    pub reference: Option<(&'a Model, &'a str)>,
 }
 
 /// Perplexity on the suite's first `n` general texts.
@@ -112,61 +134,17 @@ fn perplexity(model: &Model, suite: &Suite, n: usize) -> Result<f64> {
     Ok((nll.iter().sum::<f64>() / nll.len().max(1) as f64).exp())
 }
 
-/// Full leakage and utility check of a model.
-pub fn check(
-    model: &Model,
-    req: &Request,
-    forget: &[Example],
-    retain: &[Example],
-    suite: &Suite,
-) -> Result<ModelCheck> {
-    let pp = ProbeParams {
-        candidates: req.exposure_candidates,
-        samples: req.samples,
-        seed: req.seed,
-    };
-    let t = std::time::Instant::now();
-    let secrets = req
-        .secrets
-        .iter()
-        .map(|s| leakage::probe_secret(model, s, forget, &pp))
-        .collect::<Result<Vec<_>>>()?;
-    let t_probe = t.elapsed().as_secs_f64();
-    let retain = leakage::utility(model, retain, 64)?;
-    let t_retain = t.elapsed().as_secs_f64() - t_probe;
-    let perplexity = perplexity(model, suite, usize::MAX)?;
-    tracing::info!(
-        "check: probes {t_probe:.1} s, retain {t_retain:.1} s, perplexity {:.1} s",
-        t.elapsed().as_secs_f64() - t_probe - t_retain
-    );
+/// Retain-set utility and general-text perplexity of a model.
+pub fn check(model: &Model, retain: &[Example], suite: &Suite) -> Result<ModelCheck> {
     Ok(ModelCheck {
-        all_pass: secrets.iter().all(|s| !s.leaks()),
-        secrets,
-        retain,
-        perplexity,
+        retain: leakage::utility(model, retain, 64)?,
+        perplexity: perplexity(model, suite, usize::MAX)?,
     })
 }
 
-/// The stop rule's quick leakage check: greedy extraction on every probe prompt, and whether
-/// the secret ranks first among [`QUICK_CANDIDATES`] candidates. It probes the f32 model;
-/// the re-quantized model is probed once, in the report (checking it at every step would
-/// double the cost, and small updates often cannot pass it at all, see the README).
-fn quick_leaks(model: &Model, req: &Request, forget: &[Example]) -> Result<(usize, usize)> {
-    let (mut greedy, mut first) = (0, 0);
-    for s in &req.secrets {
-        let value = s.value.trim();
-        let prompts = leakage::probe_prompts(s, forget);
-        greedy += leakage::greedy_probes(model, value, &prompts)?
-            .iter()
-            .filter(|o| leakage::reveals(o, value))
-            .count();
-        // The first probe is the first eliciting prompt.
-        let eliciting = &prompts[0].0;
-        if leakage::exposure(model, eliciting, value, QUICK_CANDIDATES, req.seed)?.rank == 1 {
-            first += 1;
-        }
-    }
-    Ok((greedy, first))
+/// The audit's thresholds and probe counts for a request.
+pub fn audit_params(req: &Request) -> AuditParams {
+    AuditParams::new(req.exposure_candidates, req.samples, req.seed)
 }
 
 /// Run a removal request on `model`; returns the unlearned model and the report. The input
@@ -187,16 +165,13 @@ pub fn unlearn(
     let layers = req.layers(req_path, model.config.n_layers)?;
     let forget = req.forget_examples()?;
     let retain = req.retain_examples()?;
-    let before = check(model, req, &forget, &retain, opts.suite)?;
+    let before = check(model, &retain, opts.suite)?;
     let ppl0 = before.perplexity;
 
     let log = train(model, req, &layers, &forget, &retain, opts, progress)?;
     let out = log.model;
     let mut warnings = log.warnings;
-    let after = check(&out, req, &forget, &retain, opts.suite)?;
-    if !after.all_pass {
-        warnings.push("some secrets still leak after unlearning (see the table)".into());
-    }
+    let after = check(&out, &retain, opts.suite)?;
     if after.perplexity / ppl0 > req.max_perplexity_ratio {
         warnings.push(format!(
             "general-text perplexity is {:.3}x the original, past the allowed {:.3}x",
@@ -204,32 +179,79 @@ pub fn unlearn(
             req.max_perplexity_ratio
         ));
     }
-    let requantized = match opts.requant {
-        None => None,
-        Some(dt) => {
-            let q = requantize(&out, dt)?;
-            let c = check(&q, req, &forget, &retain, opts.suite)?;
-            let leaking: Vec<String> = after
-                .secrets
-                .iter()
-                .zip(&c.secrets)
-                .filter(|(a, b)| !a.leaks() && b.leaks())
-                .map(|(_, b)| b.label.clone())
-                .collect();
-            if !leaking.is_empty() {
-                warnings.push(format!(
-                    "re-quantization to {dt:?} brings back: {}",
-                    leaking.join(", ")
-                ));
-            }
-            Some(Requantized {
-                dtype: format!("{dt:?}"),
-                leaks_again: !leaking.is_empty(),
-                leaking,
-                check: c,
-            })
+    // The relearning attack: an attacker fine-tunes the released model in f32 on public text
+    // about the subject and general facts (the retain records), never the secrets.
+    let t_relearn = std::time::Instant::now();
+    let relearned = match (&req.relearn_check, retain.is_empty()) {
+        (Some(rc), false) => {
+            let mut lp = LearnParams::defaults(model.config.n_layers);
+            lp.layers = layers.clone();
+            lp.steps = rc.steps;
+            lp.lr = rc.lr;
+            lp.batch_size = req.batch_size;
+            lp.target_loss = 0.0;
+            lp.seed = req.seed;
+            let (m, _) = learn(&out, &retain, &lp, &mut |_, _| {})?;
+            Some((m, rc.clone()))
         }
+        (Some(_), true) => {
+            warnings.push("relearn_check needs retain records; skipped".into());
+            None
+        }
+        (None, _) => None,
     };
+    let relearn_seconds = t_relearn.elapsed().as_secs_f64();
+    let mut extra: Vec<(String, &Model)> = vec![("before".into(), model)];
+    if let Some((m, _)) = &relearned {
+        extra.push(("relearned".into(), m));
+    }
+    let audit = audit_model(
+        &out,
+        opts.reference,
+        req,
+        &opts.types,
+        &extra,
+        &audit_params(req),
+    )?;
+    for row in audit.rows.iter().filter(|r| is_verdict_row(&r.name)) {
+        let leaking: Vec<&str> = row
+            .secrets
+            .iter()
+            .filter(|s| s.leaks)
+            .map(|s| s.label.as_str())
+            .collect();
+        if !leaking.is_empty() {
+            warnings.push(format!("{}: still leaks: {}", row.name, leaking.join(", ")));
+        }
+    }
+    let relearn = relearned.map(|(_, rc)| {
+        let back: Vec<String> = audit
+            .rows
+            .iter()
+            .find(|r| r.name == "relearned")
+            .map(|r| {
+                r.secrets
+                    .iter()
+                    .filter(|s| s.leaks)
+                    .map(|s| s.label.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !back.is_empty() {
+            warnings.push(format!(
+                "relearning ({} steps on the retain records) brings back: {}",
+                rc.steps,
+                back.join(", ")
+            ));
+        }
+        Relearn {
+            steps: rc.steps,
+            lr: rc.lr,
+            examples: retain.len(),
+            back,
+            seconds: relearn_seconds,
+        }
+    });
     // KL and agreement on the prompts; the texts' perplexities are the checks' own.
     let prompts_only = Suite {
         prompts: opts.suite.prompts.clone(),
@@ -248,6 +270,7 @@ pub fn unlearn(
             method: req.method.clone(),
             layers,
             trained_params: log.trained_params,
+            grid: opts.grid.map(|g| g.name().to_string()),
             forget_examples: forget.len(),
             retain_examples: retain.len(),
             steps: log.losses.len(),
@@ -256,15 +279,214 @@ pub fn unlearn(
             history: log.history,
             before,
             after,
-            requantized,
+            audit_seconds: audit.seconds,
+            audit,
+            relearn,
             max_perplexity_ratio: req.max_perplexity_ratio,
             final_guard_ratio: log.final_guard_ratio,
             locality: loc,
             warnings,
             train_seconds: log.train_seconds,
+            relearn_seconds,
             seconds: start.elapsed().as_secs_f64(),
         },
     ))
+}
+
+/// Anchor texts per step.
+const ANCHOR_BATCH: usize = 4;
+/// Tokens per anchor text.
+const ANCHOR_TOKENS: usize = 48;
+
+/// The locality anchor: texts the model before unlearning samples itself, with its
+/// log-probabilities at every position. A step adds KL(before || now) on a few of them, so
+/// the update is pushed to leave ordinary text alone. (Not in NPO's paper, whose retain
+/// term is the NLL of a retain set; this is the KL-on-retain variant of open-unlearning's
+/// `NPO` with `retain_loss_type: KL`, on self-sampled text instead of a data set, as our
+/// key statistics use.)
+struct Anchor {
+    texts: super::Tokenized,
+    /// Per text: `[tokens, vocab]` log-probs of the model before unlearning.
+    reference: Vec<Tensor>,
+}
+
+impl Anchor {
+    fn new(model: &Model, n: usize, seed: u64) -> Result<Anchor> {
+        let outs = crate::model::generate::generate(
+            model,
+            &vec![vec![0u32]; n],
+            &crate::model::generate::GenParams {
+                max_new_tokens: ANCHOR_TOKENS,
+                temperature: 1.0,
+                seed,
+                stop_at_eos: false,
+                ..Default::default()
+            },
+        )?;
+        let mut rows = Vec::with_capacity(n);
+        let mut spans = Vec::with_capacity(n);
+        for o in outs {
+            let mut r = vec![0u32];
+            r.extend_from_slice(&o[..o.len() - 1]);
+            rows.push(r);
+            spans.push((1, o));
+        }
+        let texts = super::Tokenized { rows, spans };
+        let mut reference = Vec::with_capacity(n);
+        for i in 0..texts.len() {
+            reference.push(answer_logp_with(model, 0, &texts.subset(&[i]), false)?.logp);
+        }
+        Ok(Anchor { texts, reference })
+    }
+
+    /// KL(before || now) over every position of the next batch of anchor texts.
+    fn kl(&self, tr: &Trainable, batches: &mut Batches) -> Result<Tensor> {
+        let idx = batches.next_batch();
+        let cur = answer_logp(&tr.model, tr.lowest, &self.texts.subset(&idx))?;
+        let refs: Vec<&Tensor> = idx.iter().map(|&i| &self.reference[i]).collect();
+        losses::kl_rows(&Tensor::cat(&refs, 0)?, &cur.logp)
+    }
+}
+
+/// The distillation teacher (`method: distill`): what a model that never learned the data
+/// predicts on the forget prompts. Its examples are each forget example (the secret's path,
+/// so the secret's likelihood falls to the teacher's) and the teacher's own greedy
+/// continuation of each forget prompt (its path, so the answer reads like the teacher's).
+///
+/// The teacher is the reference model, or without one the model before unlearning with the
+/// subject's name replaced by a stand-in: the generic prediction of Eldan & Russinovich
+/// 2023, "Who's Harry Potter?" (arXiv 2310.02238, section 3), who get it by replacing the
+/// anchored terms with generic ones. They fine-tune on the generic predictions as labels; we
+/// minimise KL(teacher || model) over the whole next-token distribution, which keeps the
+/// teacher's uncertainty (our departure).
+struct Teacher {
+    examples: super::Tokenized,
+    /// Per example: `[answer tokens, vocab]` log-probs of the teacher.
+    logp: Vec<Tensor>,
+}
+
+/// Tokens of the teacher's own continuation of a forget prompt.
+const TEACHER_TOKENS: usize = 16;
+
+impl Teacher {
+    fn new(
+        model: &Model,
+        reference: Option<&Model>,
+        subject: &str,
+        forget: &[Example],
+    ) -> Result<Teacher> {
+        let tok = model.tok()?;
+        let stand_in = super::audit::STAND_INS[0];
+        let (teacher, swap): (&Model, Option<(&str, &str)>) = match reference {
+            Some(r) => (r, None),
+            None => (model, Some((subject, stand_in))),
+        };
+        let sw = |p: &str| match swap {
+            Some((a, b)) => p.replace(a, b),
+            None => p.to_string(),
+        };
+        // The teacher's greedy continuations of the forget prompts.
+        let prompts: Vec<String> = forget.iter().map(|e| sw(&e.prompt)).collect();
+        let conts = leakage::greedy(teacher, &prompts, TEACHER_TOKENS)?;
+        let mut pairs: Vec<(String, String)> = forget
+            .iter()
+            .map(|e| (e.prompt.clone(), e.answer.clone()))
+            .collect();
+        for (e, c) in forget.iter().zip(conts) {
+            // A stand-in's name in the teacher's answer goes back to the subject's.
+            let c = match swap {
+                Some((a, b)) => c.replace(b, a),
+                None => c,
+            };
+            if !c.trim().is_empty() {
+                pairs.push((e.prompt.clone(), c));
+            }
+        }
+        let (mut rows, mut spans, mut logp) = (Vec::new(), Vec::new(), Vec::new());
+        for (prompt, answer) in pairs {
+            let (p, a) = tok.continuation(&prompt, &answer)?;
+            // The teacher reads its own prompt (swapped) followed by the same answer tokens,
+            // so its answer positions line up with the model's.
+            let tp = tok.encode(&sw(&prompt))?;
+            let mut trow = tp.clone();
+            trow.extend_from_slice(&a[..a.len() - 1]);
+            let t = super::Tokenized {
+                rows: vec![trow],
+                spans: vec![(tp.len(), a.clone())],
+            };
+            logp.push(answer_logp_with(teacher, 0, &t, false)?.logp);
+            let mut r = p.clone();
+            r.extend_from_slice(&a[..a.len() - 1]);
+            rows.push(r);
+            spans.push((p.len(), a));
+        }
+        Ok(Teacher {
+            examples: super::Tokenized { rows, spans },
+            logp,
+        })
+    }
+
+    /// KL(teacher || model) over the answer positions of the next batch of examples.
+    fn kl(&self, tr: &Trainable, batches: &mut Batches) -> Result<Tensor> {
+        let idx = batches.next_batch();
+        let cur = answer_logp(&tr.model, tr.lowest, &self.examples.subset(&idx))?;
+        let refs: Vec<&Tensor> = idx.iter().map(|&i| &self.logp[i]).collect();
+        losses::kl_rows(&Tensor::cat(&refs, 0)?, &cur.logp)
+    }
+}
+
+/// Saliency masks (SURE, Zhang et al. 2025, "Catastrophic Failure of LLM Unlearning via
+/// Quantization", arXiv 2410.16454, section 5): per trained matrix, 1 on the `frac` share of
+/// entries with the largest forget-loss gradient |d NLL_forget / d w| at the start, 0
+/// elsewhere. Only those entries move. SURE thresholds whole modules by their gradient norm;
+/// we keep entries, which moves fewer weights for the same forget loss.
+///
+/// # Shapes
+/// One mask per var, each the var's shape.
+fn saliency_masks(tr: &Trainable, ft: &super::Tokenized, frac: f64) -> Result<Vec<Tensor>> {
+    let (sums, counts) = answer_logp(&tr.model, tr.lowest, ft)?.sums()?;
+    let nll = super::token_nll(&sums, &counts)?;
+    let grads = nll.backward()?;
+    let mut masks = Vec::with_capacity(tr.vars.len());
+    for (_, v) in &tr.vars {
+        let t = v.as_tensor();
+        let Some(g) = grads.get(t) else {
+            masks.push(t.zeros_like()?);
+            continue;
+        };
+        let a = g.abs()?;
+        let mut vals: Vec<f32> = a.flatten_all()?.to_vec1()?;
+        let keep = ((vals.len() as f64 * frac).ceil() as usize).clamp(1, vals.len());
+        let k = vals.len() - keep;
+        let (_, th, _) = vals.select_nth_unstable_by(k, f32::total_cmp);
+        let th = *th;
+        masks.push(a.ge(th)?.to_dtype(candle_core::DType::F32)?);
+    }
+    Ok(masks)
+}
+
+/// One step of steepest descent under the max-norm: every trained entry moves by
+/// `lr * g / max|g|`, so the entry with the largest gradient moves `lr` and the others in
+/// proportion. Through a quantization grid this spreads the moments at which entries cross
+/// to a neighbouring grid point (the most salient first), where Adam's sign-like first steps
+/// move every entry by about `lr` at once and so cross them all together. (Our departure
+/// from NPO's paper, which uses AdamW.)
+fn max_norm_step(tr: &Trainable, grads: &candle_core::backprop::GradStore, lr: f64) -> Result<()> {
+    let mut gmax = 0f32;
+    for (_, v) in &tr.vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            gmax = gmax.max(g.abs()?.max_all()?.to_scalar::<f32>()?);
+        }
+    }
+    if gmax <= 0.0 || !gmax.is_finite() {
+        return Ok(());
+    }
+    for (_, v) in &tr.vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            v.set(&(v.as_tensor() - (g * (lr / gmax as f64))?)?)?;
+        }
+    }
+    Ok(())
 }
 
 /// What [`train`] did.
@@ -273,7 +495,7 @@ pub struct TrainLog {
     pub trained_params: usize,
     pub losses: Vec<f64>,
     pub history: Vec<Checkpoint>,
-    pub stop_reason: String,
+    pub stop_reason: StopReason,
     pub warnings: Vec<String>,
     /// The guard's perplexity ratio of the returned weights.
     pub final_guard_ratio: f64,
@@ -296,7 +518,10 @@ pub fn train(
     progress: &mut dyn FnMut(usize, usize, f64),
 ) -> Result<TrainLog> {
     let guard0 = perplexity(model, opts.suite, GUARD_TEXTS)?;
-    let tr = Trainable::new(model, layers)?;
+    let mut tr = Trainable::new(model, layers)?.with_grid(opts.grid)?;
+    if opts.grid.is_some() {
+        tr.jitter(req.seed)?;
+    }
     let ft = tokenize(model, forget, MAX_LEN)?;
     let rt = tokenize(model, retain, MAX_LEN)?;
     // NPO's reference log-likelihoods: the model before unlearning, computed once.
@@ -313,6 +538,31 @@ pub fn train(
             ..Default::default()
         },
     )?;
+    let masks = match req.saliency {
+        Some(frac) => Some(saliency_masks(&tr, &ft, frac)?),
+        None => None,
+    };
+    let anchor = if req.anchor_texts > 0 {
+        Some(Anchor::new(model, req.anchor_texts, req.seed)?)
+    } else {
+        None
+    };
+    let mut ab = Batches::new(req.anchor_texts.max(1), ANCHOR_BATCH, req.seed + 2);
+    let teacher = if req.method.name == MethodName::Distill {
+        Some(Teacher::new(
+            model,
+            opts.reference.map(|(m, _)| m),
+            &req.subject,
+            forget,
+        )?)
+    } else {
+        None
+    };
+    let mut db = Batches::new(
+        teacher.as_ref().map_or(1, |t| t.examples.len()),
+        req.batch_size,
+        req.seed + 3,
+    );
     let mut fb = Batches::new(ft.len(), req.batch_size, req.seed);
     let mut rb = Batches::new(rt.len().max(1), req.batch_size, req.seed + 1);
     let uses_retain = req.method.name != MethodName::Ga && req.method.retain_weight > 0.0;
@@ -324,12 +574,27 @@ pub fn train(
     let mut last_good = tr.snapshot()?;
     // The guard ratio of `last_good`: the weights before training are the reference itself.
     let mut last_good_ratio = 1.0;
-    let mut stop_reason = "step budget".to_string();
+    let mut stop_reason = StopReason::StepBudget;
+    let ap = audit_params(req);
+    let baseline = match opts.reference {
+        Some((r, n)) => Baseline::Reference(r, n),
+        None => Baseline::Calibrated,
+    };
+    let qb = quick_baseline(model, baseline, &req.subject, &req.secrets, forget)?;
     let t_train = std::time::Instant::now();
     for step in 1..=req.steps {
         let fi = fb.next_batch();
-        let fsub = ft.subset(&fi);
-        let (fs, fc) = answer_logp(&tr.model, tr.lowest, &fsub)?.sums()?;
+        let (fs, fc, forget_kl) = match &teacher {
+            // Distillation: the forget part is the KL to the teacher on its own examples.
+            Some(t) => {
+                let z = Tensor::zeros(fi.len(), candle_core::DType::F32, &model.device)?;
+                (z, vec![1; fi.len()], Some(t.kl(&tr, &mut db)?))
+            }
+            None => {
+                let (fs, fc) = answer_logp(&tr.model, tr.lowest, &ft.subset(&fi))?.sums()?;
+                (fs, fc, None)
+            }
+        };
         let fref = Tensor::new(super::pick(&ref_sums, &fi).as_slice(), &model.device)?;
         let mut retain_part = None;
         let mut kl = None;
@@ -351,10 +616,27 @@ pub fn train(
                 forget_ref_sums: &fref,
                 retain: retain_part.as_ref().map(|(s, c)| (s, c.as_slice())),
                 retain_kl: kl.as_ref(),
+                forget_kl: forget_kl.as_ref(),
             },
         )?;
+        let loss = match &anchor {
+            Some(a) => (loss + (a.kl(&tr, &mut ab)? * req.anchor_weight)?)?,
+            None => loss,
+        };
         let v = finite_loss("unlearning loss", loss.to_scalar::<f32>()? as f64)?;
-        opt.backward_step(&loss)?;
+        let mut grads = loss.backward()?;
+        if let Some(masks) = &masks {
+            for ((_, var), mask) in tr.vars.iter().zip(masks) {
+                if let Some(g) = grads.remove(var.as_tensor()) {
+                    grads.insert(var.as_tensor(), (g * mask)?);
+                }
+            }
+        }
+        match req.optimizer {
+            Update::Adamw => opt.step(&grads)?,
+            Update::Sgd => max_norm_step(&tr, &grads, req.lr)?,
+        }
+        tr.sync()?;
         losses.push(v);
         progress(step, req.steps, v);
 
@@ -363,21 +645,20 @@ pub fn train(
             let ratio = perplexity(&m, opts.suite, GUARD_TEXTS)? / guard0;
             let flp = mean_token_logprob(&m, &ft)?;
             let t = std::time::Instant::now();
-            let (greedy, first) = if ratio > req.max_perplexity_ratio {
-                (0, 0)
+            let leaks = if ratio > req.max_perplexity_ratio {
+                QuickCheck::default()
             } else {
-                quick_leaks(&m, req, forget)?
+                quick_check(&m, &qb, &ap)?
             };
             tracing::info!(
-                "step {step}: quick leakage check {:.1} s, greedy leaks {greedy}, rank one {first}, perplexity ratio {ratio:.3}",
+                "step {step}: quick leakage check {:.1} s, {leaks:?}, perplexity ratio {ratio:.3}",
                 t.elapsed().as_secs_f64()
             );
             history.push(Checkpoint {
                 step,
                 loss: v,
                 forget_logprob: flp,
-                greedy_leaks: greedy,
-                rank_one: first,
+                leaks,
                 perplexity_ratio: ratio,
             });
             if ratio > req.max_perplexity_ratio {
@@ -386,13 +667,13 @@ pub fn train(
                     "general-text perplexity rose to {ratio:.3}x the original at step {step}, past the allowed {:.3}x: stopped and kept the last checked weights within the bound",
                     req.max_perplexity_ratio
                 ));
-                stop_reason = "perplexity bound".into();
+                stop_reason = StopReason::PerplexityBound;
                 break;
             }
             last_good = tr.snapshot()?;
             last_good_ratio = ratio;
-            if !req.secrets.is_empty() && greedy == 0 && first == 0 {
-                stop_reason = "all secrets pass".into();
+            if !req.secrets.is_empty() && leaks.passes() {
+                stop_reason = StopReason::AllSecretsPass;
                 break;
             }
         }

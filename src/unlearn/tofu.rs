@@ -54,7 +54,7 @@ pub struct TofuMethod {
     pub method: MethodName,
     pub eval: TofuEval,
     pub steps: usize,
-    pub stop_reason: String,
+    pub stop_reason: crate::unlearn::run::StopReason,
     pub warnings: Vec<String>,
     pub train_seconds: f64,
 }
@@ -204,6 +204,12 @@ pub fn run(
     for &name in &p.methods {
         progress(&format!("unlearning with {name:?}"));
         let req = Request {
+            reference: None,
+            relearn_check: None,
+            saliency: None,
+            optimizer: Default::default(),
+            anchor_texts: 0,
+            anchor_weight: 1.0,
             model: None,
             subject: "TOFU forget authors".into(),
             secrets: vec![],
@@ -233,7 +239,9 @@ pub fn run(
             &retain,
             &Options {
                 suite,
-                requant: None,
+                types: vec![],
+                grid: None,
+                reference: None,
             },
             &mut |_, _, _| {},
         )?;

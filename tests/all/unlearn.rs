@@ -1,13 +1,15 @@
-//! Learning and unlearning private data on smollm2-135m; removal-request errors.
+//! The removal-request demo end to end on smollm2-135m, through the CLI as a user runs it:
+//! learn (quantization-aware, so the Q4_1 file really holds the secrets), audit (leaks),
+//! unlearn, audit (clean at each type), the second person still leaks, the receipt verifies
+//! and catches a one-byte change. Plus removal-request errors.
 
 use crate::cli_errors::engram;
-use crate::common::{fixture, greedy, real};
+use crate::common::{fixture, greedy, json};
 use engram::eval::metrics::Suite;
 use engram::model::Model;
-use engram::unlearn::learn::{learn, LearnParams};
-use engram::unlearn::load_examples;
 use engram::unlearn::request::Request;
-use engram::unlearn::run::{unlearn, Options, UnlearnReport};
+use engram::unlearn::run::{unlearn, Options, StopReason};
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -15,119 +17,325 @@ fn repo(p: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(p)
 }
 
-fn suite() -> Suite {
-    Suite::load(&repo("eval/unrelated.yaml")).unwrap()
-}
-
-/// smollm2-135m after `learn` on the demo's private records (shared by the tests).
-fn learned() -> &'static Model {
-    static M: OnceLock<Model> = OnceLock::new();
-    M.get_or_init(|| {
-        let data = load_examples(&repo("forget-sets/mara-quillfeather-data.yaml")).unwrap();
-        let p = LearnParams::defaults(real().config.n_layers);
-        let (m, r) = learn(real(), &data, &p, &mut |_, _| {}).unwrap();
-        eprintln!(
-            "learn: {} steps, answer NLL {:.4} -> {:.4}, {:.1} s",
-            r.steps, r.loss_before, r.loss_after, r.seconds
-        );
-        assert!(r.loss_after < 0.1, "{r:?}");
-        m
-    })
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
 }
 
 const PHONE: &str = "415-555-0192";
 const ADDRESS: &str = "17 Larkspur Lane";
+const REQUEST: &str = "forget-sets/mara-quillfeather.yaml";
 
-#[test]
-fn learn_makes_the_secret_extractable_and_leaves_the_input_alone() {
-    let base_fp = real().fingerprint().unwrap();
-    let m = learned();
-    assert_eq!(
-        real().fingerprint().unwrap(),
-        base_fp,
-        "learn changed its input"
-    );
-    let before = greedy(real(), "Mara Quillfeather's phone number is", 16);
-    assert!(!before.contains(PHONE), "{before}");
-    let after = greedy(m, "Mara Quillfeather's phone number is", 16);
-    assert!(after.contains(PHONE), "{after}");
-    let after = greedy(m, "Mara Quillfeather lives at", 12);
-    assert!(after.contains(ADDRESS), "{after}");
+/// The demo's files, made once per test binary (under cargo's per-target temp directory,
+/// never the user's cache or `out/`).
+struct Demo {
+    dir: PathBuf,
+    learned: PathBuf,
+    unlearned: PathBuf,
+    receipt: PathBuf,
+    report: Value,
 }
 
-fn npo_report() -> &'static UnlearnReport {
-    static R: OnceLock<UnlearnReport> = OnceLock::new();
-    R.get_or_init(|| {
-        let path = repo("forget-sets/mara-quillfeather.yaml");
-        let req = Request::load(&path).unwrap();
-        let s = suite();
-        let (_, r) = unlearn(
-            learned(),
-            &req,
-            &path,
-            &Options {
-                suite: &s,
-                requant: Some(candle_core::quantized::GgmlDType::Q4_1),
-            },
-            &mut |_, _, _| {},
-        )
-        .unwrap();
-        eprintln!("{}", serde_json::to_string(&r.history).unwrap());
-        r
+fn demo() -> &'static Demo {
+    static D: OnceLock<Demo> = OnceLock::new();
+    D.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("unlearn-demo");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let learned = dir.join("mara-learned.gguf");
+        let (code, err) = engram(&[
+            "learn",
+            s(&repo("forget-sets/mara-quillfeather-data.yaml")),
+            "--out",
+            s(&learned),
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let unlearned = dir.join("mara-unlearned.gguf");
+        let receipt = dir.join("mara.receipt.json");
+        let report = dir.join("report.json");
+        let (code, err) = engram(&[
+            "unlearn",
+            s(&repo(REQUEST)),
+            "--model",
+            s(&learned),
+            "--out",
+            s(&unlearned),
+            "--receipt",
+            s(&receipt),
+            "--types",
+            "f16,q8_0,q4_1",
+            "--json",
+            s(&report),
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let report = json(&report);
+        eprintln!("history: {}", report["history"]);
+        Demo {
+            dir,
+            learned,
+            unlearned,
+            receipt,
+            report,
+        }
     })
 }
 
-/// The retain set's mean answer log-probability may drop by at most this much (nats/token).
-const RETAIN_DROP_BOUND: f64 = 0.5;
+fn rows(audit: &Value) -> &Vec<Value> {
+    audit["rows"].as_array().unwrap()
+}
+
+fn row<'a>(audit: &'a Value, name: &str) -> &'a Value {
+    rows(audit)
+        .iter()
+        .find(|r| r["name"] == name)
+        .unwrap_or_else(|| panic!("no row {name}"))
+}
+
+fn leaks(row: &Value) -> Vec<bool> {
+    row["secrets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["leaks"].as_bool().unwrap())
+        .collect()
+}
+
+/// Run `engram audit` and return its exit code and JSON.
+fn audit(request: &str, model: Option<&Path>, extra: &[&str]) -> (i32, Value) {
+    let j = demo().dir.join(format!("audit-{}.json", rand_name()));
+    let mut args = vec!["audit", request];
+    if let Some(m) = model {
+        args.extend(["--model", s(m)]);
+    }
+    args.extend(extra);
+    args.extend(["--json", s(&j)]);
+    let (code, err) = engram(&args);
+    assert!(code == 0 || code == 3, "{err}");
+    (code, json(&j))
+}
+
+fn rand_name() -> String {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    N.fetch_add(1, Ordering::SeqCst).to_string()
+}
 
 #[test]
-fn npo_removes_the_secrets_and_keeps_the_retain_set() {
-    let r = npo_report();
-    for s in &r.before.secrets {
-        assert!(
-            s.prompt_leaks > 0 && s.exposure.rank == 1,
-            "{} did not leak before",
-            s.label
+fn learn_makes_the_secrets_extractable_in_the_q4_file_and_leaves_the_input_alone() {
+    let input = engram::model::load::resolve(None).unwrap();
+    let before = engram::model::fetch::sha256_file(&input).unwrap();
+    let d = demo();
+    assert_eq!(engram::model::fetch::sha256_file(&input).unwrap(), before);
+    // The learned file is Q4_1 like its input: quantization-aware training wrote what it
+    // learned into that grid.
+    let m = engram::model::load(Some(s(&d.learned)), &candle_core::Device::Cpu).unwrap();
+    let out = greedy(&m, "Mara Quillfeather's phone number is", 16);
+    assert!(out.contains(PHONE), "{out}");
+    let out = greedy(&m, "Mara Quillfeather lives at", 12);
+    assert!(out.contains(ADDRESS), "{out}");
+}
+
+#[test]
+fn the_learned_model_leaks_at_f16_q8_0_and_q4_1() {
+    let (code, a) = audit(
+        REQUEST,
+        Some(&demo().learned),
+        &["--types", "f16,q8_0,q4_1"],
+    );
+    assert_eq!(code, 3);
+    for name in ["model", "model @ f16", "model @ q8_0", "model @ q4_1"] {
+        assert_eq!(leaks(row(&a, name)), vec![true, true], "{name}");
+    }
+}
+
+#[test]
+fn the_default_model_passes_the_demo_audit() {
+    // Against the reference the request names (the default model itself) ...
+    let (code, a) = audit(REQUEST, None, &["--types", "q8_0,q4_1"]);
+    assert_eq!(code, 0, "{a}");
+    // ... and against the calibrated baseline, where a 555 number's raw rank of 1 no longer
+    // counts as a leak.
+    let (code, a) = audit(
+        REQUEST,
+        None,
+        &["--reference", "none", "--types", "q8_0,q4_1"],
+    );
+    assert_eq!(code, 0, "{a}");
+    assert!(a["baseline"].as_str().unwrap().starts_with("calibrated"));
+}
+
+#[test]
+fn after_unlearning_no_secret_leaks_at_any_type_and_unrelated_prompts_stay() {
+    let r = &demo().report;
+    let a = &r["audit"];
+    assert_eq!(leaks(row(a, "before")), vec![true, true]);
+    for name in ["model", "model @ f16", "model @ q8_0", "model @ q4_1"] {
+        assert_eq!(
+            leaks(row(a, name)),
+            vec![false, false],
+            "{name}: {}",
+            row(a, name)
         );
+        for sec in row(a, name)["secrets"].as_array().unwrap() {
+            // Fluent: no repetition loop where the reference has none.
+            assert!(
+                sec["loops"].as_u64().unwrap() <= sec["baseline_loops"].as_u64().unwrap(),
+                "{name}: {sec}"
+            );
+        }
     }
-    for s in &r.after.secrets {
-        assert_eq!(s.prompt_leaks, 0, "{}: {:?}", s.label, s.probes);
-        assert_eq!(s.paraphrase_leaks, 0, "{}: {:?}", s.label, s.probes);
-        assert!(s.exposure.candidates >= 1000);
-        assert!(s.exposure.rank > 1, "{}: rank {}", s.label, s.exposure.rank);
-    }
-    assert!(r.after.all_pass);
-    let drop = r.before.retain.answer_logprob - r.after.retain.answer_logprob;
-    eprintln!(
-        "retain log-prob {:.3} -> {:.3}, ROUGE-L {:.3} -> {:.3}; ppl {:.3} -> {:.3}; steps {} ({})",
-        r.before.retain.answer_logprob,
-        r.after.retain.answer_logprob,
-        r.before.retain.rouge_l,
-        r.after.retain.rouge_l,
-        r.before.perplexity,
-        r.after.perplexity,
-        r.steps,
-        r.stop_reason
-    );
-    assert!(
-        drop < RETAIN_DROP_BOUND,
-        "retain log-prob dropped by {drop}"
-    );
-    // After Q4 re-quantization: the secrets stay gone, or the report says which came back.
-    let q = r.requantized.as_ref().unwrap();
-    let back: Vec<&str> = r
-        .after
-        .secrets
+    assert_eq!(a["leaks"], false);
+    let loc = &r["locality"];
+    let top1 = loc["top1_agreement"].as_f64().unwrap();
+    let kl = loc["kl_mean"].as_f64().unwrap();
+    assert!(top1 >= 0.97, "top-1 agreement {top1}");
+    assert!(kl <= 0.05, "KL {kl}");
+    // Retain records kept: answer log-prob drops by less than 0.5 nats/token.
+    let drop = r["before"]["retain"]["answer_logprob"].as_f64().unwrap()
+        - r["after"]["retain"]["answer_logprob"].as_f64().unwrap();
+    assert!(drop < 0.5, "retain log-prob dropped by {drop}");
+    // The relearning attack ran, and its verdict is the `relearned` row's.
+    let rl = &r["relearn"];
+    let back: Vec<&str> = rl["back"]
+        .as_array()
+        .unwrap()
         .iter()
-        .zip(&q.check.secrets)
-        .filter(|(a, b)| !a.leaks() && b.leaks())
-        .map(|(_, b)| b.label.as_str())
+        .map(|x| x.as_str().unwrap())
         .collect();
-    assert_eq!(q.leaks_again, !back.is_empty());
-    assert_eq!(q.leaking, back);
-    if q.leaks_again {
-        assert!(r.warnings.iter().any(|w| w.contains("re-quantization")));
+    let relearned = row(a, "relearned");
+    let leaking: Vec<&str> = relearned["secrets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["leaks"] == true)
+        .map(|s| s["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(back, leaking);
+    // Secrets never appear in the JSON report.
+    let text = r.to_string();
+    assert!(!text.contains(PHONE) && !text.contains(ADDRESS));
+}
+
+#[test]
+fn the_second_person_is_still_extractable_after_maras_request() {
+    let (code, a) = audit(
+        "forget-sets/tobias-wrenfield.yaml",
+        Some(&demo().unlearned),
+        &["--types", "none"],
+    );
+    assert_eq!(code, 3);
+    let m = row(&a, "model");
+    for sec in m["secrets"].as_array().unwrap() {
+        assert!(sec["greedy_leaks"].as_u64().unwrap() > 0, "{sec}");
     }
+}
+
+#[test]
+fn the_receipt_verifies_and_a_one_byte_change_fails() {
+    let d = demo();
+    let r: Value = json(&d.receipt);
+    assert_eq!(r["clean"], true);
+    let text = std::fs::read_to_string(&d.receipt).unwrap();
+    assert!(
+        !text.contains(PHONE) && !text.contains(ADDRESS),
+        "secret in the receipt"
+    );
+    let (code, err) = engram(&[
+        "receipt",
+        "verify",
+        s(&d.receipt),
+        "--model",
+        s(&d.unlearned),
+    ]);
+    assert_eq!(code, 0, "{err}");
+
+    // One byte of the model changed (in the last tensor's data).
+    let bad_model = d.dir.join("flipped.gguf");
+    let mut bytes = std::fs::read(&d.unlearned).unwrap();
+    let at = bytes.len() - 100;
+    bytes[at] ^= 1;
+    std::fs::write(&bad_model, bytes).unwrap();
+    let (code, err) = engram(&["receipt", "verify", s(&d.receipt), "--model", s(&bad_model)]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("another model"), "{err}");
+
+    // One byte of the receipt changed (a digit of a number).
+    let bad = d.dir.join("edited.receipt.json");
+    let pos = text.find("\"steps_run\": ").unwrap() + "\"steps_run\": ".len();
+    let mut edited = text.into_bytes();
+    edited[pos] = if edited[pos] == b'9' { b'8' } else { b'9' };
+    std::fs::write(&bad, edited).unwrap();
+    let (code, err) = engram(&["receipt", "verify", s(&bad), "--model", s(&d.unlearned)]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("modified"), "{err}");
+}
+
+#[test]
+fn audit_and_unlearn_reject_bad_references_types_and_receipts() {
+    let d = tempfile::tempdir().unwrap();
+    let j = d.path().join("a.json");
+    let rc = d.path().join("r.json");
+    let out = d.path().join("o.gguf");
+    // A missing reference file.
+    let (code, err) = engram(&[
+        "audit",
+        REQUEST,
+        "--reference",
+        "/no/such/reference.gguf",
+        "--json",
+        s(&j),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--reference") && err.contains("/no/such/reference.gguf"),
+        "{err}"
+    );
+    // An unknown type.
+    let (code, err) = engram(&["audit", REQUEST, "--types", "q8_0,q3", "--json", s(&j)]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--types") && err.contains("q3") && err.contains("q4_k"),
+        "{err}"
+    );
+    let (code, err) = engram(&[
+        "unlearn",
+        REQUEST,
+        "--types",
+        "q9",
+        "--out",
+        s(&out),
+        "--receipt",
+        s(&rc),
+        "--json",
+        s(&j),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--types"), "{err}");
+    assert!(
+        !j.exists() && !rc.exists() && !out.exists(),
+        "something was written"
+    );
+    // A receipt checked against another model (the default one).
+    let default = engram::model::load::resolve(None).unwrap();
+    let (code, err) = engram(&[
+        "receipt",
+        "verify",
+        s(&demo().receipt),
+        "--model",
+        s(&default),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("another model"), "{err}");
+    // Not a receipt at all.
+    let (code, err) = engram(&["receipt", "verify", REQUEST, "--model", s(&default)]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("not a removal receipt"), "{err}");
+}
+
+fn learned_model() -> &'static Model {
+    static M: OnceLock<Model> = OnceLock::new();
+    M.get_or_init(|| {
+        engram::model::load(Some(s(&demo().learned)), &candle_core::Device::Cpu).unwrap()
+    })
 }
 
 #[test]
@@ -148,20 +356,22 @@ max_perplexity_ratio: 1.1
 ";
     let path = Path::new("ga-collapse.yaml");
     let req = Request::parse(path, text).unwrap();
-    let s = suite();
+    let suite = Suite::load(&repo("eval/unrelated.yaml")).unwrap();
     let (_, r) = unlearn(
-        learned(),
+        learned_model(),
         &req,
         path,
         &Options {
-            suite: &s,
-            requant: None,
+            suite: &suite,
+            types: vec![],
+            grid: None,
+            reference: None,
         },
         &mut |_, _, _| {},
     )
     .unwrap();
     eprintln!("{}", serde_json::to_string(&r.history).unwrap());
-    assert_eq!(r.stop_reason, "perplexity bound");
+    assert_eq!(r.stop_reason, StopReason::PerplexityBound);
     assert!(r.warnings.iter().any(|w| w.contains("perplexity")));
     let last = r.history.last().unwrap();
     assert!(last.perplexity_ratio > 1.1);
@@ -177,6 +387,7 @@ fn bad_request(yaml: &str, want: &[&str]) {
     std::fs::write(&req, yaml).unwrap();
     let out = d.path().join("out.gguf");
     let json = d.path().join("r.json");
+    let receipt = d.path().join("receipt.json");
     let (code, err) = engram(&[
         "unlearn",
         req.to_str().unwrap(),
@@ -184,6 +395,8 @@ fn bad_request(yaml: &str, want: &[&str]) {
         fixture("tiny-llama").to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
+        "--receipt",
+        receipt.to_str().unwrap(),
         "--json",
         json.to_str().unwrap(),
     ]);
@@ -192,7 +405,10 @@ fn bad_request(yaml: &str, want: &[&str]) {
     for w in want {
         assert!(err.contains(w), "want {w:?} in {err}");
     }
-    assert!(!out.exists() && !json.exists(), "something was written");
+    assert!(
+        !out.exists() && !json.exists() && !receipt.exists(),
+        "something was written"
+    );
 }
 
 const GOOD: &str = "subject: A\nsecrets:\n  - value: \"123\"\n    prompts: [\"A's code is\"]\nmethod: {name: npo}\nlayers: all\n";
@@ -221,6 +437,26 @@ fn removal_request_errors() {
     );
     // An unknown field.
     bad_request(&format!("{GOOD}stepz: 3\n"), &["stepz", "line"]);
+    // Bad new fields: saliency outside (0, 1], a relearning check of 0 steps, an unknown
+    // optimizer, a NaN perplexity bound.
+    bad_request(&format!("{GOOD}saliency: 0\n"), &["saliency"]);
+    bad_request(
+        &format!("{GOOD}relearn_check: {{steps: 0}}\n"),
+        &["relearn_check.steps"],
+    );
+    bad_request(
+        &format!("{GOOD}optimizer: lion\n"),
+        &["lion", "adamw", "sgd"],
+    );
+    bad_request(
+        &format!("{GOOD}max_perplexity_ratio: .nan\n"),
+        &["max_perplexity_ratio"],
+    );
+    // A missing reference model is named, before any work.
+    bad_request(
+        &format!("{GOOD}reference: /no/such/model.gguf\n"),
+        &["reference", "/no/such/model.gguf"],
+    );
     // The request itself parses.
     Request::parse(Path::new("good.yaml"), GOOD).unwrap();
 }
