@@ -21,9 +21,18 @@ $E eval counterfact --data $CF --spec benches/rome-20-prefixes.yaml --n 100 --js
 $E eval counterfact --data $CF --spec benches/rome-lr05.yaml --n 100 --json out/cf-rome-l5-lr05.json --resume out/cf-rome-l5-lr05.jsonl
 $E eval counterfact --data $CF --method ft --layer 5 --n 100 --json out/cf-ft-l5.json --resume out/cf-ft-l5.jsonl
 $E edit edits/eiffel-rome.yaml --json out/edit-eiffel.json
-# Unlearning: the demo, then TOFU (about 25 minutes).
-$E learn forget-sets/mara-quillfeather-data.yaml --out out/mara-learned.gguf --json out/learn-mara.json
-$E unlearn forget-sets/mara-quillfeather.yaml --model out/mara-learned.gguf --json out/unlearn-mara.json
+# Unlearning: the demo end to end (learn, audit, unlearn with its receipt, audit, the second
+# person, verify), each step timed; then TOFU (about 25 minutes).
+t() { local s=$(date +%s.%N); "$@" || [ $? -eq 3 ]; echo "time: $(echo "$(date +%s.%N) - $s" | bc) s: $*" >&2; }
+t $E learn forget-sets/mara-quillfeather-data.yaml --out out/mara-learned.gguf --json out/learn-mara.json
+t $E audit forget-sets/mara-quillfeather.yaml --reference none --types q8_0,q4_1 --json out/audit-default-calibrated.json
+t $E audit forget-sets/mara-quillfeather.yaml --model out/mara-learned.gguf --types f16,q8_0,q4_1 --json out/audit-learned.json
+t $E unlearn forget-sets/mara-quillfeather.yaml --model out/mara-learned.gguf --types f16,q8_0,q4_1 --json out/unlearn-mara.json
+t $E audit forget-sets/tobias-wrenfield.yaml --model out/mara-quillfeather-unlearned.gguf --types none --json out/audit-tobias.json
+t $E receipt verify out/mara-quillfeather.receipt.json --model out/mara-quillfeather-unlearned.gguf
+# The learned and unlearned models against the default one (KL, top-1, perplexity).
+$E eval compare --edited out/mara-learned.gguf --json out/compare-learned.json
+$E eval compare --base out/mara-learned.gguf --edited out/mara-quillfeather-unlearned.gguf --json out/compare-unlearned.json
 $E eval tofu --data ../shared/data/tofu/authors-0-19.jsonl --world ../shared/data/tofu/world_facts.jsonl \
   --learn-steps 40 --json out/tofu.json
 $E eval tofu --data ../shared/data/tofu/authors-0-19.jsonl --world ../shared/data/tofu/world_facts.jsonl \

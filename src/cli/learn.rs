@@ -36,6 +36,10 @@ pub struct Args {
     target_loss: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Train only this share of each matrix's entries, those with the largest gradient
+    /// (0 < x <= 1; default: all).
+    #[arg(long)]
+    saliency: Option<f64>,
     /// Only records whose `author` is in this range (TOFU data), e.g. `0-9`.
     #[arg(long)]
     authors: Option<String>,
@@ -68,6 +72,12 @@ pub fn run(a: Args) -> Result<()> {
     p.batch_size = a.batch_size;
     p.target_loss = a.target_loss;
     p.seed = a.seed;
+    if let Some(x) = a.saliency {
+        if !(x > 0.0 && x <= 1.0) {
+            return Err(engram::Error::invalid("--saliency", "must be a share in (0, 1]").into());
+        }
+        p.saliency = Some(x);
+    }
     let is_gguf = matches!(m.source.format, engram::model::Format::Gguf { .. });
     if is_gguf && a.out_type == "input" {
         p.grid = Some(engram::model::quant::DeployType::Input);

@@ -112,7 +112,7 @@ pub fn parse_types(s: &str, option: &str) -> Result<Vec<DeployType>> {
 /// The type llama.cpp writes for a matrix whose rows have `cols` values when `want` was
 /// asked for: K-quants need rows that are a multiple of 256 and fall back otherwise.
 pub fn fitting_type(want: GgmlDType, cols: usize) -> GgmlDType {
-    if cols % want.block_size() == 0 {
+    if cols.is_multiple_of(want.block_size()) {
         return want;
     }
     let fallback = match want {
@@ -120,7 +120,7 @@ pub fn fitting_type(want: GgmlDType, cols: usize) -> GgmlDType {
         GgmlDType::Q5K => GgmlDType::Q5_1,
         _ => GgmlDType::Q8_0,
     };
-    if cols % fallback.block_size() == 0 {
+    if cols.is_multiple_of(fallback.block_size()) {
         fallback
     } else {
         GgmlDType::F16

@@ -120,7 +120,8 @@ fn canon(s: &str) -> Vec<char> {
         }
         let before_digit = out.last().is_some_and(|c: &char| c.is_ascii_digit());
         let after_digit = cs.get(j).is_some_and(|c| c.is_ascii_digit());
-        if !(before_digit && after_digit) && !out.is_empty() && j < cs.len() {
+        let between_digits = before_digit && after_digit;
+        if !between_digits && !out.is_empty() && j < cs.len() {
             out.push(' ');
         }
         i = j;
