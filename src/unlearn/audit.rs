@@ -241,8 +241,7 @@ fn measure(
     };
     let t0 = std::time::Instant::now();
     let max_new = (tok.encode(value)?.len() + 6).max(MIN_NEW_TOKENS);
-    let texts: Vec<String> = pr.prompts.iter().map(|(q, _)| sw(q)).collect();
-    let outputs = leakage::greedy(model, &texts, max_new)?;
+    let (outputs, logprobs) = greedy_and_logprobs(model, value, pr, swap, max_new)?;
     let scored: Vec<String> = pr.scored.iter().map(|q| sw(q)).collect();
     let t_greedy = t0.elapsed().as_secs_f64();
     let mut samples = Vec::new();
@@ -269,22 +268,12 @@ fn measure(
         }
     }
     let t_sampled = t0.elapsed().as_secs_f64();
-    let examples: Vec<Example> = scored
-        .iter()
-        .map(|q| Example {
-            prompt: q.clone(),
-            answer: crate::edit::spec::continuation(value),
-        })
-        .collect();
-    let logprobs = mean_example_logprob_each(model, &tokenize(model, &examples, usize::MAX)?)?;
-    let t_logprob = t0.elapsed().as_secs_f64();
     let cand_scores = leakage::candidate_scores(model, &scored[0], cands)?;
     tracing::info!(
-        "measure: greedy {t_greedy:.1} s, sampled {:.1} s, log-probs {:.1} s, {} candidates {:.1} s",
+        "measure: greedy and log-probs {t_greedy:.1} s, sampled {:.1} s, {} candidates {:.1} s",
         t_sampled - t_greedy,
-        t_logprob - t_sampled,
         cands.len(),
-        t0.elapsed().as_secs_f64() - t_logprob
+        t0.elapsed().as_secs_f64() - t_sampled
     );
     Ok(Measurement {
         outputs,
@@ -646,14 +635,6 @@ pub struct AuditReport {
     pub seconds: f64,
 }
 
-impl AuditReport {
-    /// The row of the model at `ty` (`None`: as given).
-    pub fn row(&self, ty: Option<DeployType>) -> Option<&ModelAudit> {
-        let name = row_name(ty);
-        self.rows.iter().find(|r| r.name == name)
-    }
-}
-
 /// The row name of the model at `ty`.
 pub fn row_name(ty: Option<DeployType>) -> String {
     match ty {
@@ -734,20 +715,33 @@ impl QuickCheck {
     }
 }
 
-/// Greedy runs and per-prompt log-probs of a secret's probes on `model`.
+/// Greedy runs and per-prompt log-probs of a secret's probes on `model`, greedy answers as
+/// long as the secret + 6 tokens (the final audit's are at least [`MIN_NEW_TOKENS`]).
 fn quick_measure(
     model: &Model,
     value: &str,
     pr: &Probes,
     swap: Option<(&str, &str)>,
 ) -> Result<(Vec<String>, Vec<f64>)> {
-    let tok = model.tok()?;
+    let max_new = model.tok()?.encode(value)?.len() + 6;
+    greedy_and_logprobs(model, value, pr, swap, max_new)
+}
+
+/// Greedy continuations (`max_new` tokens) of every probe prompt, and the secret's mean token
+/// log-prob after each scored prompt, with the subject swapped when `swap` is given.
+fn greedy_and_logprobs(
+    model: &Model,
+    value: &str,
+    pr: &Probes,
+    swap: Option<(&str, &str)>,
+    max_new: usize,
+) -> Result<(Vec<String>, Vec<f64>)> {
     let sw = |q: &str| match swap {
         Some((from, to)) => q.replace(from, to),
         None => q.to_string(),
     };
     let texts: Vec<String> = pr.prompts.iter().map(|(q, _)| sw(q)).collect();
-    let outs = leakage::greedy(model, &texts, tok.encode(value)?.len() + 6)?;
+    let outs = leakage::greedy(model, &texts, max_new)?;
     let examples: Vec<Example> = pr
         .scored
         .iter()

@@ -1,15 +1,14 @@
-//! Leakage probes: can a private string still be got out of a model?
+//! The probe building blocks the audit (audit.rs) measures with:
 //!
-//! - Greedy extraction: decode greedily after each eliciting prompt and each paraphrase; the
-//!   secret leaks when the continuation contains it (case and spacing ignored).
-//! - The secret's mean token log-probability after its eliciting prompts.
-//! - Exposure (Carlini et al. 2019, "The Secret Sharer", section 4): the rank of the secret's
-//!   log-likelihood among same-format candidates (each digit replaced by a random digit, each
-//!   letter by a random letter of the same case, everything else kept). Rank 1 means the model
-//!   prefers the real secret to every alternative; exposure = log2(candidates + 1) - log2(rank).
-//! - Sampled extraction: k samples at temperature 1 after the first eliciting prompt.
-//! - Utility on the retain set: mean answer log-probability and ROUGE-L recall of the greedy
-//!   answer against the reference (TOFU's measure, Maini et al. 2024).
+//! - the probe prompts of a secret: eliciting prompts, the request's paraphrases and
+//!   template rewrites of each prompt;
+//! - greedy continuations, and whether an output reveals a secret (case and spacing ignored);
+//! - same-format candidates for exposure (Carlini et al. 2019, "The Secret Sharer", section
+//!   4: each digit replaced by a random digit, each run of letters by a vocabulary word of the
+//!   same capitalisation, everything else kept) and their summed log-likelihoods;
+//! - utility on the retain set: mean answer log-probability and ROUGE-L recall of the greedy
+//!   answer against the reference (TOFU's measure, Maini et al. 2024);
+//! - redaction of secrets in reports.
 //!
 //! Paraphrases are the request's own plus template rewrites that put each prompt in a new
 //! context (a preface, a record-style lead-in). They are not model-written paraphrases.
@@ -173,62 +172,6 @@ pub fn candidates(secret: &str, n: usize, seed: u64, words: &WordLists) -> Vec<S
     out
 }
 
-/// Greedy extraction result for one probe prompt.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Probe {
-    pub prompt: String,
-    /// `prompt` or `paraphrase`.
-    pub kind: &'static str,
-    pub output: String,
-    pub leaked: bool,
-}
-
-/// Exposure of a secret among candidates.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Exposure {
-    /// 1 = the secret is the most likely of all candidates.
-    pub rank: usize,
-    pub candidates: usize,
-    /// log2(candidates + 1) - log2(rank), in bits.
-    pub bits: f64,
-    /// Summed log-probability of the secret and the median candidate.
-    pub secret_logprob: f64,
-    pub median_candidate_logprob: f64,
-}
-
-/// All leakage numbers for one secret on one model.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct SecretLeak {
-    pub label: String,
-    pub value: String,
-    pub probes: Vec<Probe>,
-    /// Greedy leaks on eliciting prompts and on paraphrases.
-    pub prompt_leaks: usize,
-    pub paraphrase_leaks: usize,
-    /// Mean token log-probability of the secret after its eliciting prompts (averaged).
-    pub mean_logprob: f64,
-    pub exposure: Exposure,
-    /// Samples at temperature 1 that contained the secret, of `samples`.
-    pub sampled_hits: usize,
-    pub samples: usize,
-}
-
-impl SecretLeak {
-    /// The secret still leaks: greedy extraction succeeds somewhere, or it ranks first among
-    /// its candidates.
-    pub fn leaks(&self) -> bool {
-        self.prompt_leaks + self.paraphrase_leaks > 0 || self.exposure.rank == 1
-    }
-}
-
-/// How much to probe.
-#[derive(Debug, Clone, Copy)]
-pub struct ProbeParams {
-    pub candidates: usize,
-    pub samples: usize,
-    pub seed: u64,
-}
-
 fn norm(s: &str) -> String {
     s.split_whitespace()
         .collect::<Vec<_>>()
@@ -258,18 +201,6 @@ pub fn probe_prompts(secret: &Secret, forget: &[Example]) -> Vec<(String, &'stat
     prompts
 }
 
-/// Greedy decoding of every probe prompt, long enough to hold the secret; returns the outputs
-/// in the order of [`probe_prompts`].
-pub fn greedy_probes(
-    model: &Model,
-    secret: &str,
-    prompts: &[(String, &str)],
-) -> Result<Vec<String>> {
-    let secret_len = model.tok()?.encode(secret)?.len();
-    let texts: Vec<String> = prompts.iter().map(|(q, _)| q.clone()).collect();
-    greedy(model, &texts, secret_len + 6)
-}
-
 /// Greedy continuations of `prompts`, `max_new` tokens each, as text.
 pub fn greedy(model: &Model, prompts: &[String], max_new: usize) -> Result<Vec<String>> {
     let tok = model.tok()?;
@@ -286,102 +217,6 @@ pub fn greedy(model: &Model, prompts: &[String], max_new: usize) -> Result<Vec<S
         },
     )?;
     outs.iter().map(|o| tok.decode(o)).collect()
-}
-
-/// Probe one secret.
-pub fn probe_secret(
-    model: &Model,
-    secret: &Secret,
-    forget: &[Example],
-    p: &ProbeParams,
-) -> Result<SecretLeak> {
-    let value = secret.value.trim();
-    let tok = model.tok()?;
-    let eliciting = eliciting_prompts(secret, forget);
-    let prompts = probe_prompts(secret, forget);
-    let outs = greedy_probes(model, value, &prompts)?;
-    let probes: Vec<Probe> = prompts
-        .into_iter()
-        .zip(outs)
-        .map(|((q, kind), out)| Probe {
-            leaked: reveals(&out, value),
-            prompt: q,
-            kind,
-            output: out,
-        })
-        .collect();
-    let count = |k: &str| probes.iter().filter(|x| x.kind == k && x.leaked).count();
-
-    let examples: Vec<Example> = eliciting
-        .iter()
-        .map(|q| Example {
-            prompt: q.clone(),
-            answer: crate::edit::spec::continuation(value),
-        })
-        .collect();
-    let mean_logprob = mean_example_logprob(model, &tokenize(model, &examples, usize::MAX)?)?;
-
-    let first = &eliciting[0];
-    let exposure = exposure(model, first, value, p.candidates, p.seed)?;
-
-    let sampled = {
-        let ids = vec![tok.encode(first)?; p.samples];
-        let outs = generate(
-            model,
-            &ids,
-            &GenParams {
-                max_new_tokens: tok.encode(value)?.len() + 6,
-                temperature: 1.0,
-                seed: p.seed,
-                ..Default::default()
-            },
-        )?;
-        let mut hits = 0;
-        for o in outs {
-            if reveals(&tok.decode(&o)?, value) {
-                hits += 1;
-            }
-        }
-        hits
-    };
-    Ok(SecretLeak {
-        label: secret.label.clone().unwrap_or_else(|| "secret".into()),
-        value: value.to_string(),
-        prompt_leaks: count("prompt"),
-        paraphrase_leaks: count("paraphrase"),
-        probes,
-        mean_logprob,
-        exposure,
-        sampled_hits: sampled,
-        samples: p.samples,
-    })
-}
-
-/// The rank of `secret` after `prompt` among `n` same-format candidates, by summed token
-/// log-probability. The prompt runs once; its keys and values serve every candidate.
-pub fn exposure(
-    model: &Model,
-    prompt: &str,
-    secret: &str,
-    n: usize,
-    seed: u64,
-) -> Result<Exposure> {
-    let cands = candidates(secret, n, seed, &word_lists(model)?);
-    let mut all = vec![secret.to_string()];
-    all.extend(cands);
-    let scores = candidate_scores(model, prompt, &all)?;
-    let s = scores[0];
-    let rank = 1 + scores[1..].iter().filter(|&&x| x > s).count();
-    let mut rest = scores[1..].to_vec();
-    rest.sort_by(f64::total_cmp);
-    let n = rest.len();
-    Ok(Exposure {
-        rank,
-        candidates: n,
-        bits: ((n + 1) as f64).log2() - (rank as f64).log2(),
-        secret_logprob: s,
-        median_candidate_logprob: rest.get(n / 2).copied().unwrap_or(f64::NAN),
-    })
 }
 
 /// The summed token log-probability of each of `all` as the continuation of `prompt` (a

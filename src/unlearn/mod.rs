@@ -268,11 +268,13 @@ impl Trainable {
                 .where_cond(&zero, &blocks.eq(&lo)?.where_cond(&zero, &u)?)?;
             let moved = (blocks + (u * step)?)?.reshape((rows, cols))?;
             let same = quant::fake_quant(&moved, g)?.eq(&q)?;
-            let kept: f32 = same.to_dtype(DType::F32)?.mean_all()?.to_scalar()?;
-            tracing::debug!(
-                "jitter {n}: {:.1}% of entries kept their quantized value",
-                100.0 * kept
-            );
+            if tracing::enabled!(tracing::Level::DEBUG) {
+                let kept: f32 = same.to_dtype(DType::F32)?.mean_all()?.to_scalar()?;
+                tracing::debug!(
+                    "jitter {n}: {:.1}% of entries kept their quantized value",
+                    100.0 * kept
+                );
+            }
             v.set(&same.where_cond(&moved, &q)?)?;
         }
         self.sync()
@@ -649,61 +651,6 @@ pub fn apply_masks(
         }
     }
     Ok(())
-}
-
-/// Anchor texts per step.
-pub const ANCHOR_BATCH: usize = 4;
-/// Tokens per anchor text.
-const ANCHOR_TOKENS: usize = 48;
-
-/// The locality anchor: texts the model before unlearning samples itself, with its
-/// log-probabilities at every position. A step adds KL(before || now) on a few of them, so
-/// the update is pushed to leave ordinary text alone. (Not in NPO's paper, whose retain
-/// term is the NLL of a retain set; this is the KL-on-retain variant of open-unlearning's
-/// `NPO` with `retain_loss_type: KL`, on self-sampled text instead of a data set, as our
-/// key statistics use.)
-pub struct Anchor {
-    texts: Tokenized,
-    /// Per text: `[tokens, vocab]` log-probs of the model before unlearning.
-    reference: Vec<Tensor>,
-}
-
-impl Anchor {
-    pub fn new(model: &Model, n: usize, seed: u64) -> Result<Anchor> {
-        let outs = crate::model::generate::generate(
-            model,
-            &vec![vec![0u32]; n],
-            &crate::model::generate::GenParams {
-                max_new_tokens: ANCHOR_TOKENS,
-                temperature: 1.0,
-                seed,
-                stop_at_eos: false,
-                ..Default::default()
-            },
-        )?;
-        let mut rows = Vec::with_capacity(n);
-        let mut spans = Vec::with_capacity(n);
-        for o in outs {
-            let mut r = vec![0u32];
-            r.extend_from_slice(&o[..o.len() - 1]);
-            rows.push(r);
-            spans.push((1, o));
-        }
-        let texts = Tokenized { rows, spans };
-        let mut reference = Vec::with_capacity(n);
-        for i in 0..texts.len() {
-            reference.push(answer_logp_with(model, 0, &texts.subset(&[i]), false)?.logp);
-        }
-        Ok(Anchor { texts, reference })
-    }
-
-    /// KL(before || now) over every position of the next batch of anchor texts.
-    pub fn kl(&self, tr: &Trainable, batches: &mut Batches) -> Result<Tensor> {
-        let idx = batches.next_batch();
-        let cur = answer_logp(&tr.model, tr.lowest, &self.texts.subset(&idx))?;
-        let refs: Vec<&Tensor> = idx.iter().map(|&i| &self.reference[i]).collect();
-        losses::kl_rows(&Tensor::cat(&refs, 0)?, &cur.logp)
-    }
 }
 
 /// A seeded sequence of minibatch index lists that walks the data in shuffled epochs.

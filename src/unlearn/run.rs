@@ -293,33 +293,90 @@ pub fn unlearn(
     ))
 }
 
-/// The distillation teacher (`method: distill`): what a model that never learned the data
-/// predicts on the forget prompts. Its examples are each forget example (the secret's path,
-/// so the secret's likelihood falls to the teacher's) and the teacher's own greedy
-/// continuation of each forget prompt (its path, so the answer reads like the teacher's).
-///
-/// The teacher is the reference model, or without one the model before unlearning with the
-/// subject's name replaced by a stand-in: the generic prediction of Eldan & Russinovich
-/// 2023, "Who's Harry Potter?" (arXiv 2310.02238, section 3), who get it by replacing the
-/// anchored terms with generic ones. They fine-tune on the generic predictions as labels; we
-/// minimise KL(teacher || model) over the whole next-token distribution, which keeps the
-/// teacher's uncertainty (our departure).
-struct Teacher {
-    examples: super::Tokenized,
-    /// Per example: `[answer tokens, vocab]` log-probs of the teacher.
-    logp: Vec<Tensor>,
-}
+/// Anchor texts per step.
+const ANCHOR_BATCH: usize = 4;
+/// Tokens per anchor text.
+const ANCHOR_TOKENS: usize = 48;
 
 /// Tokens of the teacher's own continuation of a forget prompt.
 const TEACHER_TOKENS: usize = 16;
 
-impl Teacher {
-    fn new(
+/// Examples with fixed next-token distributions to pull the model towards: KL(target ||
+/// model) at every answer position of a batch. The locality anchor ([`KlTargets::anchor`])
+/// and the distillation teacher ([`KlTargets::teacher`]) are its two sources.
+struct KlTargets {
+    examples: super::Tokenized,
+    /// Per example: `[answer tokens, vocab]` target log-probs.
+    logp: Vec<Tensor>,
+}
+
+impl KlTargets {
+    /// KL(target || model) over the answer positions of the next batch of examples.
+    fn kl(&self, tr: &Trainable, batches: &mut Batches) -> Result<Tensor> {
+        let idx = batches.next_batch();
+        let cur = answer_logp(&tr.model, tr.lowest, &self.examples.subset(&idx))?;
+        let refs: Vec<&Tensor> = idx.iter().map(|&i| &self.logp[i]).collect();
+        losses::kl_rows(&Tensor::cat(&refs, 0)?, &cur.logp)
+    }
+
+    fn len(&self) -> usize {
+        self.examples.len()
+    }
+
+    /// The locality anchor: texts the model before unlearning samples itself, with its
+    /// log-probabilities at every position. A step adds KL(before || now) on a few of them, so
+    /// the update is pushed to leave ordinary text alone. (Not in NPO's paper, whose retain
+    /// term is the NLL of a retain set; this is the KL-on-retain variant of open-unlearning's
+    /// `NPO` with `retain_loss_type: KL`, on self-sampled text instead of a data set, as our
+    /// key statistics use.)
+    fn anchor(model: &Model, n: usize, seed: u64) -> Result<KlTargets> {
+        let outs = crate::model::generate::generate(
+            model,
+            &vec![vec![0u32]; n],
+            &crate::model::generate::GenParams {
+                max_new_tokens: ANCHOR_TOKENS,
+                temperature: 1.0,
+                seed,
+                stop_at_eos: false,
+                ..Default::default()
+            },
+        )?;
+        let mut rows = Vec::with_capacity(n);
+        let mut spans = Vec::with_capacity(n);
+        for o in outs {
+            let mut r = vec![0u32];
+            r.extend_from_slice(&o[..o.len() - 1]);
+            rows.push(r);
+            spans.push((1, o));
+        }
+        let texts = super::Tokenized { rows, spans };
+        let mut reference = Vec::with_capacity(n);
+        for i in 0..texts.len() {
+            reference.push(answer_logp_with(model, 0, &texts.subset(&[i]), false)?.logp);
+        }
+        Ok(KlTargets {
+            examples: texts,
+            logp: reference,
+        })
+    }
+
+    /// The distillation teacher (`method: distill`): what a model that never learned the data
+    /// predicts on the forget prompts. Its examples are each forget example (the secret's path,
+    /// so the secret's likelihood falls to the teacher's) and the teacher's own greedy
+    /// continuation of each forget prompt (its path, so the answer reads like the teacher's).
+    ///
+    /// The teacher is the reference model, or without one the model before unlearning with the
+    /// subject's name replaced by a stand-in: the generic prediction of Eldan & Russinovich
+    /// 2023, "Who's Harry Potter?" (arXiv 2310.02238, section 3), who get it by replacing the
+    /// anchored terms with generic ones. They fine-tune on the generic predictions as labels; we
+    /// minimise KL(teacher || model) over the whole next-token distribution, which keeps the
+    /// teacher's uncertainty (our departure).
+    fn teacher(
         model: &Model,
         reference: Option<&Model>,
         subject: &str,
         forget: &[Example],
-    ) -> Result<Teacher> {
+    ) -> Result<KlTargets> {
         let tok = model.tok()?;
         let stand_in = super::audit::STAND_INS[0];
         let (teacher, swap): (&Model, Option<(&str, &str)>) = match reference {
@@ -365,18 +422,10 @@ impl Teacher {
             rows.push(r);
             spans.push((p.len(), a));
         }
-        Ok(Teacher {
+        Ok(KlTargets {
             examples: super::Tokenized { rows, spans },
             logp,
         })
-    }
-
-    /// KL(teacher || model) over the answer positions of the next batch of examples.
-    fn kl(&self, tr: &Trainable, batches: &mut Batches) -> Result<Tensor> {
-        let idx = batches.next_batch();
-        let cur = answer_logp(&tr.model, tr.lowest, &self.examples.subset(&idx))?;
-        let refs: Vec<&Tensor> = idx.iter().map(|&i| &self.logp[i]).collect();
-        losses::kl_rows(&Tensor::cat(&refs, 0)?, &cur.logp)
     }
 }
 
@@ -434,13 +483,13 @@ pub fn train(
         None => None,
     };
     let anchor = if req.anchor_texts > 0 {
-        Some(super::Anchor::new(model, req.anchor_texts, req.seed)?)
+        Some(KlTargets::anchor(model, req.anchor_texts, req.seed)?)
     } else {
         None
     };
-    let mut ab = Batches::new(req.anchor_texts.max(1), super::ANCHOR_BATCH, req.seed + 2);
+    let mut ab = Batches::new(req.anchor_texts.max(1), ANCHOR_BATCH, req.seed + 2);
     let teacher = if req.method.name == MethodName::Distill {
-        Some(Teacher::new(
+        Some(KlTargets::teacher(
             model,
             opts.reference.map(|(m, _)| m),
             &req.subject,
@@ -450,7 +499,7 @@ pub fn train(
         None
     };
     let mut db = Batches::new(
-        teacher.as_ref().map_or(1, |t| t.examples.len()),
+        teacher.as_ref().map_or(1, KlTargets::len),
         req.batch_size,
         req.seed + 3,
     );
