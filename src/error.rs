@@ -95,6 +95,22 @@ impl Error {
         !matches!(self, Error::Candle(_) | Error::Fetch { .. })
     }
 
+    /// A [`Error::BadConfig`] with its field renamed (our name -> the file's); others as is.
+    pub fn rename_field(self, rename: impl Fn(&str) -> String) -> Self {
+        match self {
+            Error::BadConfig {
+                path,
+                field,
+                reason,
+            } => Error::BadConfig {
+                path,
+                field: rename(&field),
+                reason,
+            },
+            e => e,
+        }
+    }
+
     /// Shorthand for an [`Error::Io`] from a `std::io::Error`.
     pub fn io(path: impl Into<PathBuf>, err: std::io::Error) -> Self {
         Error::Io {

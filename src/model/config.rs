@@ -47,6 +47,45 @@ pub struct Config {
 
 const SUPPORTED: &str = "llama, mistral, qwen2, gpt2";
 
+/// The `config.json` name of a [`Config`] field, so that errors name what the file says.
+fn hf_field(model_type: &str, ours: &str) -> String {
+    let gpt2 = model_type == "gpt2";
+    match ours {
+        "n_layers" if gpt2 => "n_layer",
+        "n_layers" => "num_hidden_layers",
+        "d_model" if gpt2 => "n_embd",
+        "d_model" => "hidden_size",
+        "d_mlp" if gpt2 => "n_inner",
+        "d_mlp" => "intermediate_size",
+        "n_heads" if gpt2 => "n_head",
+        "n_heads" => "num_attention_heads",
+        "n_kv_heads" => "num_key_value_heads",
+        "max_positions" if gpt2 => "n_positions",
+        "max_positions" => "max_position_embeddings",
+        "norm_eps" if gpt2 => "layer_norm_epsilon",
+        "norm_eps" => "rms_norm_eps",
+        other => other,
+    }
+    .to_string()
+}
+
+/// The GGUF metadata key of a [`Config`] field (llama architecture).
+pub fn gguf_field(ours: &str) -> String {
+    let k = match ours {
+        "n_layers" => "block_count",
+        "d_model" => "embedding_length",
+        "d_mlp" => "feed_forward_length",
+        "n_heads" => "attention.head_count",
+        "n_kv_heads" => "attention.head_count_kv",
+        "head_dim" => "rope.dimension_count",
+        "max_positions" => "context_length",
+        "norm_eps" => "attention.layer_norm_rms_epsilon",
+        "rope_theta" => "rope.freq_base",
+        other => return other.to_string(),
+    };
+    format!("llama.{k}")
+}
+
 impl Config {
     /// Parse a Hugging Face `config.json`.
     ///
@@ -140,7 +179,8 @@ impl Config {
                 })
             }
         };
-        cfg.validate(path)?;
+        cfg.validate(path)
+            .map_err(|e| e.rename_field(|f| hf_field(model_type, f)))?;
         Ok(cfg)
     }
 
@@ -151,17 +191,34 @@ impl Config {
             field: field.into(),
             reason,
         };
-        for (field, v) in [
-            ("n_layers", self.n_layers),
-            ("d_model", self.d_model),
-            ("d_mlp", self.d_mlp),
-            ("n_heads", self.n_heads),
-            ("n_kv_heads", self.n_kv_heads),
-            ("vocab_size", self.vocab_size),
+        // Upper bounds far above any released model (Llama-3.1-405B: 126 layers, d_model
+        // 16,384, d_mlp 53,248, 128 heads, a 128K context), so that an absurd header is
+        // refused before anything is sized from it.
+        for (field, v, max) in [
+            ("n_layers", self.n_layers, 1 << 10),
+            ("d_model", self.d_model, 1 << 16),
+            ("d_mlp", self.d_mlp, 1 << 20),
+            ("n_heads", self.n_heads, 1 << 10),
+            ("n_kv_heads", self.n_kv_heads, 1 << 10),
+            ("head_dim", self.head_dim, 1 << 12),
+            ("vocab_size", self.vocab_size, 1 << 22),
+            ("max_positions", self.max_positions, 1 << 24),
         ] {
-            if v == 0 {
-                return Err(bad(field, "must be positive".into()));
+            if v == 0 || v > max {
+                return Err(bad(field, format!("{v}: must be from 1 to {max}")));
             }
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0 && self.norm_eps < 1.0) {
+            return Err(bad(
+                "norm_eps",
+                format!("{}: must be finite, above 0 and below 1", self.norm_eps),
+            ));
+        }
+        if self.arch == Arch::Llama && !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(bad(
+                "rope_theta",
+                format!("{}: must be finite and positive", self.rope_theta),
+            ));
         }
         if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(bad(

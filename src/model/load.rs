@@ -93,26 +93,66 @@ pub fn load(spec: Option<&str>, device: &Device) -> Result<Model> {
     }
 }
 
-fn check_tensors(path: &Path, cfg: &Config, w: &Weights) -> Result<()> {
+/// Check every tensor the architecture needs against `shape_of` (our name -> dims), before
+/// any data is read or reshaped. `n_tensors` bounds the layer count first, so that an absurd
+/// `block_count` is refused before the expected list is built.
+fn check_shapes(
+    path: &Path,
+    cfg: &Config,
+    n_tensors: usize,
+    shape_of: impl Fn(&str) -> Option<Vec<usize>>,
+) -> Result<()> {
+    // Every layer has at least 9 tensors (two norms, four attention and three MLP matrices;
+    // GPT-2 has more).
+    if cfg.n_layers > n_tensors / 9 {
+        let field = if path.is_dir() {
+            "num_hidden_layers / n_layer".to_string()
+        } else {
+            super::config::gguf_field("n_layers")
+        };
+        return Err(Error::BadConfig {
+            path: path.into(),
+            field,
+            reason: format!(
+                "{} layers need at least {} tensors, but the checkpoint has {n_tensors}",
+                cfg.n_layers,
+                cfg.n_layers.saturating_mul(9)
+            ),
+        });
+    }
     let expected = match cfg.arch {
         Arch::Llama => llama::expected_tensors(cfg),
         Arch::Gpt2 => gpt2::expected_tensors(cfg),
     };
     for (name, shape) in expected {
-        let t = w.get(&name).map_err(|_| Error::MissingTensor {
+        let found = shape_of(&name).ok_or_else(|| Error::MissingTensor {
             path: path.into(),
             name: name.clone(),
         })?;
-        if t.dims() != shape.as_slice() {
+        if found != shape {
             return Err(Error::ShapeMismatch {
                 name: format!("{}: {name}", path.display()),
-                found: t.dims().to_vec(),
+                found,
                 expected: shape,
             });
         }
     }
     Ok(())
 }
+
+/// Refuse a checkpoint tensor holding NaN or Inf, naming it.
+fn check_finite_weight(path: &Path, name: &str, t: &Tensor) -> Result<()> {
+    if super::check_finite(name, t).is_err() {
+        return Err(Error::bad_checkpoint(
+            path,
+            format!("tensor `{name}` holds NaN or Inf values"),
+        ));
+    }
+    Ok(())
+}
+
+/// The safetensors dtypes a checkpoint's weights may have.
+const WEIGHT_DTYPES: [DType; 4] = [DType::F32, DType::F16, DType::BF16, DType::F64];
 
 /// Load a Hugging Face directory: `config.json`, `model.safetensors` (or the shards named by
 /// `model.safetensors.index.json`, or every `*.safetensors`), and `tokenizer.json` if present.
@@ -125,34 +165,75 @@ pub fn load_hf_dir(dir: &Path, spec: String, device: &Device) -> Result<Model> {
     let mut map = BTreeMap::new();
     let mut dtypes = BTreeMap::new();
     let mut prefix = String::new();
+    let mut raw: Vec<(PathBuf, String, Tensor)> = Vec::new();
     for f in &files {
         let tensors: HashMap<String, Tensor> =
             candle_core::safetensors::load(f, device).map_err(|e| Error::bad_checkpoint(f, e))?;
-        for (name, t) in tensors {
-            let mut name = name;
-            if cfg.arch == Arch::Gpt2 {
-                if let Some(rest) = name.strip_prefix("transformer.") {
-                    prefix = "transformer.".into();
-                    name = rest.to_string();
-                }
-                if name.starts_with("lm_head.")
-                    || name.ends_with(".attn.bias")
-                    || name.ends_with(".attn.masked_bias")
-                {
-                    // Tied head and causal-mask buffers of old checkpoints: not parameters.
-                    continue;
-                }
+        let mut tensors: Vec<(String, Tensor)> = tensors.into_iter().collect();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        raw.extend(tensors.into_iter().map(|(n, t)| (f.clone(), n, t)));
+    }
+    // Names and shapes first, so that nothing is transposed or converted on a bad file.
+    let mut shapes: HashMap<String, Vec<usize>> = HashMap::new();
+    // Tied heads and causal-mask buffers of old GPT-2 checkpoints are not parameters.
+    let is_buffer = |ours: &str| {
+        cfg.arch == Arch::Gpt2
+            && (ours.starts_with("lm_head.")
+                || ours.ends_with(".attn.bias")
+                || ours.ends_with(".attn.masked_bias"))
+    };
+    raw.retain(|(_, name, _)| !is_buffer(name.strip_prefix("transformer.").unwrap_or(name)));
+    for (f, name, t) in &raw {
+        if !WEIGHT_DTYPES.contains(&t.dtype()) {
+            return Err(Error::bad_checkpoint(
+                f,
+                format!(
+                    "tensor `{name}` has dtype {:?} (allowed: f32, f16, bf16, f64)",
+                    t.dtype()
+                ),
+            ));
+        }
+        let ours = if cfg.arch == Arch::Gpt2 {
+            name.strip_prefix("transformer.").unwrap_or(name)
+        } else {
+            name
+        };
+        let mut dims = t.dims().to_vec();
+        if cfg.arch == Arch::Gpt2 && gpt2::is_conv1d(ours) {
+            if dims.len() != 2 {
+                return Err(Error::ShapeMismatch {
+                    name: format!("{}: {name}", f.display()),
+                    found: dims,
+                    expected: vec![cfg.d_model, 0],
+                });
             }
-            dtypes.insert(name.clone(), t.dtype());
-            let mut t = t.to_dtype(DType::F32)?;
-            if cfg.arch == Arch::Gpt2 && gpt2::is_conv1d(&name) {
-                t = t.t()?.contiguous()?; // Conv1D [in, out] -> [out, in]
-            }
-            map.insert(name, t);
+            dims.reverse(); // Conv1D [in, out] -> [out, in]
+        }
+        if shapes.insert(ours.to_string(), dims).is_some() {
+            return Err(Error::bad_checkpoint(
+                f,
+                format!("tensor `{ours}` appears twice among the shards"),
+            ));
         }
     }
+    check_shapes(dir, &cfg, raw.len(), |n| shapes.get(n).cloned())?;
+    for (f, name, t) in raw {
+        check_finite_weight(&f, &name, &t)?;
+        let mut name = name;
+        if cfg.arch == Arch::Gpt2 {
+            if let Some(rest) = name.strip_prefix("transformer.") {
+                prefix = "transformer.".into();
+                name = rest.to_string();
+            }
+        }
+        dtypes.insert(name.clone(), t.dtype());
+        let mut t = t.to_dtype(DType::F32)?;
+        if cfg.arch == Arch::Gpt2 && gpt2::is_conv1d(&name) {
+            t = t.t()?.contiguous()?; // Conv1D [in, out] -> [out, in]
+        }
+        map.insert(name, t);
+    }
     let weights = Weights::new(map);
-    check_tensors(dir, &cfg, &weights)?;
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = if tok_path.exists() {
         Some(Tok::from_file(&tok_path)?)
@@ -293,7 +374,7 @@ pub fn gguf_config(path: &Path, ct: &Content) -> Result<Config> {
         Err(_) => ct
             .tensor_infos
             .get("token_embd.weight")
-            .map(|t| t.shape.dims()[0])
+            .and_then(|t| t.shape.dims().first().copied())
             .ok_or_else(|| Error::MissingTensor {
                 path: path.into(),
                 name: "token_embd.weight".into(),
@@ -314,16 +395,29 @@ pub fn gguf_config(path: &Path, ct: &Content) -> Result<Config> {
         tie_embeddings: !ct.tensor_infos.contains_key("output.weight"),
         attn_bias: ct.tensor_infos.contains_key("blk.0.attn_q.bias"),
     };
-    cfg.validate(path)?;
+    cfg.validate(path)
+        .map_err(|e| e.rename_field(super::config::gguf_field))?;
     Ok(cfg)
 }
 
 /// Load a GGUF file of the llama architecture, dequantizing every tensor to f32 and undoing
 /// llama.cpp's Q/K row permutation; the tokenizer is rebuilt from the metadata.
 pub fn load_gguf(path: &Path, spec: String, device: &Device) -> Result<Model> {
+    super::gguf_check::check(path)?;
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let ct = Content::read(&mut file).map_err(|e| Error::bad_checkpoint(path, e))?;
     let cfg = gguf_config(path, &ct)?;
+    let mut ours_to_gguf = HashMap::new();
+    for gname in ct.tensor_infos.keys() {
+        let ours = gguf_to_hf(gname).ok_or_else(|| {
+            Error::bad_checkpoint(path, format!("unexpected tensor `{gname}` for llama"))
+        })?;
+        ours_to_gguf.insert(ours, gname.clone());
+    }
+    check_shapes(path, &cfg, ct.tensor_infos.len(), |n| {
+        let g = ours_to_gguf.get(n)?;
+        Some(ct.tensor_infos[g].shape.dims().to_vec())
+    })?;
     let mut names: Vec<(&String, u64)> =
         ct.tensor_infos.iter().map(|(n, i)| (n, i.offset)).collect();
     names.sort_by_key(|(_, off)| *off);
@@ -338,6 +432,7 @@ pub fn load_gguf(path: &Path, spec: String, device: &Device) -> Result<Model> {
             .map_err(|e| Error::bad_checkpoint(path, format!("tensor `{gname}`: {e}")))?;
         tensors.push((gname.clone(), ours.clone(), q.dtype()));
         let mut t = q.dequantize(device)?;
+        check_finite_weight(path, gname, &t)?;
         if ours.contains("self_attn.q_proj") {
             t = permute_qk(&t, cfg.n_heads, true)?;
         } else if ours.contains("self_attn.k_proj") {
@@ -346,7 +441,6 @@ pub fn load_gguf(path: &Path, spec: String, device: &Device) -> Result<Model> {
         map.insert(ours, t);
     }
     let weights = Weights::new(map);
-    check_tensors(path, &cfg, &weights)?;
     let tokenizer = match Tok::from_gguf(path, &ct) {
         Ok(t) => Some(t),
         Err(e) => {

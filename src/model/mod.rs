@@ -9,6 +9,7 @@ pub mod config;
 pub mod fetch;
 pub mod fused;
 pub mod generate;
+pub mod gguf_check;
 pub mod gpt2;
 pub mod hooks;
 pub mod layers;

@@ -7,6 +7,7 @@ mod cli_errors;
 mod common;
 mod edit;
 mod eval;
+mod hostile;
 mod locate;
 mod mass_edit;
 mod model_core;
