@@ -9,8 +9,10 @@ pub mod bench;
 pub mod edit;
 pub mod error;
 pub mod eval;
+pub mod limits;
 pub mod locate;
 pub mod model;
+pub mod output;
 pub mod unlearn;
 
 pub use error::{Error, Result};

@@ -161,8 +161,10 @@ pub fn run(a: Args) -> Result<ExitCode> {
     // Everything the user gave is checked before any model is loaded.
     let req = Request::load(&a.request)?;
     let types = types(&a.types)?;
+    super::check_outputs(&[("--json", a.json.as_deref())], &[&a.request])?;
     let rspec = reference_spec(a.reference.as_deref(), &req).map(str::to_string);
     let m = super::load_model(a.model.as_deref().or(req.model.as_deref()))?;
+    req.check_model(&a.request, &m)?;
     if types.contains(&DeployType::Input) && engram::model::quant::input_types(&m).is_none() {
         return Err(engram::Error::invalid(
             "--types",

@@ -6,7 +6,7 @@ use engram::edit::patch::{self, PatchMeta};
 use engram::edit::run::{run_spec, EditReport};
 use engram::edit::spec::EditSpec;
 use engram::eval::metrics::{score_rewrite, RewriteScores, Suite};
-use engram::model::Format;
+use engram::output::Outputs;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -138,21 +138,17 @@ pub fn print_report(r: &EditReport) {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    // Everything the user gave is checked before any work: the spec, the model's path, and
+    // every output (none may be an input, a directory or unwritable).
     let spec = EditSpec::load(&a.spec)?;
     let model_spec = a.model.clone().or(spec.model.clone());
-    let mut m = super::load_model(model_spec.as_deref())?;
-    spec.check_model(&a.spec, m.config.n_layers)?;
-    let suite = if a.no_locality {
-        None
-    } else {
-        Some(Suite::load(&a.suite)?)
-    };
+    let model_path = engram::model::load::resolve(model_spec.as_deref())?;
+    let is_gguf = !model_path.is_dir();
     let stem = a
         .spec
         .file_stem()
         .map(|s| s.to_string_lossy().to_string())
         .unwrap_or("edit".into());
-    let is_gguf = matches!(m.source.format, Format::Gguf { .. });
     let out = a.out.clone().unwrap_or_else(|| {
         if is_gguf {
             PathBuf::from(format!("out/{stem}.gguf"))
@@ -164,6 +160,31 @@ pub fn run(a: Args) -> Result<()> {
         .patch
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("out/{stem}.engram.safetensors")));
+    let mut outs = Outputs::new(&[&a.spec, &model_path, &a.suite]);
+    let patch_tmp = outs.file("--patch", &patch_path)?;
+    let out_tmp = if a.no_save {
+        None
+    } else {
+        Some(outs.model("--out", &out, !is_gguf)?)
+    };
+    let json_tmp = a
+        .json
+        .as_ref()
+        .map(|j| outs.file("--json", j))
+        .transpose()?;
+    let plot_tmp = a
+        .plot
+        .as_ref()
+        .map(|p| outs.file("--plot", p))
+        .transpose()?;
+
+    let mut m = super::load_model(model_spec.as_deref())?;
+    spec.check_model(&a.spec, &m)?;
+    let suite = if a.no_locality {
+        None
+    } else {
+        Some(Suite::load(&a.suite)?)
+    };
 
     let pb = indicatif::ProgressBar::new_spinner();
     pb.enable_steady_tick(std::time::Duration::from_millis(200));
@@ -193,9 +214,9 @@ pub fn run(a: Args) -> Result<()> {
             })
             .collect(),
     };
-    patch::write(&patch_path, &meta, &deltas, &applied)?;
-    if !a.no_save {
-        super::save_model(&m, &out, &a.out_type)?;
+    patch::write(&patch_tmp, &meta, &deltas, &applied)?;
+    if let Some(out_tmp) = &out_tmp {
+        super::save_model(&m, out_tmp, &a.out_type)?;
         tracing::debug!(
             "edited model written: RSS {:.0} MB (peak {:.0} MB)",
             engram::rss_mb(),
@@ -207,7 +228,7 @@ pub fn run(a: Args) -> Result<()> {
             let device = m.device.clone();
             drop(m);
             engram::release_memory();
-            let q = engram::model::load(Some(out.to_string_lossy().as_ref()), &device)?;
+            let q = engram::model::load(Some(out_tmp.to_string_lossy().as_ref()), &device)?;
             for (w, r) in report.rewrites.iter_mut().zip(&spec.rewrites) {
                 w.requantized = Some(score_rewrite(&q, r)?);
             }
@@ -215,16 +236,17 @@ pub fn run(a: Args) -> Result<()> {
     }
     // The peak again, now that the re-quantized copy has been loaded and scored.
     report.peak_rss_mb = engram::peak_rss_mb();
+    if let Some(j) = &json_tmp {
+        super::write_json(j, &report)?;
+    }
+    if let Some(p) = &plot_tmp {
+        super::write_retention_plot(p, &report.method, &report.retention)?;
+    }
+    outs.commit()?;
     print_report(&report);
     println!("patch: {}", patch_path.display());
     if !a.no_save {
         println!("edited model: {}", out.display());
-    }
-    if let Some(j) = &a.json {
-        super::write_json(j, &report)?;
-    }
-    if let Some(p) = &a.plot {
-        super::write_retention_plot(p, &report.method, &report.retention)?;
     }
     Ok(())
 }

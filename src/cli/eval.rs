@@ -87,10 +87,31 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 fn run_cf(a: CfArgs) -> Result<()> {
+    super::check_outputs(
+        &[
+            ("--json", a.json.as_deref()),
+            ("--plot", a.plot.as_deref()),
+            ("--resume", a.resume.as_deref()),
+        ],
+        &[&a.data],
+    )?;
     let mut method = match &a.spec {
         Some(p) => EditSpec::load(p)?.method,
         None => Method::by_name(&a.method)?,
     };
+    engram::limits::int_in("--batch-size", a.batch_size, 1, 10_000)
+        .map_err(|b| engram::Error::invalid(b.field, b.reason))?;
+    if a.sequential && a.resume.is_some() {
+        return Err(engram::Error::invalid(
+            "--resume",
+            "cannot be used with --sequential (each batch builds on the ones before)",
+        )
+        .into());
+    }
+    method
+        .check()
+        .map_err(|b| engram::Error::invalid(b.field, b.reason))?;
+    let cases = counterfact::load(&a.data, a.offset, a.n)?;
     let mut m = super::load_model(a.model.as_deref())?;
     if let Some(l) = &a.layer {
         method.set_layers(engram::unlearn::parse_layers(
@@ -102,17 +123,15 @@ fn run_cf(a: CfArgs) -> Result<()> {
     for l in method.layers() {
         m.config.check_layer(l)?;
     }
-    if a.batch_size == 0 {
-        return Err(engram::Error::invalid("--batch-size", "must be at least 1").into());
-    }
-    if a.sequential && a.resume.is_some() {
-        return Err(engram::Error::invalid(
-            "--resume",
-            "cannot be used with --sequential (each batch builds on the ones before)",
-        )
-        .into());
-    }
-    let cases = counterfact::load(&a.data, a.offset, a.n)?;
+    let as_spec = EditSpec {
+        model: None,
+        method: method.clone(),
+        sequential: None,
+        rewrites: cases.iter().map(|c| c.rewrite.clone()).collect(),
+    };
+    as_spec.check_model_at(&a.data, &m, &|i| {
+        format!("record {} (case_id {})", a.offset + i + 1, cases[i].case_id)
+    })?;
     let pb = indicatif::ProgressBar::new(cases.len() as u64);
     pb.set_style(
         indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed} ETA {eta}")
@@ -263,6 +282,10 @@ fn run_cf(a: CfArgs) -> Result<()> {
 }
 
 fn run_compare(a: CompareArgs) -> Result<()> {
+    super::check_outputs(
+        &[("--json", a.json.as_deref()), ("--plot", a.plot.as_deref())],
+        &[&a.suite],
+    )?;
     let suite = Suite::load(&a.suite)?;
     let base = super::load_model(a.base.as_deref())?;
     let edited = super::load_model(Some(&a.edited))?;

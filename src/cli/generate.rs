@@ -49,6 +49,7 @@ pub fn run(a: Args) -> Result<()> {
         stop_at_eos: true,
     };
     params.validate()?;
+    super::check_outputs(&[("--json", a.json.as_deref())], &[])?;
     let m = super::load_model(a.model.as_deref())?;
     let tok = m.tok()?;
     let ids = tok.encode(&a.prompt)?;

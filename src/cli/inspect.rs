@@ -35,6 +35,7 @@ struct Report {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    super::check_outputs(&[("--json", a.json.as_deref())], &[])?;
     let m = super::load_model(a.model.as_deref())?;
     let mut types = BTreeMap::new();
     match &m.source.format {

@@ -2,6 +2,7 @@
 
 use anyhow::Result;
 use comfy_table::Table;
+use engram::output::Outputs;
 use engram::unlearn::learn::{learn, LearnParams};
 use engram::unlearn::{load_records, parse_layers, Example};
 use std::path::PathBuf;
@@ -65,6 +66,24 @@ pub fn run(a: Args) -> Result<()> {
         .enumerate()
         .map(|(i, r)| r.example(&format!("{}: record {}", a.data.display(), i + 1)))
         .collect::<engram::Result<_>>()?;
+    {
+        use engram::limits::{int_in, real_in, MAX_STEPS};
+        let flag = |b: engram::limits::Bad| engram::Error::invalid(b.field, b.reason);
+        int_in("--steps", a.steps, 1, MAX_STEPS).map_err(flag)?;
+        int_in("--batch-size", a.batch_size, 1, 10_000).map_err(flag)?;
+        real_in("--target-loss", a.target_loss, 0.0, 1e6, false).map_err(flag)?;
+        if let Some(lr) = a.lr {
+            real_in("--lr", lr, 0.0, 10.0, true).map_err(flag)?;
+        }
+    }
+    let model_path = engram::model::load::resolve(a.model.as_deref())?;
+    let mut outs = Outputs::new(&[&a.data, &model_path]);
+    let out_tmp = outs.model("--out", &a.out, model_path.is_dir())?;
+    let json_tmp = a
+        .json
+        .as_ref()
+        .map(|j| outs.file("--json", j))
+        .transpose()?;
     let m = super::load_model(a.model.as_deref())?;
     let mut p = LearnParams::defaults(m.config.n_layers);
     p.layers = parse_layers(&a.layers, m.config.n_layers, "--layers")?;
@@ -93,7 +112,11 @@ pub fn run(a: Args) -> Result<()> {
         pb.set_message(format!("{loss:.4}"));
     })?;
     pb.finish_and_clear();
-    super::save_model(&tuned, &a.out, &a.out_type)?;
+    super::save_model(&tuned, &out_tmp, &a.out_type)?;
+    if let Some(j) = &json_tmp {
+        super::write_json(j, &report)?;
+    }
+    outs.commit()?;
     let mut t = Table::new();
     t.set_header(vec!["learn", "value"]);
     t.add_row(vec!["examples".to_string(), report.examples.to_string()]);
@@ -116,8 +139,5 @@ pub fn run(a: Args) -> Result<()> {
     ]);
     println!("{t}");
     println!("tuned model: {}", a.out.display());
-    if let Some(j) = &a.json {
-        super::write_json(j, &report)?;
-    }
     Ok(())
 }

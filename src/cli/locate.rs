@@ -61,6 +61,10 @@ fn bar(len: u64, msg: &str) -> indicatif::ProgressBar {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    super::check_outputs(
+        &[("--json", a.json.as_deref()), ("--plot", a.plot.as_deref())],
+        &[],
+    )?;
     let params = LocateParams {
         noise_multiplier: a.noise,
         samples: a.samples,

@@ -36,6 +36,7 @@ struct TokenRow {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    super::check_outputs(&[("--json", a.json.as_deref())], &[])?;
     let m = super::load_model(a.model.as_deref())?;
     let s = target_logprobs(&m, &[(a.prompt.as_str(), a.target.as_str())])?
         .pop()

@@ -197,3 +197,16 @@ pub fn write_retention_plot(
     );
     write_text(path, &svg)
 }
+
+/// Check single-file outputs before any work (none a directory, an input or unwritable); each
+/// is later written atomically on its own. Commands writing several files stage them with
+/// [`engram::output::Outputs`] instead.
+pub fn check_outputs(outputs: &[(&str, Option<&Path>)], inputs: &[&Path]) -> Result<()> {
+    let mut o = engram::output::Outputs::new(inputs);
+    for (flag, p) in outputs {
+        if let Some(p) = p {
+            o.file(flag, p)?;
+        }
+    }
+    Ok(()) // dropping `o` removes any directory it created
+}

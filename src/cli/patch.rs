@@ -41,8 +41,8 @@ pub fn run(a: Args) -> Result<()> {
             println!(
                 "method {} | base {}… | edited {}…",
                 pt.meta.method,
-                &pt.meta.base_fingerprint[..16],
-                &pt.meta.edited_fingerprint[..16]
+                patch::short(&pt.meta.base_fingerprint),
+                patch::short(&pt.meta.edited_fingerprint)
             );
             let mut t = Table::new();
             t.set_header(vec!["#", "tensor", "layer", "kind", "norm"]);
@@ -85,13 +85,17 @@ fn change(
     apply: bool,
 ) -> Result<()> {
     let pt = patch::read(p)?;
+    let model_path = engram::model::load::resolve(model.as_deref())?;
+    let mut outs = engram::output::Outputs::new(&[p, &model_path]);
+    let out_tmp = outs.model("--out", out, model_path.is_dir())?;
     let mut m = super::load_model(model.as_deref())?;
     if apply {
         patch::apply(&mut m, &pt, p)?;
     } else {
         patch::revert(&mut m, &pt, p)?;
     }
-    engram::model::save::save_like_input(&m, out)?;
+    engram::model::save::save_like_input(&m, &out_tmp)?;
+    outs.commit()?;
     let verb = if apply { "applied" } else { "reverted" };
     println!("{verb} {} delta(s) -> {}", pt.deltas.len(), out.display());
     Ok(())

@@ -34,6 +34,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         model,
         json,
     } = a.cmd;
+    super::check_outputs(&[("--json", json.as_deref())], &[&receipt])?;
     let v = verify(&receipt, &model, &super::device()?)?;
     let mut t = Table::new();
     t.set_header(vec!["check", "result"]);

@@ -76,6 +76,7 @@ fn row(t: &mut Table, name: &str, e: &TofuEval, secs: Option<f64>) {
 }
 
 pub fn run_tofu(a: TofuArgs) -> Result<()> {
+    super::check_outputs(&[("--json", a.json.as_deref())], &[])?;
     let m = super::load_model(a.model.as_deref())?;
     let n = m.config.n_layers;
     let authors = |s: &str, flag: &str| parse_layers(s, usize::MAX, flag);

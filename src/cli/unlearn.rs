@@ -6,6 +6,7 @@ use comfy_table::Table;
 use engram::eval::metrics::Suite;
 use engram::model::quant::DeployType;
 use engram::model::save::save_like_input;
+use engram::output::Outputs;
 use engram::unlearn::leakage::redact;
 use engram::unlearn::receipt::Receipt;
 use engram::unlearn::request::Request;
@@ -127,6 +128,7 @@ pub fn run(a: Args) -> Result<()> {
     let m = super::load_model(Some(&mspec))?;
     // Checked before any work, so a bad layer list exits 2 at once.
     req.layers(&a.request, m.config.n_layers)?;
+    req.check_model(&a.request, &m)?;
     let reference = match &rspec {
         Some(s) => Some(super::audit::load_reference(
             s,
@@ -159,6 +161,24 @@ pub fn run(a: Args) -> Result<()> {
         .receipt
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("out/{stem}.receipt.json")));
+    let mut inputs: Vec<&std::path::Path> = vec![&a.request, &a.suite, &m.source.path];
+    if let Some(r) = &reference {
+        inputs.push(&r.source.path);
+    }
+    let mut outs = Outputs::new(&inputs);
+    let (out_tmp, receipt_tmp) = if a.no_save {
+        (None, None)
+    } else {
+        (
+            Some(outs.model("--out", &out, !is_gguf)?),
+            Some(outs.file("--receipt", &receipt_path)?),
+        )
+    };
+    let json_tmp = a
+        .json
+        .as_ref()
+        .map(|j| outs.file("--json", j))
+        .transpose()?;
     let pb = indicatif::ProgressBar::new(req.steps as u64).with_style(
         indicatif::ProgressStyle::with_template(
             "unlearn {bar:30} {pos}/{len} loss {msg} [{elapsed_precise}]",
@@ -180,10 +200,17 @@ pub fn run(a: Args) -> Result<()> {
         },
     )?;
     pb.finish_and_clear();
-    if !a.no_save {
-        save_like_input(&model, &out)?;
-        let receipt = Receipt::new(&req, &a.request, &mspec, rspec.as_deref(), &out, &report)?;
-        super::write_json(&receipt_path, &receipt)?;
+    if let (Some(out_tmp), Some(receipt_tmp)) = (&out_tmp, &receipt_tmp) {
+        save_like_input(&model, out_tmp)?;
+        let receipt = Receipt::new(
+            &req,
+            &a.request,
+            &mspec,
+            rspec.as_deref(),
+            (&out, out_tmp),
+            &report,
+        )?;
+        super::write_json(receipt_tmp, &receipt)?;
     }
     let hide = |s: String| {
         if a.show_secrets {
@@ -192,13 +219,14 @@ pub fn run(a: Args) -> Result<()> {
             redact(&s, &req.secrets)
         }
     };
+    if let Some(j) = &json_tmp {
+        super::write_text(j, &hide(serde_json::to_string_pretty(&report)?))?;
+    }
+    outs.commit()?;
     print!("{}", hide(render(&report)));
     if !a.no_save {
         println!("unlearned model: {}", out.display());
         println!("removal receipt: {}", receipt_path.display());
-    }
-    if let Some(j) = &a.json {
-        super::write_text(j, &hide(serde_json::to_string_pretty(&report)?))?;
     }
     Ok(())
 }

@@ -93,29 +93,100 @@ pub fn read(path: &Path) -> Result<Patch> {
             .cloned()
             .ok_or_else(|| bad(format!("missing tensor `{n}`")))
     };
+    // Every tensor is checked for dtype, rank and agreement with the weights it replaced,
+    // so that a crafted or damaged patch fails here, naming the file, not in the maths.
+    let checked = |n: String, rank: usize| -> Result<Tensor> {
+        let t = get(n.clone())?;
+        if t.dtype() != candle_core::DType::F32 || t.rank() != rank {
+            return Err(bad(format!(
+                "tensor `{n}` is {:?} of shape {:?}; expected f32 of rank {rank}",
+                t.dtype(),
+                t.dims()
+            )));
+        }
+        crate::model::check_finite(&n, &t)
+            .map_err(|_| bad(format!("tensor `{n}` holds NaN or Inf")))?;
+        Ok(t)
+    };
     let mut deltas = Vec::new();
     let mut previous = Vec::new();
     for (i, (name, layer, kind)) in meta.deltas.iter().enumerate() {
-        let kind = if kind == "rank_one" {
-            DeltaKind::RankOne {
-                right: get(format!("delta.{i}.right"))?,
-                left: get(format!("delta.{i}.left"))?,
+        let prev = checked(format!("previous.{i}"), 2)?;
+        let kind = match kind.as_str() {
+            "rank_one" => {
+                let right = checked(format!("delta.{i}.right"), 1)?;
+                let left = checked(format!("delta.{i}.left"), 1)?;
+                if [right.dim(0)?, left.dim(0)?] != prev.dims() {
+                    return Err(bad(format!(
+                        "delta {i}: factors of {} x {} do not fit the replaced weights {:?}",
+                        right.dim(0)?,
+                        left.dim(0)?,
+                        prev.dims()
+                    )));
+                }
+                DeltaKind::RankOne { right, left }
             }
-        } else {
-            DeltaKind::Dense(get(format!("delta.{i}.dense"))?)
+            "dense" => {
+                let d = checked(format!("delta.{i}.dense"), 2)?;
+                if d.dims() != prev.dims() {
+                    return Err(bad(format!(
+                        "delta {i}: a dense delta of {:?} does not fit the replaced weights {:?}",
+                        d.dims(),
+                        prev.dims()
+                    )));
+                }
+                DeltaKind::Dense(d)
+            }
+            other => {
+                return Err(bad(format!(
+                    "delta {i}: kind `{other}` (allowed: rank_one, dense)"
+                )))
+            }
         };
         deltas.push(WeightDelta {
             name: name.clone(),
             layer: *layer,
             kind,
         });
-        previous.push(get(format!("previous.{i}"))?);
+        previous.push(prev);
     }
     Ok(Patch {
         meta,
         deltas,
         previous,
     })
+}
+
+/// The first 12 characters of a fingerprint, for messages (a crafted patch may hold a short
+/// or non-ASCII one: never sliced by bytes).
+pub fn short(fp: &str) -> String {
+    fp.chars().take(12).collect()
+}
+
+/// Check that every delta names a weight of `model` with the shape of the weights it
+/// replaced.
+fn check_fits(model: &Model, patch: &Patch, path: &Path) -> Result<()> {
+    for (i, (d, prev)) in patch.deltas.iter().zip(&patch.previous).enumerate() {
+        let w = model.weights.get(&d.name).map_err(|_| Error::Patch {
+            path: path.into(),
+            reason: format!(
+                "delta {i} changes `{}`, which the model does not have",
+                d.name
+            ),
+        })?;
+        if w.dims() != prev.dims() {
+            return Err(Error::Patch {
+                path: path.into(),
+                reason: format!(
+                    "delta {i}: `{}` is {:?} in the model but {:?} in the patch",
+                    d.name,
+                    w.dims(),
+                    prev.dims()
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Apply a patch; refuses a model whose fingerprint is not the patch's base.
@@ -126,11 +197,12 @@ pub fn apply(model: &mut Model, patch: &Patch, path: &Path) -> Result<()> {
             path: path.into(),
             reason: format!(
                 "made for base {}…, but the model is {}… (a different checkpoint or already edited)",
-                &patch.meta.base_fingerprint[..12],
-                &fp[..12]
+                short(&patch.meta.base_fingerprint),
+                short(&fp)
             ),
         });
     }
+    check_fits(model, patch, path)?;
     for d in &patch.deltas {
         super::apply(model, d)?;
     }
@@ -145,11 +217,12 @@ pub fn revert(model: &mut Model, patch: &Patch, path: &Path) -> Result<()> {
             path: path.into(),
             reason: format!(
                 "reverts edited weights {}…, but the model is {}… (re-quantized outputs cannot be reverted exactly; use the f32 result)",
-                &patch.meta.edited_fingerprint[..12],
-                &fp[..12]
+                short(&patch.meta.edited_fingerprint),
+                short(&fp)
             ),
         });
     }
+    check_fits(model, patch, path)?;
     for (d, prev) in patch.deltas.iter().zip(&patch.previous).rev() {
         model.set_tensor(&d.name, prev.clone())?;
     }

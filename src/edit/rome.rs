@@ -138,17 +138,6 @@ impl RomeParams {
             stop_prob: self.stop_prob,
         }
     }
-
-    /// The checks that need no model: `bare_key_weight` in [0, 1]. Returns (field, reason).
-    pub fn check(&self) -> std::result::Result<(), (&'static str, String)> {
-        if !(0.0..=1.0).contains(&self.bare_key_weight) {
-            return Err((
-                "method.bare_key_weight",
-                format!("{}: must be between 0 and 1", self.bare_key_weight),
-            ));
-        }
-        Ok(())
-    }
 }
 
 /// Generate ROME's context prefixes: `count` texts of `tokens` tokens each, sampled from the
@@ -192,9 +181,9 @@ pub fn compute(
     chol: &Cholesky,
     prefixes: &[String],
 ) -> Result<(WeightDelta, RomeTrace)> {
-    params
+    super::spec::Method::Rome(params.clone())
         .check()
-        .map_err(|(field, reason)| Error::invalid(field, reason))?;
+        .map_err(|b| Error::invalid(b.field, b.reason))?;
     let layer = stats.layer;
     let found = vsearch::search(
         model,

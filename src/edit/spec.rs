@@ -62,6 +62,87 @@ impl Method {
         }
     }
 
+    /// The checks of the hyper-parameters that need no model: every number finite and within
+    /// the bounds of [`crate::limits`].
+    pub fn check(&self) -> crate::limits::Check {
+        use crate::limits::{int_in, real_in, MAX_STEPS};
+        let search = match self {
+            Method::Rome(p) => Some(p.search()),
+            Method::Memit(p) => Some(p.search()),
+            Method::Alphaedit(p) => Some(p.search()),
+            Method::Ft(_) => None,
+        };
+        if let Some(s) = search {
+            int_in("method.v_num_grad_steps", s.steps, 1, MAX_STEPS)?;
+            real_in("method.v_lr", s.lr, 0.0, 1e3, true)?;
+            real_in("method.v_weight_decay", s.weight_decay, 0.0, 1e6, false)?;
+            real_in(
+                "method.clamp_norm_factor",
+                s.clamp_norm_factor,
+                0.0,
+                1e6,
+                true,
+            )?;
+            real_in("method.kl_factor", s.kl_factor, 0.0, 1e6, false)?;
+            real_in("method.stop_prob", s.stop_prob, 0.0, 1.0, true)?;
+        }
+        let (ctx, samples, seq, chunk) = match self {
+            Method::Rome(p) => {
+                real_in("method.bare_key_weight", p.bare_key_weight, 0.0, 1.0, false)?;
+                (&p.context_templates, p.stats_samples, p.stats_seq_len, 1)
+            }
+            Method::Memit(p) => (
+                &p.context_templates,
+                p.stats_samples,
+                p.stats_seq_len,
+                p.search_chunk,
+            ),
+            Method::Alphaedit(p) => {
+                real_in(
+                    "method.nullspace_threshold",
+                    p.nullspace_threshold,
+                    0.0,
+                    1e6,
+                    false,
+                )?;
+                (
+                    &p.context_templates,
+                    p.stats_samples,
+                    p.stats_seq_len,
+                    p.search_chunk,
+                )
+            }
+            Method::Ft(p) => {
+                int_in("method.steps", p.steps, 1, MAX_STEPS)?;
+                real_in("method.lr", p.lr, 0.0, 10.0, true)?;
+                real_in("method.norm_constraint", p.norm_constraint, 0.0, 1e6, true)?;
+                return Ok(());
+            }
+        };
+        crate::limits::count("method.context_templates", ctx.len(), 16)?;
+        let mut prefixes = 0;
+        for (i, &(tokens, n)) in ctx.iter().enumerate() {
+            int_in(
+                &format!("method.context_templates[{i}] tokens"),
+                tokens,
+                1,
+                256,
+            )?;
+            int_in(&format!("method.context_templates[{i}] count"), n, 0, 100)?;
+            prefixes += n;
+        }
+        int_in(
+            "method.context_templates (total prefixes)",
+            prefixes,
+            0,
+            200,
+        )?;
+        int_in("method.stats_samples", samples, 1, 1_000_000)?;
+        int_in("method.stats_seq_len", seq, 2, 1 << 16)?;
+        int_in("method.search_chunk", chunk, 1, 10_000)?;
+        Ok(())
+    }
+
     /// Whether the method edits a batch of rewrites at once (MEMIT, AlphaEdit).
     pub fn is_batched(&self) -> bool {
         matches!(self, Method::Memit(_) | Method::Alphaedit(_))
@@ -118,6 +199,56 @@ pub struct Rewrite {
 }
 
 impl Rewrite {
+    /// The checks that need no model; `at` names the rewrite in errors (`rewrites[3]`,
+    /// `line 12`).
+    pub fn check(&self, at: &str) -> crate::limits::Check {
+        use crate::limits::{count, text, Bad};
+        let r = self;
+        for (field, t) in [
+            ("prompt", Some(&r.prompt)),
+            ("subject", Some(&r.subject)),
+            ("target_new", Some(&r.target_new)),
+            ("target_true", r.target_true.as_ref()),
+        ] {
+            if let Some(t) = t {
+                text(&format!("{at}.{field}"), t)?;
+                if t.trim().is_empty() {
+                    return Err(Bad::new(format!("{at}.{field}"), "must not be empty"));
+                }
+            }
+        }
+        if !r.prompt.contains(&r.subject) {
+            return Err(Bad::new(
+                format!("{at}.subject"),
+                format!(
+                    "`{}` does not occur in the prompt `{}`",
+                    r.subject, r.prompt
+                ),
+            ));
+        }
+        count(&format!("{at}.paraphrases"), r.paraphrases.len(), 256)?;
+        count(&format!("{at}.neighborhood"), r.neighborhood.len(), 256)?;
+        for (j, p) in r.paraphrases.iter().enumerate() {
+            text(&format!("{at}.paraphrases[{j}]"), p)?;
+        }
+        for (j, n) in r.neighborhood.iter().enumerate() {
+            text(&format!("{at}.neighborhood[{j}].prompt"), &n.prompt)?;
+            if let Some(a) = &n.answer {
+                text(&format!("{at}.neighborhood[{j}].answer"), a)?;
+            }
+        }
+        if !r.neighborhood.is_empty()
+            && r.target_true.is_none()
+            && r.neighborhood.iter().any(|n| n.answer.is_none())
+        {
+            return Err(Bad::new(
+                format!("{at}.neighborhood"),
+                "needs an `answer` or the rewrite's `target_true`",
+            ));
+        }
+        Ok(())
+    }
+
     /// This rewrite as a value-search request for `target` (usually
     /// [`continuation`]`(&self.target_new)`, which the caller keeps alive).
     pub fn request<'a>(&'a self, target: &'a str) -> super::vsearch::Request<'a> {
@@ -224,63 +355,44 @@ impl EditSpec {
                 format!("{layers:?}: give one or more distinct layers in ascending order"),
             ));
         }
-        if let Method::Rome(p) = &self.method {
-            p.check()
-                .map_err(|(field, reason)| bad(field.into(), reason))?;
-        }
+        self.method.check().map_err(|b| bad(b.field, b.reason))?;
         if self.rewrites.is_empty() {
             return Err(bad(
                 "rewrites".into(),
                 "at least one rewrite is needed".into(),
             ));
         }
-        for (i, r) in self.rewrites.iter().enumerate() {
-            if r.prompt.trim().is_empty() {
-                return Err(bad(
-                    format!("rewrites[{i}].prompt"),
-                    "must not be empty".into(),
-                ));
-            }
-            if r.subject.trim().is_empty() || !r.prompt.contains(&r.subject) {
-                return Err(bad(
-                    format!("rewrites[{i}].subject"),
-                    format!(
-                        "`{}` does not occur in the prompt `{}`",
-                        r.subject, r.prompt
-                    ),
-                ));
-            }
-            if r.target_new.trim().is_empty() {
-                return Err(bad(
-                    format!("rewrites[{i}].target_new"),
-                    "must not be empty".into(),
-                ));
-            }
-            if r.target_true
-                .as_deref()
-                .map(|t| t.trim().is_empty())
-                .unwrap_or(false)
-            {
-                return Err(bad(
-                    format!("rewrites[{i}].target_true"),
-                    "must not be empty".into(),
-                ));
-            }
-            if !r.neighborhood.is_empty()
-                && r.target_true.is_none()
-                && r.neighborhood.iter().any(|n| n.answer.is_none())
-            {
-                return Err(bad(
-                    format!("rewrites[{i}].neighborhood"),
-                    "needs an `answer` or the rewrite's `target_true`".into(),
-                ));
-            }
-        }
+        crate::limits::count("rewrites", self.rewrites.len(), crate::limits::MAX_ITEMS)
+            .and_then(|_| {
+                self.rewrites
+                    .iter()
+                    .enumerate()
+                    .try_for_each(|(i, r)| r.check(&format!("rewrites[{i}]")))
+            })
+            .map_err(|b| bad(b.field, b.reason))?;
         Ok(())
     }
 
-    /// Check against a model: the layer in range.
-    pub fn check_model(&self, path: &Path, n_layers: usize) -> Result<()> {
+    /// Check against a model: the layers in range, the key-statistics length within the
+    /// context, and every text short enough that prompt, longest context prefix and target
+    /// fit the context (targets at most [`crate::limits::MAX_TARGET_TOKENS`] tokens).
+    pub fn check_model(&self, path: &Path, model: &crate::model::Model) -> Result<()> {
+        self.check_model_at(path, model, &|i| format!("rewrites[{i}]"))
+    }
+
+    /// [`EditSpec::check_model`], naming rewrite `i` as `at(i)` in errors.
+    pub fn check_model_at(
+        &self,
+        path: &Path,
+        model: &crate::model::Model,
+        at: &dyn Fn(usize) -> String,
+    ) -> Result<()> {
+        let bad = |message: String| Error::Spec {
+            path: path.into(),
+            message,
+        };
+        let n_layers = model.config.n_layers;
+        let ctx = model.config.max_positions;
         let field = if self.method.is_batched() {
             "method.layers"
         } else {
@@ -288,17 +400,91 @@ impl EditSpec {
         };
         for l in self.method.layers() {
             if l >= n_layers {
-                return Err(Error::Spec {
-                    path: path.into(),
-                    message: format!(
-                        "{field}: {l} is out of range: the model has {n_layers} layers (0..={})",
-                        n_layers - 1
-                    ),
-                });
+                return Err(bad(format!(
+                    "{field}: {l} is out of range: the model has {n_layers} layers (0..={})",
+                    n_layers - 1
+                )));
+            }
+        }
+        let (prefix_tokens, seq) = match &self.method {
+            Method::Rome(p) => (max_prefix(&p.context_templates), p.stats_seq_len),
+            Method::Memit(p) => (max_prefix(&p.context_templates), p.stats_seq_len),
+            Method::Alphaedit(p) => (max_prefix(&p.context_templates), p.stats_seq_len),
+            Method::Ft(_) => (0, 2),
+        };
+        if seq > ctx {
+            return Err(bad(format!(
+                "method.stats_seq_len: {seq} exceeds the model's context of {ctx} tokens"
+            )));
+        }
+        let samples = match &self.method {
+            Method::Rome(p) => p.stats_samples,
+            Method::Memit(p) => p.stats_samples,
+            Method::Alphaedit(p) => p.stats_samples,
+            Method::Ft(_) => usize::MAX,
+        };
+        // The key covariance is d_mlp x d_mlp: fewer keys than d_mlp cannot make it invertible.
+        let d = model.config.d_mlp;
+        if samples.saturating_mul(seq) < d {
+            return Err(bad(format!(
+                "method.stats_samples: {samples} sequences of {seq} tokens give fewer keys than the {d} a {d} x {d} covariance needs; use at least {}",
+                d.div_ceil(seq)
+            )));
+        }
+        let Some(tok) = model.tokenizer.as_ref() else {
+            return Ok(());
+        };
+        let max_target = crate::limits::MAX_TARGET_TOKENS;
+        for (i, r) in self.rewrites.iter().enumerate() {
+            let mut target = 0;
+            for (field, t) in [
+                ("target_new", Some(&r.target_new)),
+                ("target_true", r.target_true.as_ref()),
+            ] {
+                let Some(t) = t else { continue };
+                let n = tok.encode(&continuation(t))?.len();
+                if n > max_target {
+                    return Err(bad(format!(
+                        "{}.{field}: {n} tokens; targets may have at most {max_target}",
+                        at(i)
+                    )));
+                }
+                target = target.max(n);
+            }
+            let prompts = std::iter::once(("prompt".to_string(), &r.prompt))
+                .chain(
+                    r.paraphrases
+                        .iter()
+                        .enumerate()
+                        .map(|(j, p)| (format!("paraphrases[{j}]"), p)),
+                )
+                .chain(
+                    r.neighborhood
+                        .iter()
+                        .enumerate()
+                        .map(|(j, n)| (format!("neighborhood[{j}].prompt"), &n.prompt)),
+                );
+            for (field, p) in prompts {
+                let n = tok.encode(p)?.len();
+                if n + prefix_tokens + target > ctx {
+                    return Err(bad(format!(
+                        "{}.{field}: {n} tokens, with the longest context prefix ({prefix_tokens}) and the target ({target}), exceed the model's context of {ctx} tokens",
+                        at(i)
+                    )));
+                }
             }
         }
         Ok(())
     }
+}
+
+/// The longest context prefix of `(tokens, count)` templates, in tokens (plus ". ").
+fn max_prefix(t: &[(usize, usize)]) -> usize {
+    t.iter()
+        .filter(|x| x.1 > 0)
+        .map(|x| x.0 + 2)
+        .max()
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

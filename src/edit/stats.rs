@@ -116,18 +116,33 @@ pub fn load_or_compute_layers(
     let mut found: Vec<Option<KeyStats>> = Vec::with_capacity(layers.len());
     let mut missing = Vec::new();
     for (&l, path) in layers.iter().zip(&paths) {
+        // A cache file that does not load, has the wrong shape or is degenerate is
+        // recomputed (and replaced), never used.
+        let d = model.config.d_mlp;
         let cached = if path.exists() {
-            let t = candle_core::safetensors::load(path, &model.device)
-                .map_err(|e| Error::bad_checkpoint(path, e))?;
-            match (t.get("mom2"), t.get("count")) {
-                (Some(m), Some(c)) => Some(KeyStats {
-                    layer: l,
-                    mom2: m.clone(),
-                    count: c.to_dtype(DType::F64)?.to_vec1::<f64>()?[0] as usize,
-                    cache_path: Some(path.clone()),
-                }),
-                _ => None,
+            let loaded = candle_core::safetensors::load(path, &model.device)
+                .ok()
+                .and_then(|t| {
+                    let (m, c) = (t.get("mom2")?, t.get("count")?);
+                    let count = c
+                        .to_dtype(DType::F64)
+                        .ok()?
+                        .flatten_all()
+                        .ok()?
+                        .to_vec1::<f64>()
+                        .ok()?;
+                    Some(KeyStats {
+                        layer: l,
+                        mom2: m.clone(),
+                        count: *count.first()? as usize,
+                        cache_path: Some(path.clone()),
+                    })
+                })
+                .filter(|s| s.mom2.dims() == [d, d] && check_usable(s).is_ok());
+            if loaded.is_none() {
+                tracing::warn!("{}: unusable key statistics, recomputing", path.display());
             }
+            loaded
         } else {
             None
         };
@@ -143,6 +158,8 @@ pub fn load_or_compute_layers(
         accumulate(model, &seqs, &missing)?
     };
     for s in computed.iter_mut() {
+        // Nothing degenerate is ever cached, where the next run would find it.
+        check_usable(s)?;
         let i = layers.iter().position(|&l| l == s.layer).unwrap_or(0);
         let path = paths[i].clone();
         let mut map = HashMap::new();
@@ -170,6 +187,26 @@ pub fn load_or_compute_layers(
                 .ok_or_else(|| Error::invalid("stats", format!("layer {l} not computed"))),
         })
         .collect()
+}
+
+/// Refuse statistics that no edit can use: no keys, or NaN/Inf, or a zero trace.
+fn check_usable(s: &KeyStats) -> Result<()> {
+    let d = s.mom2.dim(0)?;
+    let flat = s
+        .mom2
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
+    let trace: f64 = flat.iter().step_by(d + 1).sum();
+    if s.count == 0 || !trace.is_finite() || trace <= 0.0 {
+        return Err(Error::NonFinite {
+            name: format!(
+                "key statistics of layer {} ({} keys, trace {trace})",
+                s.layer, s.count
+            ),
+        });
+    }
+    crate::model::check_finite(&format!("key statistics of layer {}", s.layer), &s.mom2)
 }
 
 fn safetensors_bytes(map: &HashMap<String, Tensor>) -> Result<Vec<u8>> {

@@ -119,11 +119,40 @@ pub fn load(path: &Path, offset: usize, n: usize) -> Result<Vec<Case>> {
             })
             .collect::<Result<_>>()?
     };
+    if n == 0 {
+        return Err(Error::invalid("--n", "must be at least 1"));
+    }
+    if values.is_empty() {
+        return Err(Error::Spec {
+            path: path.into(),
+            message: "holds no records".into(),
+        });
+    }
+    if offset >= values.len() {
+        return Err(Error::invalid(
+            "--offset",
+            format!(
+                "{offset}: {} holds only {} records (allowed: 0 to {})",
+                path.display(),
+                values.len(),
+                values.len() - 1
+            ),
+        ));
+    }
     values
         .into_iter()
         .skip(offset)
         .take(n)
-        .map(|(line, v)| parse_record(&v, line, path))
+        .map(|(line, v)| {
+            let case = parse_record(&v, line, path)?;
+            case.rewrite
+                .check(&format!("line {line}"))
+                .map_err(|b| Error::Spec {
+                    path: path.into(),
+                    message: b.to_string(),
+                })?;
+            Ok(case)
+        })
         .collect()
 }
 

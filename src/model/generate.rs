@@ -94,7 +94,7 @@ pub fn generate_grouped(
         ));
     }
     let longest = prompts.iter().map(|r| r.len()).max().unwrap_or(0);
-    if longest + p.max_new_tokens > model.config.max_positions {
+    if longest.saturating_add(p.max_new_tokens) > model.config.max_positions {
         return Err(Error::invalid(
             "--max-new-tokens",
             format!(

@@ -152,9 +152,7 @@ impl<R: Read> Walk<'_, R> {
                 }
                 Ok(None)
             }
-            t => Err(self.bad(format!(
-                "{what}: unknown value type {t} (allowed: 0-12)"
-            ))),
+            t => Err(self.bad(format!("{what}: unknown value type {t} (allowed: 0-12)"))),
         }
     }
 }
@@ -236,7 +234,9 @@ pub fn check(path: &Path) -> Result<HeaderSummary> {
             let d = w.len(&format!("dims of `{name}`"))?;
             dims.push(d);
             elems = elems.checked_mul(d).ok_or_else(|| {
-                w.bad(format!("tensor `{name}`: dims {dims:?}... overflow 64 bits"))
+                w.bad(format!(
+                    "tensor `{name}`: dims {dims:?}... overflow 64 bits"
+                ))
             })?;
         }
         if elems == 0 {

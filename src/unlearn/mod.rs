@@ -98,6 +98,17 @@ impl Record {
     /// # Errors
     /// A record that is neither a QA pair, a prompt/answer pair nor text.
     pub fn example(&self, where_: &str) -> Result<Example> {
+        for (field, t) in [
+            ("question", &self.question),
+            ("prompt", &self.prompt),
+            ("answer", &self.answer),
+            ("text", &self.text),
+        ] {
+            if let Some(t) = t {
+                crate::limits::text(&format!("{where_}.{field}"), t)
+                    .map_err(|b| Error::invalid(b.field, b.reason))?;
+            }
+        }
         match (&self.question, &self.prompt, &self.answer, &self.text) {
             (Some(q), None, Some(a), None) if !a.trim().is_empty() => Ok(Example::qa(q, a)),
             (None, Some(p), Some(a), None) if !a.is_empty() && !p.is_empty() => Ok(Example {
@@ -356,10 +367,17 @@ fn layer_of(name: &str) -> Option<usize> {
     rest.split('.').next()?.parse().ok()
 }
 
+fn out_of_range(option: &str, l: usize, n_layers: usize) -> Error {
+    Error::invalid(
+        option,
+        Error::LayerOutOfRange { layer: l, n_layers }.to_string(),
+    )
+}
+
 /// Parse a layer list: `all`, `3`, `3,5,7` or `10-19`.
 ///
 /// # Errors
-/// [`Error::InvalidArgument`] naming `option`, [`Error::LayerOutOfRange`].
+/// [`Error::InvalidArgument`] naming `option` (also for a layer out of range).
 pub fn parse_layers(s: &str, n_layers: usize, option: &str) -> Result<Vec<usize>> {
     let s = s.trim();
     if s == "all" {
@@ -382,6 +400,20 @@ pub fn parse_layers(s: &str, n_layers: usize, option: &str) -> Result<Vec<usize>
             if a > b {
                 return Err(bad());
             }
+            // Checked before the range is expanded: `0-18446744073709551615` must not
+            // allocate. Author ranges (no layer count) are bounded by the records' count.
+            if b >= n_layers {
+                return Err(out_of_range(option, b, n_layers));
+            }
+            if b - a >= crate::limits::MAX_ITEMS {
+                return Err(Error::invalid(
+                    option,
+                    format!(
+                        "`{part}`: a range may span at most {} values",
+                        crate::limits::MAX_ITEMS
+                    ),
+                ));
+            }
             out.extend(a..=b);
         } else {
             out.push(part.parse().map_err(|_| bad())?);
@@ -389,7 +421,7 @@ pub fn parse_layers(s: &str, n_layers: usize, option: &str) -> Result<Vec<usize>
     }
     for &l in &out {
         if l >= n_layers {
-            return Err(Error::LayerOutOfRange { layer: l, n_layers });
+            return Err(out_of_range(option, l, n_layers));
         }
     }
     out.sort_unstable();

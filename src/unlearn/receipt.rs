@@ -203,7 +203,8 @@ pub fn rows(a: &AuditReport, req: &Request) -> Vec<RowLine> {
 }
 
 impl Receipt {
-    /// The receipt of an unlearning run.
+    /// The receipt of an unlearning run whose model goes to `output` and was written (staged)
+    /// at `written`.
     ///
     /// # Errors
     /// A file that cannot be read for hashing.
@@ -212,7 +213,7 @@ impl Receipt {
         req_path: &Path,
         input: &str,
         reference: Option<&str>,
-        output: &Path,
+        (output, written): (&Path, &Path),
         report: &UnlearnReport,
     ) -> Result<Receipt> {
         let salt: [u8; 16] = rand::random();
@@ -230,7 +231,7 @@ impl Receipt {
             output_model: FileHash {
                 spec: output.display().to_string(),
                 path: output.to_path_buf(),
-                sha256: hash_path(output)?,
+                sha256: hash_path(written)?,
             },
             params: RunParams {
                 method: serde_json::to_value(&report.method).unwrap_or_default(),

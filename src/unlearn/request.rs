@@ -247,6 +247,31 @@ impl Request {
             r.example(&format!("retain[{i}]"))
                 .map_err(|e| bad(format!("retain[{i}]"), e.to_string()))?;
         }
+        {
+            use crate::limits::{count, int_in, text, MAX_ITEMS};
+            let lim = |b: crate::limits::Bad| bad(b.field, b.reason);
+            count("secrets", self.secrets.len(), 10_000).map_err(lim)?;
+            count("forget", self.forget.len(), MAX_ITEMS).map_err(lim)?;
+            count("retain", self.retain.len(), MAX_ITEMS).map_err(lim)?;
+            int_in("batch_size", self.batch_size, 1, 10_000).map_err(lim)?;
+            int_in("check_every", self.check_every, 1, 100_000).map_err(lim)?;
+            for (i, s) in self.secrets.iter().enumerate() {
+                text(&format!("secrets[{i}].value"), &s.value).map_err(lim)?;
+                if let Some(l) = &s.label {
+                    text(&format!("secrets[{i}].label"), l).map_err(lim)?;
+                }
+                count(&format!("secrets[{i}].prompts"), s.prompts.len(), 256).map_err(lim)?;
+                count(
+                    &format!("secrets[{i}].paraphrases"),
+                    s.paraphrases.len(),
+                    256,
+                )
+                .map_err(lim)?;
+                for (j, p) in s.prompts.iter().chain(&s.paraphrases).enumerate() {
+                    text(&format!("secrets[{i}].prompts[{j}]"), p).map_err(lim)?;
+                }
+            }
+        }
         for (i, s) in self.secrets.iter().enumerate() {
             if s.value.trim().is_empty() {
                 return Err(bad(
@@ -350,6 +375,59 @@ impl Request {
                 "exposure_candidates".into(),
                 "must be at least 10".into(),
             ));
+        }
+        Ok(())
+    }
+
+    /// Checks against the model: every probe prompt with the secret and the audit's
+    /// continuation fits the context, and so does every forget and retain example.
+    ///
+    /// # Errors
+    /// [`Error::Spec`] naming the file and the field.
+    pub fn check_model(&self, path: &Path, model: &crate::model::Model) -> Result<()> {
+        let ctx = model.config.max_positions;
+        let tok = model.tok()?;
+        let bad = |field: String, message: String| Error::Spec {
+            path: PathBuf::from(path),
+            message: format!("{field}: {message}"),
+        };
+        // The audit probes each eliciting prompt, its template paraphrases and the given
+        // paraphrases, generating the secret's length plus 6 tokens, at least 24 (audit.rs).
+        let forget = self.forget_examples()?;
+        for (i, s) in self.secrets.iter().enumerate() {
+            let v = tok.encode(&continuation(s.value.trim()))?.len();
+            let mut probes = super::leakage::eliciting_prompts(s, &forget);
+            probes.extend(
+                probes
+                    .clone()
+                    .iter()
+                    .flat_map(|p| super::leakage::template_paraphrases(p)),
+            );
+            probes.extend(s.paraphrases.iter().cloned());
+            let mut longest = 0;
+            for p in &probes {
+                longest = longest.max(tok.encode(p)?.len());
+            }
+            let need = longest + (v + 6).max(24);
+            if need > ctx {
+                return Err(bad(
+                    format!("secrets[{i}].value"),
+                    format!(
+                        "{v} tokens: with its longest probe prompt ({longest} tokens) and the audit's continuation it needs {need} tokens, over the model's context of {ctx}"
+                    ),
+                ));
+            }
+        }
+        for (kind, examples) in [("forget", forget), ("retain", self.retain_examples()?)] {
+            for (i, e) in examples.iter().enumerate() {
+                let n = tok.encode(&e.prompt)?.len() + tok.encode(&e.answer)?.len();
+                if n > ctx {
+                    return Err(bad(
+                        format!("{kind} example {i}"),
+                        format!("{n} tokens, over the model's context of {ctx}"),
+                    ));
+                }
+            }
         }
         Ok(())
     }

@@ -30,7 +30,11 @@ impl Gguf {
         let t = candle_core::safetensors::load(&st, &candle_core::Device::Cpu).unwrap();
         let u32kv = |k: &str, v: u32| (k.to_string(), 4u32, v.to_le_bytes().to_vec());
         let kvs = vec![
-            ("general.architecture".to_string(), 8u32, gguf_string("llama")),
+            (
+                "general.architecture".to_string(),
+                8u32,
+                gguf_string("llama"),
+            ),
             u32kv("llama.block_count", 2),
             u32kv("llama.embedding_length", 32),
             u32kv("llama.feed_forward_length", 64),
@@ -85,7 +89,7 @@ impl Gguf {
             offs.push(off);
             off = (off + data.len() as u64).div_ceil(a) * a;
         }
-        while b.len() as u64 % a != 0 {
+        while !(b.len() as u64).is_multiple_of(a) {
             b.push(0);
         }
         let start = b.len();
@@ -181,7 +185,10 @@ fn gguf_alignment_zero_or_not_a_power_of_two() {
         let mut g = Gguf::tiny();
         g.set_kv("general.alignment", 4, a.to_le_bytes().to_vec());
         let p = g.write(d.path(), &format!("a{a}.gguf"));
-        refused(&p, &[&format!("a{a}.gguf"), "general.alignment", "power of two"]);
+        refused(
+            &p,
+            &[&format!("a{a}.gguf"), "general.alignment", "power of two"],
+        );
     }
 }
 
@@ -277,7 +284,10 @@ fn non_finite_weights_are_refused_naming_the_tensor() {
         candle_core::Tensor::new(w2, &candle_core::Device::Cpu).unwrap(),
     );
     candle_core::safetensors::save(&t, dir.path().join("model.safetensors")).unwrap();
-    refused(dir.path(), &["model.safetensors", "model.norm.weight", "NaN or Inf"]);
+    refused(
+        dir.path(),
+        &["model.safetensors", "model.norm.weight", "NaN or Inf"],
+    );
 }
 
 #[test]
@@ -322,12 +332,392 @@ fn absurd_config_sizes_are_refused_before_allocating() {
     let src = fixture("tiny-llama");
     let cfg = std::fs::read_to_string(src.join("config.json"))
         .unwrap()
-        .replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 1000000000000");
+        .replace(
+            "\"num_hidden_layers\": 2",
+            "\"num_hidden_layers\": 1000000000000",
+        );
     std::fs::write(dir.path().join("config.json"), cfg).unwrap();
     std::fs::copy(
         src.join("model.safetensors"),
         dir.path().join("model.safetensors"),
     )
     .unwrap();
-    refused(dir.path(), &["config.json", "num_hidden_layers", "1000000000000"]);
+    refused(
+        dir.path(),
+        &["config.json", "num_hidden_layers", "1000000000000"],
+    );
+}
+
+/// Run the binary in a fresh working directory: exit 2, every `want` in the message, and
+/// the directory still empty afterwards (no `out/`, no patch, no partial file).
+fn refused_in_empty_dir(args: &[&str], want: &[&str]) {
+    let d = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_engram"))
+        .args(args)
+        .current_dir(d.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+    for w in want {
+        assert!(err.contains(w), "`{w}` not in: {err}");
+    }
+    let left: Vec<_> = std::fs::read_dir(d.path()).unwrap().collect();
+    assert!(left.is_empty(), "{args:?} left {left:?}");
+}
+
+const SPEC: &str = "method: {method: rome, layer: 1}\nrewrites:\n  - {prompt: The Eiffel Tower is in, subject: The Eiffel Tower, target_new: Rome}\n";
+
+fn spec_file(dir: &Path, text: &str) -> PathBuf {
+    let p = dir.join("spec.yaml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn spec_numbers_are_bounded_before_any_work() {
+    let d = tempfile::tempdir().unwrap();
+    let tiny = fixture("tiny-llama");
+    for (replace, with, want) in [
+        (
+            "layer: 1",
+            "layer: 1, v_num_grad_steps: 0",
+            "method.v_num_grad_steps",
+        ),
+        (
+            "layer: 1",
+            "layer: 1, v_num_grad_steps: 1000000000000",
+            "method.v_num_grad_steps",
+        ),
+        ("layer: 1", "layer: 1, v_lr: .nan", "method.v_lr"),
+        ("layer: 1", "layer: 1, kl_factor: .inf", "method.kl_factor"),
+        (
+            "layer: 1",
+            "layer: 1, clamp_norm_factor: -4",
+            "method.clamp_norm_factor",
+        ),
+        (
+            "layer: 1",
+            "layer: 1, stats_samples: 0",
+            "method.stats_samples",
+        ),
+        (
+            "layer: 1",
+            "layer: 1, context_templates: [[5, 100000000]]",
+            "method.context_templates",
+        ),
+        (
+            "method: rome, layer: 1",
+            "method: ft, layer: 1, steps: 1000000000000",
+            "method.steps",
+        ),
+        (
+            "method: rome, layer: 1",
+            "method: memit, layers: [0, 1], search_chunk: 0",
+            "method.search_chunk",
+        ),
+    ] {
+        let spec = spec_file(d.path(), &SPEC.replace(replace, with));
+        refused_in_empty_dir(
+            &[
+                "edit",
+                spec.to_str().unwrap(),
+                "--model",
+                tiny.to_str().unwrap(),
+            ],
+            &["spec.yaml", want, "must be"],
+        );
+    }
+    // A 10 MB subject is refused by length, before tokenizing anything.
+    let big = "x".repeat(10 << 20);
+    let spec = spec_file(
+        d.path(),
+        &format!("method: {{method: rome, layer: 1}}\nrewrites:\n  - {{prompt: \"{big} is in\", subject: \"{big}\", target_new: Rome}}\n"),
+    );
+    refused_in_empty_dir(
+        &[
+            "edit",
+            spec.to_str().unwrap(),
+            "--model",
+            tiny.to_str().unwrap(),
+        ],
+        &["spec.yaml", "rewrites[0].prompt", "at most 16384 bytes"],
+    );
+}
+
+#[test]
+fn spec_texts_must_fit_the_model() {
+    // A 5,000-character target and too few statistics sequences: refused against the real
+    // model's tokenizer and sizes, before statistics or the value search.
+    let d = tempfile::tempdir().unwrap();
+    let long = "Rome ".repeat(1000);
+    let spec = spec_file(
+        d.path(),
+        &SPEC.replace("target_new: Rome", &format!("target_new: \"{long}\"")),
+    );
+    refused_in_empty_dir(
+        &["edit", spec.to_str().unwrap()],
+        &["spec.yaml", "rewrites[0].target_new", "at most 64"],
+    );
+    let spec = spec_file(
+        d.path(),
+        &SPEC.replace("layer: 1", "layer: 1, stats_samples: 1"),
+    );
+    refused_in_empty_dir(
+        &["edit", spec.to_str().unwrap()],
+        &["spec.yaml", "method.stats_samples", "at least 12"],
+    );
+}
+
+#[test]
+fn outputs_are_checked_before_any_work() {
+    let d = tempfile::tempdir().unwrap();
+    let g = Gguf::tiny().write(d.path(), "in.gguf");
+    let spec = spec_file(d.path(), SPEC);
+    let before = snapshot(d.path());
+    let (s, g) = (spec.to_str().unwrap(), g.to_str().unwrap());
+    // The input as --out.
+    refused_in_empty_dir(&["edit", s, "--model", g, "--out", g], &["--out", "input"]);
+    // An unwritable place for the model.
+    refused_in_empty_dir(
+        &["edit", s, "--model", g, "--out", "/proc/engram-out.gguf"],
+        &["--out", "/proc"],
+    );
+    // --json naming a directory.
+    let dir = d.path().to_str().unwrap();
+    refused_in_empty_dir(
+        &["edit", s, "--model", g, "--json", dir],
+        &["--json", "directory"],
+    );
+    // --patch under a file.
+    let under = format!("{g}/p.engram.safetensors");
+    refused_in_empty_dir(&["edit", s, "--model", g, "--patch", &under], &["--patch"]);
+    assert_eq!(snapshot(d.path()), before, "inputs changed");
+}
+
+#[test]
+fn counterfact_data_that_yields_no_case() {
+    let d = tempfile::tempdir().unwrap();
+    let empty = d.path().join("empty.jsonl");
+    std::fs::write(&empty, "\n").unwrap();
+    let one = d.path().join("one.jsonl");
+    std::fs::write(
+        &one,
+        r#"{"case_id": 7, "prompt": "The Eiffel Tower is in", "subject": "The Eiffel Tower", "target_new": "Rome", "ground_truth": "Paris", "rephrase_prompt": "The Eiffel Tower stands in", "locality_prompt": "The Louvre is in", "locality_ground_truth": "Paris"}"#,
+    )
+    .unwrap();
+    let wrong = d.path().join("wrong.jsonl");
+    std::fs::write(
+        &wrong,
+        r#"{"case_id": 7, "prompt": "The Eiffel Tower is in", "subject": "Big Ben", "target_new": "Rome", "ground_truth": "Paris", "rephrase_prompt": "The Eiffel Tower stands in", "locality_prompt": "The Louvre is in", "locality_ground_truth": "Paris"}"#,
+    )
+    .unwrap();
+    let tiny = fixture("tiny-llama");
+    let t = tiny.to_str().unwrap();
+    let cf = |data: &Path, extra: &[&str]| {
+        let mut v = vec!["eval", "counterfact", "--model", t, "--data"];
+        v.push(Box::leak(
+            data.to_str().unwrap().to_string().into_boxed_str(),
+        ));
+        v.extend_from_slice(extra);
+        v.into_iter().map(str::to_string).collect::<Vec<_>>()
+    };
+    let run = |args: Vec<String>, want: &[&str]| {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        refused_in_empty_dir(&a, want);
+    };
+    run(cf(&empty, &[]), &["empty.jsonl", "no records"]);
+    run(cf(&one, &["--n", "0"]), &["--n", "at least 1"]);
+    run(
+        cf(&one, &["--offset", "5"]),
+        &["--offset", "only 1 records"],
+    );
+    run(
+        cf(&wrong, &[]),
+        &["wrong.jsonl", "line 1.subject", "Big Ben"],
+    );
+    run(
+        cf(
+            &one,
+            &["--method", "memit", "--layer", "0-18446744073709551615"],
+        ),
+        &["--layer", "out of range"],
+    );
+}
+
+#[test]
+fn flags_with_absurd_numbers() {
+    let tiny = fixture("tiny-llama");
+    let t = tiny.to_str().unwrap();
+    refused_in_empty_dir(
+        &["bench", "--model", t, "--batch", "0", "--seq", "0"],
+        &["--batch"],
+    );
+    refused_in_empty_dir(&["bench", "--model", t, "--seq", "0"], &["--seq"]);
+    refused_in_empty_dir(
+        &[
+            "generate",
+            "--prompt",
+            "The Eiffel Tower is in",
+            "--max-new-tokens",
+            "18446744073709551615",
+        ],
+        &["--max-new-tokens", "context"],
+    );
+}
+
+#[test]
+fn requests_with_absurd_sizes() {
+    let d = tempfile::tempdir().unwrap();
+    let req = d.path().join("req.yaml");
+    let tiny = fixture("tiny-llama");
+    let suite = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("eval/unrelated.yaml");
+    let good = "subject: A\nsecrets:\n  - value: \"123\"\n    prompts: [\"A's code is\"]\nmethod: {name: npo}\nlayers: all\n";
+    let cases: Vec<(String, Vec<&str>, bool)> = vec![
+        (
+            good.replace("layers: all", "layers: 0-18446744073709551615"),
+            vec!["layers", "out of range"],
+            false,
+        ),
+        (
+            good.replace("\"123\"", &format!("\"{}\"", "9".repeat(10 << 20))),
+            vec!["secrets[0].value", "at most 16384 bytes"],
+            false,
+        ),
+        (
+            format!("{good}steps: 1000000000000\n"),
+            vec!["steps"],
+            false,
+        ),
+        (
+            format!("{good}exposure_candidates: 100000000000\n"),
+            vec!["exposure_candidates"],
+            false,
+        ),
+        (
+            good.replace("{name: npo}", "{name: graddiff, retain_weight: .nan}")
+                + "retain:\n  - {prompt: \"B is\", answer: \" nice\"}\n",
+            vec!["method.retain_weight"],
+            false,
+        ),
+        // Fits the byte bound but not the real model's context: named as the secret's field,
+        // not as a flag the user never passed.
+        (
+            good.replace("\"123\"", &format!("\"{}\"", "1 2 3 4 ".repeat(2000))),
+            vec!["secrets[0].value", "context"],
+            true,
+        ),
+    ];
+    for (text, want, real) in cases {
+        std::fs::write(&req, &text).unwrap();
+        // The tiny model has no tokenizer: its cases are refused before one is needed.
+        let mut args = if real {
+            vec![
+                "audit",
+                req.to_str().unwrap(),
+                "--types",
+                "none",
+                "--reference",
+                "none",
+            ]
+        } else {
+            vec![
+                "unlearn",
+                req.to_str().unwrap(),
+                "--model",
+                tiny.to_str().unwrap(),
+                "--suite",
+                suite.to_str().unwrap(),
+            ]
+        };
+        args.extend(["--json", "r.json"]);
+        let mut w = vec!["req.yaml"];
+        w.extend(want);
+        refused_in_empty_dir(&args, &w);
+    }
+}
+
+/// A patch for tiny-llama: one rank-one delta of `model.layers.0.mlp.down_proj.weight`.
+fn patch_bytes(base_fp: &str, right: candle_core::Tensor, left: candle_core::Tensor) -> Vec<u8> {
+    let dev = candle_core::Device::Cpu;
+    let prev = candle_core::Tensor::zeros((32, 64), candle_core::DType::F32, &dev).unwrap();
+    let meta = serde_json::json!({
+        "engram_version": "0", "method": "rome", "spec": "",
+        "base_fingerprint": base_fp, "edited_fingerprint": base_fp,
+        "deltas": [["model.layers.0.mlp.down_proj.weight", 0, "rank_one"]],
+    });
+    let mut md = std::collections::HashMap::new();
+    md.insert("engram".to_string(), meta.to_string());
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("p.safetensors");
+    let map: std::collections::HashMap<String, candle_core::Tensor> = [
+        ("delta.0.right".to_string(), right),
+        ("delta.0.left".to_string(), left),
+        ("previous.0".to_string(), prev),
+    ]
+    .into_iter()
+    .collect();
+    candle_core::safetensors::save(&map, &p).unwrap();
+    // Re-serialize with the metadata (candle's writer has none).
+    let bytes = std::fs::read(&p).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = st.tensors().into_iter().collect();
+    safetensors::serialize(views, Some(md)).unwrap()
+}
+
+#[test]
+fn hostile_patches_name_the_patch_file() {
+    let dev = candle_core::Device::Cpu;
+    let m = crate::common::tiny("tiny-llama");
+    let fp = m.fingerprint().unwrap();
+    let v = |n: usize| candle_core::Tensor::ones(n, candle_core::DType::F32, &dev).unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let tiny = fixture("tiny-llama");
+    let cases = [
+        (
+            "short.safetensors",
+            patch_bytes("ab", v(32), v(64)),
+            "made for base ab",
+        ),
+        (
+            "unicode.safetensors",
+            patch_bytes("ééééééééééééééé", v(32), v(64)),
+            "made for base",
+        ),
+        (
+            "rank.safetensors",
+            patch_bytes(&fp, v(32).reshape((4, 8)).unwrap(), v(64)),
+            "rank 1",
+        ),
+        (
+            "dtype.safetensors",
+            patch_bytes(&fp, v(32).to_dtype(candle_core::DType::F64).unwrap(), v(64)),
+            "expected f32",
+        ),
+        (
+            "size.safetensors",
+            patch_bytes(&fp, v(16), v(64)),
+            "do not fit",
+        ),
+    ];
+    for (name, bytes, want) in cases {
+        let p = d.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        let ps = p.to_str().unwrap();
+        refused_in_empty_dir(
+            &[
+                "patch",
+                "apply",
+                ps,
+                "--model",
+                tiny.to_str().unwrap(),
+                "--out",
+                "x",
+            ],
+            &[name, want],
+        );
+        let (code, err) = engram(&["patch", "show", ps]);
+        assert!(code == 0 || code == 2, "{err}");
+    }
 }

@@ -1,0 +1,107 @@
+//! Bounds on every number and text a file or a user controls, checked before any work.
+//!
+//! Each bound is far above what a sensible run uses and low enough that no accepted value
+//! can exhaust memory or run for days: a spec that asks for 10^12 Adam steps, a 10 MB subject
+//! or a NaN learning rate is refused up front, naming the field and the allowed range, instead
+//! of hanging or failing deep inside the maths. The README's validation table lists them.
+
+/// A field and why its value is refused; callers wrap it in their error with the file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bad {
+    pub field: String,
+    pub reason: String,
+}
+
+impl Bad {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Bad {
+        Bad {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Bad {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
+/// Checks return this.
+pub type Check = std::result::Result<(), Bad>;
+
+/// Longest text field (prompt, subject, target, paraphrase, secret) in bytes. Longer texts
+/// cannot fit the models' contexts anyway; the token-level check against the model's context
+/// follows once the model is loaded.
+pub const MAX_TEXT_BYTES: usize = 16 * 1024;
+/// Longest edit target, in tokens (CounterFact's are 1 to 5).
+pub const MAX_TARGET_TOKENS: usize = 64;
+/// Most optimisation steps of a value search or a fine-tuning run.
+pub const MAX_STEPS: usize = 100_000;
+/// Most records of one kind in a spec or request (rewrites, paraphrases, examples).
+pub const MAX_ITEMS: usize = 1_000_000;
+
+/// An integer in `lo..=hi`.
+pub fn int_in(field: &str, v: usize, lo: usize, hi: usize) -> Check {
+    if v < lo || v > hi {
+        return Err(Bad::new(field, format!("{v}: must be from {lo} to {hi}")));
+    }
+    Ok(())
+}
+
+/// A finite real in `[lo, hi]`, or `(lo, hi]` when `lo_open`.
+pub fn real_in(field: &str, v: f64, lo: f64, hi: f64, lo_open: bool) -> Check {
+    let ok = v.is_finite() && (if lo_open { v > lo } else { v >= lo }) && v <= hi;
+    if !ok {
+        let open = if lo_open { "(" } else { "[" };
+        return Err(Bad::new(
+            field,
+            format!("{v}: must be a finite number in {open}{lo}, {hi}]"),
+        ));
+    }
+    Ok(())
+}
+
+/// A text of at most [`MAX_TEXT_BYTES`] bytes.
+pub fn text(field: &str, s: &str) -> Check {
+    if s.len() > MAX_TEXT_BYTES {
+        return Err(Bad::new(
+            field,
+            format!(
+                "{} bytes: texts may have at most {MAX_TEXT_BYTES} bytes",
+                s.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// At most `max` items.
+pub fn count(field: &str, n: usize, max: usize) -> Check {
+    if n > max {
+        return Err(Bad::new(
+            field,
+            format!("{n} entries: at most {max} allowed"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_name_the_field_and_the_range() {
+        assert!(int_in("steps", 0, 1, 10)
+            .unwrap_err()
+            .to_string()
+            .contains("steps: 0: must be from 1 to 10"));
+        assert!(real_in("lr", f64::NAN, 0.0, 1.0, true).is_err());
+        assert!(real_in("lr", f64::INFINITY, 0.0, 1.0, true).is_err());
+        assert!(real_in("lr", 0.0, 0.0, 1.0, true).is_err());
+        assert!(real_in("w", 0.0, 0.0, 1.0, false).is_ok());
+        assert!(text("subject", &"x".repeat(MAX_TEXT_BYTES + 1)).is_err());
+        assert!(count("rewrites", 3, 2).is_err());
+    }
+}
