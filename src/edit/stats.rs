@@ -400,3 +400,26 @@ pub fn describe(s: &KeyStats) -> String {
         None => format!("{} keys", s.count),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn degenerate_statistics_are_refused() {
+        let dev = candle_core::Device::Cpu;
+        let stats = |mom2: Tensor, count| KeyStats {
+            layer: 0,
+            mom2,
+            count,
+            cache_path: None,
+        };
+        let eye = Tensor::eye(4, DType::F64, &dev).unwrap();
+        assert!(check_usable(&stats(eye.clone(), 10)).is_ok());
+        assert!(check_usable(&stats(eye.clone(), 0)).is_err());
+        let zeros = Tensor::zeros((4, 4), DType::F64, &dev).unwrap();
+        assert!(check_usable(&stats(zeros, 10)).is_err());
+        let nan = (eye * f64::NAN).unwrap();
+        assert!(check_usable(&stats(nan, 10)).is_err());
+    }
+}

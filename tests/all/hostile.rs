@@ -555,6 +555,20 @@ fn flags_with_absurd_numbers() {
         &["--batch"],
     );
     refused_in_empty_dir(&["bench", "--model", t, "--seq", "0"], &["--seq"]);
+    let data =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("forget-sets/mara-quillfeather-data.yaml");
+    let data = data.to_str().unwrap();
+    for (flag, v) in [
+        ("--steps", "0"),
+        ("--steps", "1000000000000"),
+        ("--lr", "NaN"),
+        ("--batch-size", "0"),
+    ] {
+        refused_in_empty_dir(
+            &["learn", data, "--model", t, "--out", "o", flag, v],
+            &[flag],
+        );
+    }
     refused_in_empty_dir(
         &[
             "generate",

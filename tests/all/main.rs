@@ -7,6 +7,7 @@ mod cli_errors;
 mod common;
 mod edit;
 mod eval;
+mod fuzz;
 mod hostile;
 mod locate;
 mod mass_edit;
