@@ -168,7 +168,7 @@ const NUMBERS: [&str; 14] = [
 fn mutate_bytes(rng: &mut StdRng, seed: &[u8]) -> Vec<u8> {
     let mut b = seed.to_vec();
     // Mutations favour the header: the first 4 KB is where the fields live.
-    let hot = b.len().min(4096).max(1);
+    let hot = b.len().clamp(1, 4096);
     for _ in 0..rng.random_range(1..4) {
         let len = b.len().max(1);
         let at = if rng.random_bool(0.8) {
