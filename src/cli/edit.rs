@@ -62,6 +62,9 @@ fn row(t: &mut Table, name: &str, s: &RewriteScores) {
         s.ns_margin
             .map(|m| format!("{m:+.3}"))
             .unwrap_or("-".into()),
+        pct(Some(s.gen.gen_es)),
+        pct(s.gen.gen_ps),
+        pct(s.gen.gen_ns),
     ]);
 }
 
@@ -99,6 +102,9 @@ pub fn print_report(r: &EditReport) {
             "ES margin",
             "PS margin",
             "NS margin",
+            "gen ES",
+            "gen PS",
+            "gen NS",
         ]);
         row(&mut t, "before", &w.pre);
         row(&mut t, "after", &w.post);
@@ -106,6 +112,7 @@ pub fn print_report(r: &EditReport) {
             row(&mut t, "after, re-quantized", q);
         }
         println!("{t}");
+        println!("    says after: {:?}", w.post.gen.gen_text);
     }
     for (b, bt) in r.batches.iter().enumerate() {
         let layers: Vec<String> = bt

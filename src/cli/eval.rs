@@ -223,6 +223,21 @@ fn run_cf(a: CfArgs) -> Result<()> {
         f(s.score),
     ]);
     t.add_row(vec![
+        "generated ES / PS / NS".into(),
+        format!(
+            "{:.1}% / {:.1}% / {:.1}%",
+            100.0 * s.gen_es_pre,
+            100.0 * s.gen_ps_pre,
+            100.0 * s.gen_ns_pre
+        ),
+        format!(
+            "{:.1}% / {:.1}% / {:.1}%",
+            100.0 * s.gen_es,
+            100.0 * s.gen_ps,
+            100.0 * s.gen_ns
+        ),
+    ]);
+    t.add_row(vec![
         "margins ES / PS / NS".into(),
         "".into(),
         format!(

@@ -6,6 +6,7 @@
 //! rephrase_prompt, locality_prompt, locality_ground_truth), or ROME's original
 //! `counterfact.json` (requested_rewrite, paraphrase_prompts, neighborhood_prompts).
 
+use super::generation::GenScores;
 use super::metrics::{fluency, harmonic_mean, mean_ci95, score_rewrite, RewriteScores};
 use crate::edit::run::{Editor, RetentionPoint};
 use crate::edit::spec::{Method, Neighbor, Rewrite};
@@ -177,6 +178,9 @@ pub struct Scores {
     pub es_margin: f64,
     pub ps_margin: f64,
     pub ns_margin: f64,
+    /// Generation-based scores and the generated texts (absent in rows of older runs).
+    #[serde(flatten, default)]
+    pub gen: GenScores,
 }
 
 impl From<&RewriteScores> for Scores {
@@ -188,6 +192,7 @@ impl From<&RewriteScores> for Scores {
             es_margin: s.es_margin,
             ps_margin: s.ps_margin.unwrap_or(0.0),
             ns_margin: s.ns_margin.unwrap_or(0.0),
+            gen: s.gen.clone(),
         }
     }
 }
@@ -211,6 +216,13 @@ pub struct Summary {
     pub es_margin: f64,
     pub ps_margin: f64,
     pub ns_margin: f64,
+    /// Generation-based scores after and before the edit (generation.rs).
+    pub gen_es: f64,
+    pub gen_ps: f64,
+    pub gen_ns: f64,
+    pub gen_es_pre: f64,
+    pub gen_ps_pre: f64,
+    pub gen_ns_pre: f64,
     pub edit_seconds_mean: f64,
     pub edit_seconds_median: f64,
     pub eval_seconds_mean: f64,
@@ -249,6 +261,12 @@ pub fn summarise(rows: &[CaseRow], method: &str) -> Summary {
         es_margin: mean(col(&|r| r.post.es_margin)),
         ps_margin: mean(col(&|r| r.post.ps_margin)),
         ns_margin: mean(col(&|r| r.post.ns_margin)),
+        gen_es: mean(col(&|r| r.post.gen.gen_es)),
+        gen_ps: mean(col(&|r| r.post.gen.gen_ps.unwrap_or(0.0))),
+        gen_ns: mean(col(&|r| r.post.gen.gen_ns.unwrap_or(0.0))),
+        gen_es_pre: mean(col(&|r| r.pre.gen.gen_es)),
+        gen_ps_pre: mean(col(&|r| r.pre.gen.gen_ps.unwrap_or(0.0))),
+        gen_ns_pre: mean(col(&|r| r.pre.gen.gen_ns.unwrap_or(0.0))),
         edit_seconds_mean: mean(times.clone()),
         edit_seconds_median: times.get(times.len() / 2).copied().unwrap_or(0.0),
         eval_seconds_mean: mean(col(&|r| r.eval_seconds)),

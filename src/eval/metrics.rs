@@ -28,9 +28,13 @@ pub struct RewriteScores {
     pub ns_margin: Option<f64>,
     pub p_new: f64,
     pub p_true: Option<f64>,
+    /// What the model says: `gen_es`, `gen_ps`, `gen_ns` and the texts (generation.rs).
+    #[serde(flatten)]
+    pub gen: super::generation::GenScores,
 }
 
-/// Score a rewrite. Without `target_true`, ES compares nothing and is 1 when P(new) > 0.5.
+/// Score a rewrite: by probabilities and by generation ([`super::generation`]). Without
+/// `target_true`, ES compares nothing and is 1 when P(new) > 0.5.
 pub fn score_rewrite(model: &Model, r: &Rewrite) -> Result<RewriteScores> {
     let new = continuation(&r.target_new);
     let truth = r.target_true.as_deref().map(continuation);
@@ -83,6 +87,7 @@ pub fn score_rewrite(model: &Model, r: &Rewrite) -> Result<RewriteScores> {
         let (hit, margin) = pairwise(&lp[i..i + 2 * r.neighborhood.len()]);
         (s.ns, s.ns_margin) = (Some(hit), Some(margin));
     }
+    s.gen = super::generation::score(model, r)?;
     Ok(s)
 }
 

@@ -2,6 +2,7 @@
 //! on), and the metrics and reports built from it.
 
 pub mod counterfact;
+pub mod generation;
 pub mod logprob;
 pub mod metrics;
 pub mod svg;

@@ -41,6 +41,21 @@ fn rome_moves_the_eiffel_tower_to_rome() {
     assert!(moved.contains("Rome"), "{moved:?}");
     assert!(para.contains("Rome"), "{para:?}");
     assert!(louvre.contains("Paris"), "{louvre:?}");
+    // Generation-based scores: what the model says before and after.
+    let pre = engram::eval::metrics::score_rewrite(base, &r).unwrap();
+    let post = engram::eval::metrics::score_rewrite(&m, &r).unwrap();
+    println!(
+        "says before {:?}, after {:?}",
+        pre.gen.gen_text, post.gen.gen_text
+    );
+    assert_eq!(pre.gen.gen_es, 0.0);
+    assert!(pre.gen.gen_text.contains("Paris"), "{:?}", pre.gen.gen_text);
+    assert_eq!(post.gen.gen_es, 1.0);
+    assert!(
+        post.gen.gen_text.contains("Rome"),
+        "{:?}",
+        post.gen.gen_text
+    );
     let fp1 = m.fingerprint().unwrap();
     assert_ne!(fp1, fp0);
 

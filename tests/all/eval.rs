@@ -84,6 +84,15 @@ fn counterfact_runner_on_20_records() {
         wins += (lp[0].mean_logprob > lp[1].mean_logprob) as usize;
     }
     assert_eq!(s.es_pre, wins as f64 / 20.0);
+    // Generation-based scores agree with the texts the rows carry.
+    use engram::eval::generation::contains_answer;
+    let said: Vec<f64> = rows
+        .iter()
+        .zip(&cases)
+        .map(|(row, c)| contains_answer(&row.pre.gen.gen_text, &c.rewrite.target_new) as u8 as f64)
+        .collect();
+    assert_eq!(s.gen_es_pre, said.iter().sum::<f64>() / 20.0);
+    assert!(rows.iter().all(|r| !r.pre.gen.gen_text.is_empty()));
     assert_eq!(
         m.fingerprint().unwrap(),
         real().fingerprint().unwrap(),
