@@ -237,6 +237,21 @@ fn run_cf(a: CfArgs) -> Result<()> {
             100.0 * s.gen_ns
         ),
     ]);
+    if let (Some(es), Some(ps), Some(ns), Some(g)) =
+        (s.requant_es, s.requant_ps, s.requant_ns, s.requant_gen_es)
+    {
+        t.add_row(vec![
+            "after re-quantizing the edited tensors: ES / PS / NS, gen ES".into(),
+            "".into(),
+            format!(
+                "{:.1}% / {:.1}% / {:.1}%, {:.1}%",
+                100.0 * es,
+                100.0 * ps,
+                100.0 * ns,
+                100.0 * g
+            ),
+        ]);
+    }
     t.add_row(vec![
         "margins ES / PS / NS".into(),
         "".into(),

@@ -167,6 +167,10 @@ pub struct CaseRow {
     pub eval_seconds: f64,
     #[serde(default)]
     pub error: Option<String>,
+    /// For GGUF input: the post-edit scores with the edited tensors re-quantized to the types
+    /// they are written in ([`requantize_edited`]).
+    #[serde(default)]
+    pub requant: Option<Scores>,
 }
 
 /// ES / PS / NS of one case as plain numbers (for JSONL).
@@ -223,6 +227,11 @@ pub struct Summary {
     pub gen_es_pre: f64,
     pub gen_ps_pre: f64,
     pub gen_ns_pre: f64,
+    /// For GGUF input, after re-quantizing the edited tensors (`None` otherwise).
+    pub requant_es: Option<f64>,
+    pub requant_ps: Option<f64>,
+    pub requant_ns: Option<f64>,
+    pub requant_gen_es: Option<f64>,
     pub edit_seconds_mean: f64,
     pub edit_seconds_median: f64,
     pub eval_seconds_mean: f64,
@@ -242,6 +251,10 @@ pub fn summarise(rows: &[CaseRow], method: &str) -> Summary {
         mean(col(&|r| r.pre.ps)),
         mean(col(&|r| r.pre.ns)),
     );
+    let requant: Vec<&Scores> = ok.iter().filter_map(|r| r.requant.as_ref()).collect();
+    let rq = |f: &dyn Fn(&Scores) -> f64| {
+        (!requant.is_empty()).then(|| mean(requant.iter().map(|q| f(q)).collect()))
+    };
     let mut times = col(&|r| r.edit_seconds);
     times.sort_by(f64::total_cmp);
     Summary {
@@ -267,6 +280,10 @@ pub fn summarise(rows: &[CaseRow], method: &str) -> Summary {
         gen_es_pre: mean(col(&|r| r.pre.gen.gen_es)),
         gen_ps_pre: mean(col(&|r| r.pre.gen.gen_ps.unwrap_or(0.0))),
         gen_ns_pre: mean(col(&|r| r.pre.gen.gen_ns.unwrap_or(0.0))),
+        requant_es: rq(&|q| q.es),
+        requant_ps: rq(&|q| q.ps),
+        requant_ns: rq(&|q| q.ns),
+        requant_gen_es: rq(&|q| q.gen.gen_es),
         edit_seconds_mean: mean(times.clone()),
         edit_seconds_median: times.get(times.len() / 2).copied().unwrap_or(0.0),
         eval_seconds_mean: mean(col(&|r| r.eval_seconds)),
@@ -356,6 +373,7 @@ fn edit_and_score(model: &mut Model, editor: &mut Editor, chunk: &[&Case]) -> Re
                     edit_seconds: 0.0,
                     eval_seconds: pre_s,
                     error: Some(e.to_string()),
+                    requant: None,
                 })
                 .collect())
         }
@@ -371,21 +389,72 @@ fn edit_and_score(model: &mut Model, editor: &mut Editor, chunk: &[&Case]) -> Re
         .iter()
         .map(|c| score_rewrite(model, &c.rewrite))
         .collect::<Result<Vec<_>>>();
+    let names: Vec<&str> = deltas.iter().map(|d| d.name.as_str()).collect();
+    let requant = score_requantized(model, &names, &rs);
     let post_s = t2.elapsed().as_secs_f64() / chunk.len() as f64;
     revert(model, &applied)?; // every case (batch) starts from the unedited model
+    let requant = requant?;
     Ok(chunk
         .iter()
         .zip(pre)
         .zip(post?)
-        .map(|((c, p), q)| CaseRow {
+        .enumerate()
+        .map(|(i, ((c, p), q))| CaseRow {
             case_id: c.case_id,
             pre: (&p).into(),
             post: (&q).into(),
             edit_seconds: edit_s,
             eval_seconds: pre_s + post_s,
             error: None,
+            requant: requant.as_ref().map(|r| (&r[i]).into()),
         })
         .collect())
+}
+
+/// The edited tensors `names` as the GGUF file stores them: each re-quantized to its input
+/// type (the type `save_gguf` writes a changed tensor in; a K-quant that does not fit the
+/// rows falls back as llama.cpp does). Returns what restores the f32 edit, or `None` for a
+/// model that was not loaded from GGUF.
+pub fn requantize_edited(model: &mut Model, names: &[&str]) -> Result<Option<Vec<Applied>>> {
+    use crate::model::quant::{fake_quant, fitting_type, input_types};
+    let Some(types) = input_types(model) else {
+        return Ok(None);
+    };
+    let mut saved: Vec<Applied> = Vec::new();
+    for &n in names {
+        if saved.iter().any(|a| a.name == n) {
+            continue;
+        }
+        let w = model.weights.get(n)?.clone();
+        let ty = match types.get(n) {
+            Some(&t) if w.rank() == 2 => fitting_type(t, w.dim(1)?),
+            _ => continue,
+        };
+        model.set_tensor(n, fake_quant(&w, ty)?)?;
+        saved.push(Applied {
+            name: n.to_string(),
+            previous: w,
+        });
+    }
+    Ok(Some(saved))
+}
+
+/// Score `rewrites` with the edited tensors re-quantized ([`requantize_edited`]), then
+/// restore the f32 edit. `None` for a model not loaded from GGUF.
+fn score_requantized(
+    model: &mut Model,
+    names: &[&str],
+    rewrites: &[Rewrite],
+) -> Result<Option<Vec<RewriteScores>>> {
+    let Some(saved) = requantize_edited(model, names)? else {
+        return Ok(None);
+    };
+    let scores = rewrites
+        .iter()
+        .map(|r| score_rewrite(model, r))
+        .collect::<Result<Vec<_>>>();
+    revert(model, &saved)?;
+    Ok(Some(scores?))
 }
 
 /// A sequential run's results.
@@ -451,12 +520,16 @@ pub fn run_sequential(
     let mut retention = Vec::new();
     let mut batch_seconds = Vec::new();
     let bs = batch_size.max(1);
+    let mut edited: Vec<String> = Vec::new();
     for (b, chunk) in rewrites.chunks(bs).enumerate() {
         let t0 = Instant::now();
         // ROME and FT-L take the batch's rewrites one step at a time.
         for step in chunk.chunks(editor.step_size(chunk.len())) {
             for d in &editor.compute_step(model, step)?.deltas {
                 apply(model, d)?;
+                if !edited.contains(&d.name) {
+                    edited.push(d.name.clone());
+                }
             }
         }
         let secs = t0.elapsed().as_secs_f64();
@@ -483,19 +556,23 @@ pub fn run_sequential(
         .iter()
         .map(|r| score_rewrite(model, r))
         .collect::<Result<Vec<_>>>()?;
+    let names: Vec<&str> = edited.iter().map(String::as_str).collect();
+    let requant = score_requantized(model, &names, &rewrites)?;
     let eval_s = t_eval.elapsed().as_secs_f64() / cases.len().max(1) as f64;
     let fluency_after = fluency(model, &flu_prompts)?;
     let rows = cases
         .iter()
         .zip(pre.iter().zip(&post))
         .zip(edit_s)
-        .map(|((c, (p, q)), e)| CaseRow {
+        .enumerate()
+        .map(|(i, ((c, (p, q)), e))| CaseRow {
             case_id: c.case_id,
             pre: p.into(),
             post: q.into(),
             edit_seconds: e,
             eval_seconds: eval_s,
             error: None,
+            requant: requant.as_ref().map(|r| (&r[i]).into()),
         })
         .collect();
     Ok(SequentialRun {

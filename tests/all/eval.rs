@@ -108,3 +108,78 @@ fn counterfact_runner_on_20_records() {
         20
     );
 }
+
+/// The CounterFact runner's re-quantized scores (edited tensors fake-quantized in memory)
+/// equal those `edit` measures on the GGUF file it wrote and reloaded, for the same FT-L edit.
+#[test]
+fn requantized_scores_match_the_written_file() {
+    let d = tempfile::tempdir().unwrap();
+    let data = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/data/counterfact/dev-2000.jsonl"
+    );
+    let first = std::fs::read_to_string(data).unwrap();
+    let rec: serde_json::Value = serde_json::from_str(first.lines().next().unwrap()).unwrap();
+    let s = |k: &str| rec[k].as_str().unwrap().to_string();
+    let spec = d.path().join("case0.yaml");
+    let yaml = serde_json::json!({
+        "method": {"method": "ft", "layer": 5},
+        "rewrites": [{
+            "prompt": s("prompt"), "subject": s("subject"), "target_new": s("target_new"),
+            "target_true": s("ground_truth"), "paraphrases": [s("rephrase_prompt")],
+            "neighborhood": [{"prompt": s("locality_prompt"), "answer": s("locality_ground_truth")}],
+        }],
+    });
+    std::fs::write(&spec, serde_yaml::to_string(&yaml).unwrap()).unwrap();
+    let (ej, cj) = (d.path().join("edit.json"), d.path().join("cf.json"));
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_engram"))
+            .args(args)
+            .current_dir(d.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "edit",
+        spec.to_str().unwrap(),
+        "--no-locality",
+        "--json",
+        ej.to_str().unwrap(),
+    ]);
+    run(&[
+        "eval",
+        "counterfact",
+        "--data",
+        data,
+        "--method",
+        "ft",
+        "--layer",
+        "5",
+        "--n",
+        "1",
+        "--json",
+        cj.to_str().unwrap(),
+    ]);
+    let e = json(&ej);
+    let c = json(&cj);
+    let file = &e["rewrites"][0]["requantized"];
+    let mem = &c["summary"];
+    println!("file: {file}\nmemory: {mem}");
+    for (f, m) in [
+        ("es", "requant_es"),
+        ("ps", "requant_ps"),
+        ("ns", "requant_ns"),
+        ("gen_es", "requant_gen_es"),
+    ] {
+        assert_eq!(file[f].as_f64().unwrap(), mem[m].as_f64().unwrap(), "{f}");
+    }
+    let margin = (file["es_margin"].as_f64().unwrap()
+        - c["cases"][0]["requant"]["es_margin"].as_f64().unwrap())
+    .abs();
+    assert!(margin < 1e-6, "ES margin differs by {margin}");
+}
