@@ -79,6 +79,7 @@ pub fn save_hf_dir(model: &Model, out: &Path) -> Result<()> {
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     let tmp = tempfile::Builder::new()
         .prefix(".engram-tmp-")
+        .permissions(umask_mode(0o777))
         .tempdir_in(parent)
         .map_err(|e| Error::io(parent, e))?;
 
@@ -209,6 +210,14 @@ pub fn save_gguf(model: &Model, out: &Path, dtype: Option<GgmlDType>) -> Result<
     })
 }
 
+/// `mode` for a new file or directory: the creating `open`/`mkdir` applies the umask, so
+/// outputs get the mode `cp` would give them (0644 and 0755 under umask 022), not the 0600
+/// of a temporary file.
+fn umask_mode(mode: u32) -> std::fs::Permissions {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::Permissions::from_mode(mode)
+}
+
 /// Write a file through a temporary sibling, then rename it into place.
 pub fn write_atomic(
     out: &Path,
@@ -221,6 +230,7 @@ pub fn write_atomic(
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     let tmp = tempfile::Builder::new()
         .prefix(".engram-tmp-")
+        .permissions(umask_mode(0o666))
         .tempfile_in(parent)
         .map_err(|e| Error::io(parent, e))?;
     {

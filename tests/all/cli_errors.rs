@@ -142,3 +142,29 @@ fn inspect_json_matches_the_model() {
     assert_eq!(v["config"]["arch"], "gpt2");
     assert_eq!(v["config"]["n_layers"], 2);
 }
+
+#[test]
+fn outputs_get_the_umask_mode_not_a_temp_files() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let d = tempfile::tempdir().unwrap();
+    let j = d.path().join("i.json");
+    let p = fixture("tiny-llama");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_engram"));
+    c.args([
+        "inspect",
+        "--model",
+        p.to_str().unwrap(),
+        "--json",
+        j.to_str().unwrap(),
+    ]);
+    unsafe {
+        c.pre_exec(|| {
+            libc::umask(0o022);
+            Ok(())
+        });
+    }
+    assert!(c.status().unwrap().success());
+    let mode = std::fs::metadata(&j).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o644, "{mode:o}");
+}
