@@ -19,9 +19,10 @@ pub struct Args {
     /// Where to write the edited checkpoint (default: out/NAME.gguf or out/NAME/ for HF input).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// GGUF output tensor types: `input` (each tensor re-quantized to its input type), `f16`
-    /// or `f32` (matrices; norms stay f32).
-    #[arg(long, default_value = "input", value_parser = ["input", "f16", "f32"])]
+    /// GGUF output tensor types: `input` (each tensor re-quantized to its input type), `auto`
+    /// (each edited tensor in the smallest of input, Q8_0, F16 that keeps every score of the
+    /// f32 edit; the rest byte for byte), `f16` or `f32` (matrices; norms stay f32).
+    #[arg(long, default_value = "input", value_parser = ["input", "auto", "f16", "f32"])]
     out_type: String,
     /// Do not write the edited checkpoint (the patch file is still written).
     #[arg(long)]
@@ -139,6 +140,30 @@ pub fn print_report(r: &EditReport) {
     if let Some(s) = &r.stats {
         println!("key statistics: {s}");
     }
+    if !r.out_types.is_empty() {
+        let mut t = Table::new();
+        t.set_header(vec![
+            "--out-type auto: tensor",
+            "input type",
+            "written as",
+            "bytes",
+        ]);
+        for c in &r.out_types {
+            t.add_row(vec![
+                c.tensor.clone(),
+                c.input_type.clone(),
+                c.chosen_type.clone(),
+                format!("{} -> {}", c.input_bytes, c.chosen_bytes),
+            ]);
+        }
+        println!("{t}");
+        let extra: i64 = r
+            .out_types
+            .iter()
+            .map(|c| c.chosen_bytes as i64 - c.input_bytes as i64)
+            .sum();
+        println!("file-size cost of auto: {extra:+} bytes");
+    }
     if r.peak_rss_mb > 0.0 {
         println!("peak memory (resident): {:.0} MB", r.peak_rss_mb);
     }
@@ -222,8 +247,35 @@ pub fn run(a: Args) -> Result<()> {
             .collect(),
     };
     patch::write(&patch_tmp, &meta, &deltas, &applied)?;
+    if a.out_type == "auto" && is_gguf {
+        // The smallest type per edited tensor at which every score equals the f32 edit's.
+        let names: Vec<String> = deltas.iter().map(|d| d.name.clone()).collect();
+        let key = |s: &engram::eval::metrics::RewriteScores| {
+            [
+                s.es,
+                s.ps.unwrap_or(-1.0),
+                s.ns.unwrap_or(-1.0),
+                s.gen.gen_es,
+                s.gen.gen_ps.unwrap_or(-1.0),
+                s.gen.gen_ns.unwrap_or(-1.0),
+            ]
+        };
+        let target: Vec<[f64; 6]> = report.rewrites.iter().map(|w| key(&w.post)).collect();
+        let mut score = |q: &engram::model::Model| -> engram::Result<Vec<[f64; 6]>> {
+            spec.rewrites
+                .iter()
+                .map(|r| Ok(key(&score_rewrite(q, r)?)))
+                .collect()
+        };
+        report.out_types = engram::edit::auto::choose(&mut m, &names, &target, &mut score)?;
+    }
     if let Some(out_tmp) = &out_tmp {
-        super::save_model(&m, out_tmp, &a.out_type)?;
+        if report.out_types.is_empty() {
+            super::save_model(&m, out_tmp, &a.out_type)?;
+        } else {
+            let types = engram::edit::auto::as_map(&report.out_types);
+            engram::model::save::save(&m, out_tmp, engram::model::save::SaveAs::GgufTypes(types))?;
+        }
         tracing::debug!(
             "edited model written: RSS {:.0} MB (peak {:.0} MB)",
             engram::rss_mb(),

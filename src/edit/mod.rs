@@ -5,6 +5,7 @@
 //! bit for bit.
 
 pub mod alphaedit;
+pub mod auto;
 pub mod batch;
 pub mod ft;
 pub mod linalg;

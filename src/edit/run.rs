@@ -92,6 +92,9 @@ pub struct EditReport {
     pub edited_fingerprint: String,
     /// Peak resident memory of the process when the report was finished (Linux; 0 elsewhere).
     pub peak_rss_mb: f64,
+    /// `--out-type auto`: the type chosen for each edited tensor (auto.rs).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub out_types: Vec<super::auto::TypeChoice>,
 }
 
 /// Computes edits, reusing key statistics and context prefixes across rewrites and batches
@@ -442,6 +445,7 @@ pub fn run_spec(
         base_fingerprint: editor.base_fingerprint.clone(),
         edited_fingerprint: model.fingerprint()?,
         peak_rss_mb: crate::peak_rss_mb(),
+        out_types: Vec::new(),
     };
     Ok((report, deltas, applied))
 }

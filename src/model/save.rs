@@ -14,12 +14,15 @@ use std::collections::HashMap;
 use std::path::Path;
 
 /// Output format for a saved model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SaveAs {
     /// A Hugging Face directory with `model.safetensors`.
     HfDir,
     /// A GGUF file; `None` keeps each tensor's input type.
     Gguf(Option<GgmlDType>),
+    /// A GGUF file with the named tensors (our names) in the given types and every other in
+    /// its input type (`--out-type auto`, `edit/auto.rs`).
+    GgufTypes(HashMap<String, GgmlDType>),
 }
 
 /// Refuse to write over the model's own input.
@@ -51,7 +54,8 @@ fn check_all_finite(model: &Model) -> Result<()> {
 pub fn save(model: &Model, out: &Path, how: SaveAs) -> Result<()> {
     match how {
         SaveAs::HfDir => save_hf_dir(model, out),
-        SaveAs::Gguf(dtype) => save_gguf(model, out, dtype),
+        SaveAs::Gguf(dtype) => save_gguf(model, out, dtype, None),
+        SaveAs::GgufTypes(types) => save_gguf(model, out, None, Some(&types)),
     }
 }
 
@@ -59,7 +63,7 @@ pub fn save(model: &Model, out: &Path, how: SaveAs) -> Result<()> {
 pub fn save_like_input(model: &Model, out: &Path) -> Result<()> {
     match model.source.format {
         Format::HfDir { .. } => save_hf_dir(model, out),
-        Format::Gguf { .. } => save_gguf(model, out, None),
+        Format::Gguf { .. } => save_gguf(model, out, None, None),
     }
 }
 
@@ -148,7 +152,12 @@ pub fn save_hf_dir(model: &Model, out: &Path) -> Result<()> {
 /// # Errors
 /// [`Error::InvalidArgument`] for a model that was not loaded from GGUF (the metadata to
 /// write comes from the input).
-pub fn save_gguf(model: &Model, out: &Path, dtype: Option<GgmlDType>) -> Result<()> {
+pub fn save_gguf(
+    model: &Model,
+    out: &Path,
+    dtype: Option<GgmlDType>,
+    types: Option<&HashMap<String, GgmlDType>>,
+) -> Result<()> {
     guard_input(model, out)?;
     check_all_finite(model)?;
     let Format::Gguf { metadata, tensors } = &model.source.format else {
@@ -173,8 +182,9 @@ pub fn save_gguf(model: &Model, out: &Path, dtype: Option<GgmlDType>) -> Result<
         } else if ours.contains("self_attn.k_proj") {
             t = permute_qk(&t, cfg.n_kv_heads, false)?;
         }
-        let target = match dtype {
-            Some(d) if t.rank() >= 2 => d,
+        let target = match (dtype, types.and_then(|m| m.get(ours))) {
+            (_, Some(&d)) => d,
+            (Some(d), None) if t.rank() >= 2 => d,
             _ => *orig,
         };
         if target == *orig {

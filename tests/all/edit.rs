@@ -263,3 +263,36 @@ fn patch_on_the_wrong_base_exits_2() {
     );
     assert!(!out.exists());
 }
+
+/// `--out-type auto` on the Eiffel edit: the Q4_1 grid keeps every score, so the edited
+/// matrix stays Q4_1 at no size cost, and the file carries every other tensor unchanged.
+#[test]
+fn out_type_auto_keeps_the_input_type_when_it_holds_the_edit() {
+    let d = tempfile::tempdir().unwrap();
+    let (out, j) = (d.path().join("auto.gguf"), d.path().join("auto.json"));
+    let spec = concat!(env!("CARGO_MANIFEST_DIR"), "/edits/eiffel-rome.yaml");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_engram"))
+        .args(["edit", spec, "--out-type", "auto", "--no-locality"])
+        .args([
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+            j.to_str().unwrap(),
+        ])
+        .current_dir(d.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = json(&j);
+    let t = &r["out_types"][0];
+    assert_eq!(t["tensor"], "model.layers.5.mlp.down_proj.weight");
+    assert_eq!(t["input_type"], "Q4_1");
+    assert_eq!(t["chosen_type"], "Q4_1");
+    assert_eq!(t["input_bytes"], t["chosen_bytes"]);
+    let q = engram::model::load(Some(out.to_str().unwrap()), &candle_core::Device::Cpu).unwrap();
+    for (name, w) in real().weights.iter() {
+        if name != "model.layers.5.mlp.down_proj.weight" {
+            assert_eq!(max_abs_diff(w, q.weights.get(name).unwrap()), 0.0, "{name}");
+        }
+    }
+}

@@ -61,7 +61,7 @@ fn gguf_save_then_load_keeps_types() {
     let m = real();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("copy.gguf");
-    engram::model::save::save_gguf(m, &out, None).unwrap();
+    engram::model::save::save_gguf(m, &out, None, None).unwrap();
     let back = engram::model::load(Some(out.to_str().unwrap()), &Device::Cpu).unwrap();
     let (
         engram::model::Format::Gguf { tensors: a, .. },
@@ -97,7 +97,7 @@ fn gguf_save_then_load_keeps_types() {
         .set_weight(3, engram::model::Site::MlpOut, w2.clone())
         .unwrap();
     let out2 = dir.path().join("edited.gguf");
-    engram::model::save::save_gguf(&edited, &out2, None).unwrap();
+    engram::model::save::save_gguf(&edited, &out2, None, None).unwrap();
     let back2 = engram::model::load(Some(out2.to_str().unwrap()), &Device::Cpu).unwrap();
     let name = m.weight_name(3, engram::model::Site::MlpOut).unwrap();
     for (n, t) in m.weights.iter() {
