@@ -22,7 +22,7 @@
 
 use crate::edit::spec::Rewrite;
 use crate::error::Result;
-use crate::model::generate::{generate, GenParams};
+use crate::model::generate::{generate_until, GenParams};
 use crate::model::Model;
 
 /// New tokens decoded per prompt.
@@ -91,10 +91,18 @@ pub fn continuations(model: &Model, prompts: &[&str]) -> Result<Vec<String>> {
         stop_at_eos: true,
         ..Default::default()
     };
+    // A row stops once its first sentence ends before the end of what it has (a stop
+    // followed by whitespace, or a newline): no later token can change that first sentence,
+    // so stopping changes no text, only the time.
+    let ended = |ids: &[u32]| {
+        tok.decode(ids)
+            .map(|t| first_sentence(&t).len() < t.len())
+            .unwrap_or(false)
+    };
     let mut out = Vec::with_capacity(rows.len());
     // Rows decode as one left-padded batch; 16 at a time bounds the KV cache.
     for chunk in rows.chunks(16) {
-        for ids in generate(model, chunk, &p)? {
+        for ids in generate_until(model, chunk, &p, &ended)? {
             out.push(first_sentence(&tok.decode(&ids)?).to_string());
         }
     }

@@ -80,6 +80,36 @@ pub fn generate_grouped(
     groups: &[(usize, u64)],
     progress: &mut dyn FnMut(usize),
 ) -> Result<Vec<Vec<u32>>> {
+    decode(model, prompts, p, groups, progress, &|_| false)
+}
+
+/// [`generate`], with each row stopped early once `done(row's new tokens)` holds (a row
+/// stopped early keeps the tokens it has). The stop is only a saving: callers use it where
+/// the tokens after that point would be discarded anyway.
+pub fn generate_until(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    p: &GenParams,
+    done: &dyn Fn(&[u32]) -> bool,
+) -> Result<Vec<Vec<u32>>> {
+    decode(
+        model,
+        prompts,
+        p,
+        &[(prompts.len(), p.seed)],
+        &mut |_| {},
+        done,
+    )
+}
+
+fn decode(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    p: &GenParams,
+    groups: &[(usize, u64)],
+    progress: &mut dyn FnMut(usize),
+    stop: &dyn Fn(&[u32]) -> bool,
+) -> Result<Vec<Vec<u32>>> {
     p.validate()?;
     if prompts.is_empty() || prompts.iter().any(|r| r.is_empty()) {
         return Err(Error::invalid(
@@ -146,7 +176,7 @@ pub fn generate_grouped(
         for (r, tok) in picks.into_iter().enumerate() {
             if !done[r] {
                 out[r].push(tok);
-                if p.stop_at_eos && Some(tok) == eos {
+                if (p.stop_at_eos && Some(tok) == eos) || stop(&out[r]) {
                     done[r] = true;
                 }
             }

@@ -183,3 +183,33 @@ fn requantized_scores_match_the_written_file() {
     .abs();
     assert!(margin < 1e-6, "ES margin differs by {margin}");
 }
+
+/// Stopping a row once its first sentence is settled gives exactly the text of decoding all
+/// 20 tokens and cutting afterwards.
+#[test]
+fn early_stopping_changes_no_generated_text() {
+    use engram::eval::generation::{continuations, first_sentence, GEN_TOKENS};
+    let m = real();
+    let data = Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/data/counterfact/dev-2000.jsonl"
+    ));
+    let cases = engram::eval::counterfact::load(data, 0, 6).unwrap();
+    let mut prompts: Vec<&str> = Vec::new();
+    for c in &cases {
+        prompts.push(&c.rewrite.prompt);
+        prompts.extend(c.rewrite.paraphrases.iter().map(String::as_str));
+    }
+    let fast = continuations(m, &prompts).unwrap();
+    let tok = m.tok().unwrap();
+    let rows: Vec<Vec<u32>> = prompts.iter().map(|p| tok.encode(p).unwrap()).collect();
+    let p = engram::model::generate::GenParams {
+        max_new_tokens: GEN_TOKENS,
+        ..Default::default()
+    };
+    let full = engram::model::generate::generate(m, &rows, &p).unwrap();
+    for (f, ids) in fast.iter().zip(full) {
+        let text = tok.decode(&ids).unwrap();
+        assert_eq!(f, first_sentence(&text), "full text {text:?}");
+    }
+}
