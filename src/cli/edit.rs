@@ -5,7 +5,7 @@ use comfy_table::Table;
 use engram::edit::patch::{self, PatchMeta};
 use engram::edit::run::{run_spec, EditReport};
 use engram::edit::spec::EditSpec;
-use engram::eval::metrics::{score_rewrite, RewriteScores, Suite};
+use engram::eval::metrics::{score_rewrites, RewriteScores, Suite};
 use engram::output::Outputs;
 use std::path::PathBuf;
 
@@ -262,10 +262,7 @@ pub fn run(a: Args) -> Result<()> {
         };
         let target: Vec<[f64; 6]> = report.rewrites.iter().map(|w| key(&w.post)).collect();
         let mut score = |q: &engram::model::Model| -> engram::Result<Vec<[f64; 6]>> {
-            spec.rewrites
-                .iter()
-                .map(|r| Ok(key(&score_rewrite(q, r)?)))
-                .collect()
+            Ok(score_rewrites(q, &spec.rewrites)?.iter().map(key).collect())
         };
         report.out_types = engram::edit::auto::choose(&mut m, &names, &target, &mut score)?;
     }
@@ -288,8 +285,12 @@ pub fn run(a: Args) -> Result<()> {
             drop(m);
             engram::release_memory();
             let q = engram::model::load(Some(out_tmp.to_string_lossy().as_ref()), &device)?;
-            for (w, r) in report.rewrites.iter_mut().zip(&spec.rewrites) {
-                w.requantized = Some(score_rewrite(&q, r)?);
+            for (w, s) in report
+                .rewrites
+                .iter_mut()
+                .zip(score_rewrites(&q, &spec.rewrites)?)
+            {
+                w.requantized = Some(s);
             }
         }
     }

@@ -13,7 +13,7 @@ use super::vsearch::{Request, SearchTrace};
 use super::{apply, ft, Applied, WeightDelta};
 use crate::error::{Error, Result};
 use crate::eval::metrics::{
-    efficacy, locality, run_suite, score_rewrite, Locality, RewriteScores, Suite,
+    efficacy, locality, run_suite, score_rewrites, Locality, RewriteScores, Suite,
 };
 use crate::model::Model;
 use std::time::Instant;
@@ -367,10 +367,7 @@ pub fn run_spec(
             [r] => format!("rewrite: {} -> {}", r.prompt, r.target_new),
             _ => format!("batch {b}: {} rewrites", chunk.len()),
         });
-        let pre = chunk
-            .iter()
-            .map(|r| score_rewrite(model, r))
-            .collect::<Result<Vec<_>>>()?;
+        let pre = score_rewrites(model, chunk)?;
         let t0 = Instant::now();
         let step = editor.compute_step(model, chunk)?;
         crate::release_memory(); // the search's graph is gone; its pages need not stay
@@ -388,14 +385,15 @@ pub fn run_spec(
             norm += d.norm()?;
         }
         let layer = ds.last().map(|d| d.layer).unwrap_or(0);
-        for ((r, pre), search) in chunk.iter().zip(pre).zip(traces) {
+        let post = score_rewrites(model, chunk)?;
+        for (((r, pre), post), search) in chunk.iter().zip(pre).zip(post).zip(traces) {
             reports.push(RewriteReport {
                 prompt: r.prompt.clone(),
                 subject: r.subject.clone(),
                 target_new: r.target_new.clone(),
                 target_true: r.target_true.clone(),
                 pre,
-                post: score_rewrite(model, r)?,
+                post,
                 requantized: None,
                 layer,
                 edit_seconds: secs,

@@ -7,7 +7,7 @@
 //! `counterfact.json` (requested_rewrite, paraphrase_prompts, neighborhood_prompts).
 
 use super::generation::GenScores;
-use super::metrics::{fluency, harmonic_mean, mean_ci95, score_rewrite, RewriteScores};
+use super::metrics::{fluency, harmonic_mean, mean_ci95, score_rewrites, RewriteScores};
 use crate::edit::run::{Editor, RetentionPoint};
 use crate::edit::spec::{Method, Neighbor, Rewrite};
 use crate::edit::{apply, revert, Applied};
@@ -334,16 +334,27 @@ pub fn run(
         .iter()
         .filter(|c| !done.contains(&c.case_id))
         .collect();
-    for chunk in todo.chunks(editor.step_size(batch_size)) {
-        for row in edit_and_score(model, &mut editor, chunk)? {
-            if let Some(f) = out.as_mut() {
-                let line = serde_json::to_string(&row)
-                    .map_err(|e| Error::invalid("resume", e.to_string()))?;
-                writeln!(f, "{line}")
-                    .map_err(|e| Error::io(resume.unwrap_or(Path::new("-")), e))?;
+    // The unedited model's scores are taken for 16 cases at a time (their generations decode
+    // together), then each case or batch is edited and scored.
+    let step = editor.step_size(batch_size);
+    let group = step.max(16).div_ceil(step) * step;
+    for cases in todo.chunks(group) {
+        let t0 = Instant::now();
+        let rs: Vec<Rewrite> = cases.iter().map(|c| c.rewrite.clone()).collect();
+        let mut pre = score_rewrites(model, &rs)?.into_iter();
+        let pre_s = t0.elapsed().as_secs_f64() / cases.len() as f64;
+        for chunk in cases.chunks(step) {
+            let chunk_pre: Vec<RewriteScores> = pre.by_ref().take(chunk.len()).collect();
+            for row in edit_and_score(model, &mut editor, chunk, chunk_pre, pre_s)? {
+                if let Some(f) = out.as_mut() {
+                    let line = serde_json::to_string(&row)
+                        .map_err(|e| Error::invalid("resume", e.to_string()))?;
+                    writeln!(f, "{line}")
+                        .map_err(|e| Error::io(resume.unwrap_or(Path::new("-")), e))?;
+                }
+                progress(&row);
+                rows.push(row);
             }
-            progress(&row);
-            rows.push(row);
         }
     }
     Ok(rows)
@@ -351,15 +362,17 @@ pub fn run(
 
 /// Edit one case (ROME, FT-L) or one batch (MEMIT, AlphaEdit) from the current model, score
 /// the cases, and revert.
-fn edit_and_score(model: &mut Model, editor: &mut Editor, chunk: &[&Case]) -> Result<Vec<CaseRow>> {
-    let t0 = Instant::now();
-    let pre = chunk
-        .iter()
-        .map(|c| score_rewrite(model, &c.rewrite))
-        .collect::<Result<Vec<_>>>()?;
-    let pre_s = t0.elapsed().as_secs_f64() / chunk.len() as f64;
-    let t1 = Instant::now();
+///
+/// `pre` holds the cases' scores on the unedited model, taken in `pre_s` seconds per case.
+fn edit_and_score(
+    model: &mut Model,
+    editor: &mut Editor,
+    chunk: &[&Case],
+    pre: Vec<RewriteScores>,
+    pre_s: f64,
+) -> Result<Vec<CaseRow>> {
     let rs: Vec<Rewrite> = chunk.iter().map(|c| c.rewrite.clone()).collect();
+    let t1 = Instant::now();
     let deltas = match editor.compute_step(model, &rs).map(|s| s.deltas) {
         Ok(d) => d,
         Err(e) if e.is_bad_input() => {
@@ -385,10 +398,7 @@ fn edit_and_score(model: &mut Model, editor: &mut Editor, chunk: &[&Case]) -> Re
         applied.push(apply(model, d)?);
     }
     let t2 = Instant::now();
-    let post = chunk
-        .iter()
-        .map(|c| score_rewrite(model, &c.rewrite))
-        .collect::<Result<Vec<_>>>();
+    let post = score_rewrites(model, &rs);
     let names: Vec<&str> = deltas.iter().map(|d| d.name.as_str()).collect();
     let requant = score_requantized(model, &names, &rs);
     let post_s = t2.elapsed().as_secs_f64() / chunk.len() as f64;
@@ -449,10 +459,7 @@ fn score_requantized(
     let Some(saved) = requantize_edited(model, names)? else {
         return Ok(None);
     };
-    let scores = rewrites
-        .iter()
-        .map(|r| score_rewrite(model, r))
-        .collect::<Result<Vec<_>>>();
+    let scores = score_rewrites(model, rewrites);
     revert(model, &saved)?;
     Ok(Some(scores?))
 }
@@ -512,10 +519,7 @@ pub fn run_sequential(
         cases: cases.len(),
         after: false,
     });
-    let pre = rewrites
-        .iter()
-        .map(|r| score_rewrite(model, r))
-        .collect::<Result<Vec<_>>>()?;
+    let pre = score_rewrites(model, &rewrites)?;
     let mut edit_s = vec![0.0; cases.len()];
     let mut retention = Vec::new();
     let mut batch_seconds = Vec::new();
@@ -552,10 +556,7 @@ pub fn run_sequential(
         after: true,
     });
     let t_eval = Instant::now();
-    let post = rewrites
-        .iter()
-        .map(|r| score_rewrite(model, r))
-        .collect::<Result<Vec<_>>>()?;
+    let post = score_rewrites(model, &rewrites)?;
     let names: Vec<&str> = edited.iter().map(String::as_str).collect();
     let requant = score_requantized(model, &names, &rewrites)?;
     let eval_s = t_eval.elapsed().as_secs_f64() / cases.len().max(1) as f64;

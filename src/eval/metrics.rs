@@ -36,6 +36,25 @@ pub struct RewriteScores {
 /// Score a rewrite: by probabilities and by generation ([`super::generation`]). Without
 /// `target_true`, ES compares nothing and is 1 when P(new) > 0.5.
 pub fn score_rewrite(model: &Model, r: &Rewrite) -> Result<RewriteScores> {
+    Ok(score_rewrites(model, std::slice::from_ref(r))?.remove(0))
+}
+
+/// [`score_rewrite`] for many rewrites, the generations decoded together
+/// ([`super::generation::score_many`]).
+pub fn score_rewrites(model: &Model, rs: &[Rewrite]) -> Result<Vec<RewriteScores>> {
+    let gens = super::generation::score_many(model, rs)?;
+    rs.iter()
+        .zip(gens)
+        .map(|(r, g)| {
+            let mut s = score_probabilities(model, r)?;
+            s.gen = g;
+            Ok(s)
+        })
+        .collect()
+}
+
+/// The probability comparisons of [`score_rewrite`] (ES/PS/NS and margins).
+fn score_probabilities(model: &Model, r: &Rewrite) -> Result<RewriteScores> {
     let new = continuation(&r.target_new);
     let truth = r.target_true.as_deref().map(continuation);
     let mut pairs: Vec<(String, String)> = vec![(r.prompt.clone(), new.clone())];
@@ -87,7 +106,6 @@ pub fn score_rewrite(model: &Model, r: &Rewrite) -> Result<RewriteScores> {
         let (hit, margin) = pairwise(&lp[i..i + 2 * r.neighborhood.len()]);
         (s.ns, s.ns_margin) = (Some(hit), Some(margin));
     }
-    s.gen = super::generation::score(model, r)?;
     Ok(s)
 }
 
