@@ -316,6 +316,8 @@ fn run_compare(a: CompareArgs) -> Result<()> {
         &[("--json", a.json.as_deref()), ("--plot", a.plot.as_deref())],
         &[&a.suite],
     )?;
+    engram::limits::int_in("--fluency-prompts", a.fluency_prompts, 0, 10_000)
+        .map_err(|b| engram::Error::invalid(b.field, b.reason))?;
     let suite = Suite::load(&a.suite)?;
     let base = super::load_model(a.base.as_deref())?;
     let edited = super::load_model(Some(&a.edited))?;

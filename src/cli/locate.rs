@@ -65,6 +65,14 @@ pub fn run(a: Args) -> Result<()> {
         &[("--json", a.json.as_deref()), ("--plot", a.plot.as_deref())],
         &[],
     )?;
+    {
+        use engram::limits::{int_in, real_in, MAX_ITEMS};
+        let flag = |b: engram::limits::Bad| engram::Error::invalid(b.field, b.reason);
+        real_in("--noise", a.noise, 0.0, 1e3, false).map_err(flag)?;
+        int_in("--samples", a.samples, 1, 10_000).map_err(flag)?;
+        int_in("--window", a.window, 1, 1 << 10).map_err(flag)?;
+        int_in("--n", a.n, 1, MAX_ITEMS).map_err(flag)?;
+    }
     let params = LocateParams {
         noise_multiplier: a.noise,
         samples: a.samples,

@@ -555,6 +555,46 @@ fn flags_with_absurd_numbers() {
         &["--batch"],
     );
     refused_in_empty_dir(&["bench", "--model", t, "--seq", "0"], &["--seq"]);
+    refused_in_empty_dir(
+        &[
+            "locate",
+            "--model",
+            t,
+            "--prompt",
+            "a b",
+            "--subject",
+            "a",
+            "--samples",
+            "0",
+        ],
+        &["--samples"],
+    );
+    refused_in_empty_dir(
+        &[
+            "locate",
+            "--model",
+            t,
+            "--prompt",
+            "a b",
+            "--subject",
+            "a",
+            "--noise",
+            "NaN",
+        ],
+        &["--noise"],
+    );
+    for (flag, v) in [
+        ("--steps", "1000000000000"),
+        ("--lr", "inf"),
+        ("--max-perplexity-ratio", "NaN"),
+    ] {
+        refused_in_empty_dir(
+            &[
+                "eval", "tofu", "--model", t, "--data", "a.jsonl", "--world", "w.jsonl", flag, v,
+            ],
+            &[flag],
+        );
+    }
     let data =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("forget-sets/mara-quillfeather-data.yaml");
     let data = data.to_str().unwrap();
