@@ -113,7 +113,9 @@ impl Tok {
                 .filter_map(|(i, _)| tokens.get(i))
                 .map(|t| AddedToken::from(t.clone(), true))
                 .collect();
-            inner.add_special_tokens(&specials);
+            inner.add_special_tokens(specials).map_err(|e| {
+                Error::Tokenizer(format!("{}: special tokens: {e}", path.display()))
+            })?;
         }
         let id = |k: &str| get(k).and_then(|v| v.to_u32().ok());
         let doc_start = inner
