@@ -106,31 +106,11 @@ fn targets() -> Vec<Target> {
 
 /// A valid patch for tiny-llama (one rank-one delta of layer 0's down projection).
 fn tiny_patch() -> Vec<u8> {
-    let m = crate::common::tiny("tiny-llama");
-    let fp = m.fingerprint().unwrap();
-    let dev = candle_core::Device::Cpu;
-    let meta = serde_json::json!({
-        "engram_version": "0", "method": "rome", "spec": "",
-        "base_fingerprint": fp, "edited_fingerprint": fp,
-        "deltas": [["model.layers.0.mlp.down_proj.weight", 0, "rank_one"]],
-    });
-    let t =
-        |dims: &[usize]| candle_core::Tensor::ones(dims, candle_core::DType::F32, &dev).unwrap();
-    let map: std::collections::HashMap<String, candle_core::Tensor> = [
-        ("delta.0.right".to_string(), t(&[32])),
-        ("delta.0.left".to_string(), t(&[64])),
-        ("previous.0".to_string(), t(&[32, 64])),
-    ]
-    .into_iter()
-    .collect();
-    let d = tempfile::tempdir().unwrap();
-    let p = d.path().join("p.safetensors");
-    candle_core::safetensors::save(&map, &p).unwrap();
-    let bytes = std::fs::read(&p).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut md = std::collections::HashMap::new();
-    md.insert("engram".to_string(), meta.to_string());
-    safetensors::serialize(st.tensors(), Some(md)).unwrap()
+    let fp = crate::common::tiny("tiny-llama").fingerprint().unwrap();
+    let ones = |n: usize| {
+        candle_core::Tensor::ones(n, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap()
+    };
+    crate::hostile::patch_bytes(&fp, ones(32), ones(64))
 }
 
 const INTERESTING: [u64; 12] = [
@@ -278,25 +258,28 @@ fn mutate_text(rng: &mut StdRng, seed: &[u8]) -> Vec<u8> {
 /// The command that reads a `target` input at `p` (in the scratch directory `dir`).
 fn command(target: &str, p: &Path, dir: &Path) -> Vec<String> {
     let tiny = fixture("tiny-llama").to_string_lossy().to_string();
-    let tiny_gguf = dir.join("tiny.gguf");
-    if !tiny_gguf.exists() {
-        std::fs::write(&tiny_gguf, Gguf::tiny().bytes()).unwrap();
-    }
     let s = |x: &str| x.to_string();
     let p = p.to_string_lossy().to_string();
     let suite = repo("eval/unrelated.yaml").to_string_lossy().to_string();
     match target {
         "gguf" => vec![s("inspect"), s("--model"), p],
         "safetensors" | "config" => vec![s("inspect"), s("--model"), p],
-        "spec" => vec![
-            s("edit"),
-            p,
-            s("--model"),
-            tiny_gguf.to_string_lossy().to_string(),
-            s("--no-locality"),
-            s("--out"),
-            s("o.gguf"),
-        ],
+        "spec" => {
+            // The edit runs on a tiny GGUF, built once per process (the fixture read and
+            // converted once, not per run).
+            static TINY: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+            let tiny_gguf = dir.join("tiny.gguf");
+            std::fs::write(&tiny_gguf, TINY.get_or_init(|| Gguf::tiny().bytes())).unwrap();
+            vec![
+                s("edit"),
+                p,
+                s("--model"),
+                tiny_gguf.to_string_lossy().to_string(),
+                s("--no-locality"),
+                s("--out"),
+                s("o.gguf"),
+            ]
+        }
         "request" => vec![
             s("unlearn"),
             p,

@@ -261,6 +261,25 @@ fn gguf_misaligned_or_outside_offsets() {
     refused(&p, &["outside.gguf", "past the end"]);
 }
 
+/// A copy of fixture `name` whose one tensor ending in `suffix` is replaced by `change(it)`.
+fn fixture_with(
+    name: &str,
+    suffix: &str,
+    change: impl FnOnce(&candle_core::Tensor) -> candle_core::Tensor,
+) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture(name);
+    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+    let mut t =
+        candle_core::safetensors::load(src.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    let key = t.keys().find(|k| k.ends_with(suffix)).unwrap().clone();
+    let new = change(&t[&key]);
+    t.insert(key, new);
+    candle_core::safetensors::save(&t, dir.path().join("model.safetensors")).unwrap();
+    dir
+}
+
 #[test]
 fn non_finite_weights_are_refused_naming_the_tensor() {
     let d = tempfile::tempdir().unwrap();
@@ -270,20 +289,11 @@ fn non_finite_weights_are_refused_naming_the_tensor() {
     let p = g.write(d.path(), "nan.gguf");
     refused(&p, &["nan.gguf", "blk.1.ffn_up.weight", "NaN or Inf"]);
     // safetensors: an Inf in the fixture's data.
-    let dir = tempfile::tempdir().unwrap();
-    let src = fixture("tiny-llama");
-    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
-    let mut t =
-        candle_core::safetensors::load(src.join("model.safetensors"), &candle_core::Device::Cpu)
-            .unwrap();
-    let w = t["model.norm.weight"].to_vec1::<f32>().unwrap();
-    let mut w2 = w.clone();
-    w2[3] = f32::INFINITY;
-    t.insert(
-        "model.norm.weight".into(),
-        candle_core::Tensor::new(w2, &candle_core::Device::Cpu).unwrap(),
-    );
-    candle_core::safetensors::save(&t, dir.path().join("model.safetensors")).unwrap();
+    let dir = fixture_with("tiny-llama", "model.norm.weight", |w| {
+        let mut v = w.to_vec1::<f32>().unwrap();
+        v[3] = f32::INFINITY;
+        candle_core::Tensor::new(v, w.device()).unwrap()
+    });
     refused(
         dir.path(),
         &["model.safetensors", "model.norm.weight", "NaN or Inf"],
@@ -292,37 +302,17 @@ fn non_finite_weights_are_refused_naming_the_tensor() {
 
 #[test]
 fn safetensors_integer_matrix_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = fixture("tiny-llama");
-    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
-    let mut t =
-        candle_core::safetensors::load(src.join("model.safetensors"), &candle_core::Device::Cpu)
-            .unwrap();
-    let up = t["model.layers.0.mlp.up_proj.weight"].clone();
-    t.insert(
-        "model.layers.0.mlp.up_proj.weight".into(),
-        up.to_dtype(candle_core::DType::I64).unwrap(),
-    );
-    candle_core::safetensors::save(&t, dir.path().join("model.safetensors")).unwrap();
+    let dir = fixture_with("tiny-llama", "model.layers.0.mlp.up_proj.weight", |w| {
+        w.to_dtype(candle_core::DType::I64).unwrap()
+    });
     refused(dir.path(), &["up_proj", "dtype", "allowed"]);
 }
 
 #[test]
 fn gpt2_conv1d_of_rank_one_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = fixture("tiny-gpt2");
-    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
-    let mut t =
-        candle_core::safetensors::load(src.join("model.safetensors"), &candle_core::Device::Cpu)
-            .unwrap();
-    let key = t
-        .keys()
-        .find(|k| k.ends_with("h.0.mlp.c_fc.weight"))
-        .unwrap()
-        .clone();
-    let flat = t[&key].flatten_all().unwrap();
-    t.insert(key, flat);
-    candle_core::safetensors::save(&t, dir.path().join("model.safetensors")).unwrap();
+    let dir = fixture_with("tiny-gpt2", "h.0.mlp.c_fc.weight", |w| {
+        w.flatten_all().unwrap()
+    });
     refused(dir.path(), &["c_fc.weight", "shape"]);
 }
 
@@ -693,7 +683,11 @@ fn requests_with_absurd_sizes() {
 }
 
 /// A patch for tiny-llama: one rank-one delta of `model.layers.0.mlp.down_proj.weight`.
-fn patch_bytes(base_fp: &str, right: candle_core::Tensor, left: candle_core::Tensor) -> Vec<u8> {
+pub fn patch_bytes(
+    base_fp: &str,
+    right: candle_core::Tensor,
+    left: candle_core::Tensor,
+) -> Vec<u8> {
     let dev = candle_core::Device::Cpu;
     let prev = candle_core::Tensor::zeros((32, 64), candle_core::DType::F32, &dev).unwrap();
     let meta = serde_json::json!({
