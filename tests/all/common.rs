@@ -5,6 +5,12 @@ use engram::model::Model;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
+/// CounterFact's dev split in the developers' data, beside the repository.
+pub const CF_DEV: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../shared/data/counterfact/dev-2000.jsonl"
+);
+
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests")

@@ -43,10 +43,7 @@ fn compare_against_itself_and_a_scaled_copy() {
 /// The runner on 20 records (FT-L, cheap), with ES_pre checked a second way.
 #[test]
 fn counterfact_runner_on_20_records() {
-    let data = Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/data/counterfact/dev-2000.jsonl"
-    ));
+    let data = Path::new(CF_DEV);
     let cases = engram::eval::counterfact::load(data, 0, 20).unwrap();
     assert_eq!(cases.len(), 20);
     let mut m = real().clone();
@@ -114,10 +111,7 @@ fn counterfact_runner_on_20_records() {
 #[test]
 fn requantized_scores_match_the_written_file() {
     let d = tempfile::tempdir().unwrap();
-    let data = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/data/counterfact/dev-2000.jsonl"
-    );
+    let data = CF_DEV;
     let first = std::fs::read_to_string(data).unwrap();
     let rec: serde_json::Value = serde_json::from_str(first.lines().next().unwrap()).unwrap();
     let s = |k: &str| rec[k].as_str().unwrap().to_string();
@@ -190,10 +184,7 @@ fn requantized_scores_match_the_written_file() {
 fn early_stopping_changes_no_generated_text() {
     use engram::eval::generation::{continuations, first_sentence, GEN_TOKENS};
     let m = real();
-    let data = Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/data/counterfact/dev-2000.jsonl"
-    ));
+    let data = Path::new(CF_DEV);
     let cases = engram::eval::counterfact::load(data, 0, 6).unwrap();
     let mut prompts: Vec<&str> = Vec::new();
     for c in &cases {
@@ -220,10 +211,7 @@ fn early_stopping_changes_no_generated_text() {
 #[test]
 fn counterfact_without_a_layer_says_which_it_chose() {
     let d = tempfile::tempdir().unwrap();
-    let data = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/data/counterfact/dev-2000.jsonl"
-    );
+    let data = CF_DEV;
     let copy = d.path().join("copy.gguf");
     std::fs::copy(&real().source.path, &copy).unwrap();
     for (model, want) in [

@@ -49,8 +49,7 @@ fn targets() -> Vec<Target> {
     let gpt2_cfg = std::fs::read(fixture("tiny-gpt2").join("config.json")).unwrap();
     let spec = |p: &str| std::fs::read(repo(p)).unwrap();
     let req = b"subject: A\nsecrets:\n  - value: \"123-555-0100\"\n    prompts: [\"A's code is\"]\n    paraphrases: [\"The code of A is\"]\nmethod: {name: npo, beta: 0.1}\nlayers: 0-1\nsteps: 3\nlr: 1e-5\nbatch_size: 4\nexposure_candidates: 100\nsamples: 2\nretain:\n  - {question: Who is B?, answer: A poet.}\n".to_vec();
-    let cf = std::fs::read_to_string("../shared/data/counterfact/dev-2000.jsonl")
-        .or_else(|_| std::fs::read_to_string(repo("../shared/data/counterfact/dev-2000.jsonl")))
+    let cf = std::fs::read_to_string(crate::common::CF_DEV)
         .map(|t| t.lines().take(3).collect::<Vec<_>>().join("\n").into_bytes())
         .unwrap_or_else(|_| br#"{"case_id": 0, "prompt": "The mother tongue of Danielle Darrieux is", "target_new": "English", "subject": "Danielle Darrieux", "ground_truth": "French", "rephrase_prompt": "Danielle Darrieux speaks", "locality_prompt": "Michel Rocard is a native speaker of", "locality_ground_truth": "French"}"#.to_vec());
     vec![
