@@ -178,87 +178,108 @@ fn tiny_gguf_loads() {
     assert_eq!(code, 0, "{err}");
 }
 
+/// tiny-llama's GGUF changed by `change`, written as `name`: `inspect` must refuse it naming
+/// the file and every string of `want`, and leave it unchanged.
+fn gguf_refused(name: &str, change: impl FnOnce(&mut Gguf), want: &[&str]) {
+    let d = tempfile::tempdir().unwrap();
+    let mut g = Gguf::tiny();
+    change(&mut g);
+    let p = g.write(d.path(), name);
+    let mut w = vec![name];
+    w.extend_from_slice(want);
+    refused(&p, &w);
+}
+
 #[test]
 fn gguf_alignment_zero_or_not_a_power_of_two() {
-    let d = tempfile::tempdir().unwrap();
     for a in [0u32, 48] {
-        let mut g = Gguf::tiny();
-        g.set_kv("general.alignment", 4, a.to_le_bytes().to_vec());
-        let p = g.write(d.path(), &format!("a{a}.gguf"));
-        refused(
-            &p,
-            &[&format!("a{a}.gguf"), "general.alignment", "power of two"],
+        gguf_refused(
+            &format!("a{a}.gguf"),
+            |g| g.set_kv("general.alignment", 4, a.to_le_bytes().to_vec()),
+            &["general.alignment", "power of two"],
         );
     }
 }
 
 #[test]
 fn gguf_duplicate_key_and_tensor() {
-    let d = tempfile::tempdir().unwrap();
-    let mut g = Gguf::tiny();
-    g.kvs
-        .push(("llama.block_count".into(), 4, 1u32.to_le_bytes().to_vec()));
-    let p = g.write(d.path(), "dupkey.gguf");
-    refused(&p, &["dupkey.gguf", "llama.block_count", "twice"]);
-    let mut g = Gguf::tiny();
-    let t = g.tensors[0].clone();
-    g.tensors.push(t);
-    g.offsets.push(None);
-    let p = g.write(d.path(), "duptensor.gguf");
-    refused(&p, &["duptensor.gguf", "twice"]);
+    gguf_refused(
+        "dupkey.gguf",
+        |g| {
+            g.kvs
+                .push(("llama.block_count".into(), 4, 1u32.to_le_bytes().to_vec()))
+        },
+        &["llama.block_count", "twice"],
+    );
+    gguf_refused(
+        "duptensor.gguf",
+        |g| {
+            let t = g.tensors[0].clone();
+            g.tensors.push(t);
+            g.offsets.push(None);
+        },
+        &["twice"],
+    );
 }
 
 #[test]
 fn gguf_dims_that_overflow_or_lie() {
-    let d = tempfile::tempdir().unwrap();
     // [2^58 + 32, 32]: the product wraps to 32 * 32 in 64 bits.
-    let mut g = Gguf::tiny();
-    g.tensor_mut("blk.0.attn_k.weight").1 = vec![32, (1u64 << 58) + 16];
-    let p = g.write(d.path(), "wrap.gguf");
-    refused(&p, &["wrap.gguf", "blk.0.attn_k.weight", "overflow"]);
+    gguf_refused(
+        "wrap.gguf",
+        |g| g.tensor_mut("blk.0.attn_k.weight").1 = vec![32, (1u64 << 58) + 16],
+        &["blk.0.attn_k.weight", "overflow"],
+    );
     // A 0-dim token embedding and no vocab_size.
-    let mut g = Gguf::tiny();
-    g.tensor_mut("token_embd.weight").1 = vec![];
-    let p = g.write(d.path(), "rank0.gguf");
-    refused(&p, &["rank0.gguf", "token_embd.weight", "rank 0"]);
+    gguf_refused(
+        "rank0.gguf",
+        |g| g.tensor_mut("token_embd.weight").1 = vec![],
+        &["token_embd.weight", "rank 0"],
+    );
     // head_count that does not fit the Q projection's rows.
-    let mut g = Gguf::tiny();
-    g.set_kv("llama.attention.head_count", 4, 2u32.to_le_bytes().to_vec());
-    let p = g.write(d.path(), "heads.gguf");
-    refused(&p, &["heads.gguf", "q_proj", "expected"]);
+    gguf_refused(
+        "heads.gguf",
+        |g| g.set_kv("llama.attention.head_count", 4, 2u32.to_le_bytes().to_vec()),
+        &["q_proj", "expected"],
+    );
     // A Q projection of the wrong shape.
-    let mut g = Gguf::tiny();
-    let t = g.tensor_mut("blk.1.attn_q.weight");
-    t.1 = vec![32, 16];
-    t.3.truncate(32 * 16 * 4);
-    let p = g.write(d.path(), "qshape.gguf");
-    refused(&p, &["qshape.gguf", "q_proj", "[16, 32]"]);
+    gguf_refused(
+        "qshape.gguf",
+        |g| {
+            let t = g.tensor_mut("blk.1.attn_q.weight");
+            t.1 = vec![32, 16];
+            t.3.truncate(32 * 16 * 4);
+        },
+        &["q_proj", "[16, 32]"],
+    );
 }
 
 #[test]
 fn gguf_absurd_block_count() {
-    let d = tempfile::tempdir().unwrap();
-    let mut g = Gguf::tiny();
-    g.set_kv("llama.block_count", 4, u32::MAX.to_le_bytes().to_vec());
-    let p = g.write(d.path(), "blocks.gguf");
-    refused(&p, &["blocks.gguf", "llama.block_count", "4294967295"]);
-    let mut g = Gguf::tiny();
-    g.set_kv("llama.block_count", 4, 3u32.to_le_bytes().to_vec());
-    let p = g.write(d.path(), "blocks3.gguf");
-    refused(&p, &["blocks3.gguf", "llama.block_count"]);
+    gguf_refused(
+        "blocks.gguf",
+        |g| g.set_kv("llama.block_count", 4, u32::MAX.to_le_bytes().to_vec()),
+        &["llama.block_count", "4294967295"],
+    );
+    gguf_refused(
+        "blocks3.gguf",
+        |g| g.set_kv("llama.block_count", 4, 3u32.to_le_bytes().to_vec()),
+        &["llama.block_count"],
+    );
 }
 
 #[test]
 fn gguf_misaligned_or_outside_offsets() {
-    let d = tempfile::tempdir().unwrap();
-    let mut g = Gguf::tiny();
-    g.offsets[1] = Some(4);
-    let p = g.write(d.path(), "misaligned.gguf");
-    refused(&p, &["misaligned.gguf", "not a multiple of the alignment"]);
-    let mut g = Gguf::tiny();
-    g.offsets[1] = Some(1 << 40);
-    let p = g.write(d.path(), "outside.gguf");
-    refused(&p, &["outside.gguf", "past the end"]);
+    gguf_refused(
+        "misaligned.gguf",
+        |g| g.offsets[1] = Some(4),
+        &["not a multiple of the alignment"],
+    );
+    gguf_refused(
+        "outside.gguf",
+        |g| g.offsets[1] = Some(1 << 40),
+        &["past the end"],
+    );
 }
 
 /// A copy of fixture `name` whose one tensor ending in `suffix` is replaced by `change(it)`.
@@ -282,12 +303,11 @@ fn fixture_with(
 
 #[test]
 fn non_finite_weights_are_refused_naming_the_tensor() {
-    let d = tempfile::tempdir().unwrap();
-    let mut g = Gguf::tiny();
-    let t = g.tensor_mut("blk.1.ffn_up.weight");
-    t.3[8..12].copy_from_slice(&f32::NAN.to_le_bytes());
-    let p = g.write(d.path(), "nan.gguf");
-    refused(&p, &["nan.gguf", "blk.1.ffn_up.weight", "NaN or Inf"]);
+    gguf_refused(
+        "nan.gguf",
+        |g| g.tensor_mut("blk.1.ffn_up.weight").3[8..12].copy_from_slice(&f32::NAN.to_le_bytes()),
+        &["blk.1.ffn_up.weight", "NaN or Inf"],
+    );
     // safetensors: an Inf in the fixture's data.
     let dir = fixture_with("tiny-llama", "model.norm.weight", |w| {
         let mut v = w.to_vec1::<f32>().unwrap();
