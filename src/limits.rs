@@ -27,6 +27,14 @@ impl std::fmt::Display for Bad {
     }
 }
 
+/// A bound broken by a flag or a library argument: [`crate::Error::InvalidArgument`] naming
+/// the field (specs and requests wrap [`Bad`] with their file instead).
+impl From<Bad> for crate::Error {
+    fn from(b: Bad) -> Self {
+        crate::Error::invalid(b.field, b.reason)
+    }
+}
+
 /// Checks return this.
 pub type Check = std::result::Result<(), Bad>;
 

@@ -28,17 +28,16 @@ struct Report {
 
 pub fn run(a: Args) -> Result<()> {
     use engram::limits::int_in;
-    let flag = |b: engram::limits::Bad| engram::Error::invalid(b.field, b.reason);
-    int_in("--batch", a.batch, 1, 1024).map_err(flag)?;
-    int_in("--seq", a.seq, 1, 1 << 16).map_err(flag)?;
-    int_in("--reps", a.reps, 1, 1000).map_err(flag)?;
+    int_in("--batch", a.batch, 1, 1024).map_err(engram::Error::from)?;
+    int_in("--seq", a.seq, 1, 1 << 16).map_err(engram::Error::from)?;
+    int_in("--reps", a.reps, 1, 1000).map_err(engram::Error::from)?;
     super::check_outputs(&[("--json", a.json.as_deref())], &[])?;
     // Resolve (and fetch) first so that the load time excludes any download.
     let path = engram::model::load::resolve(a.model.as_deref())?;
     let t0 = Instant::now();
     let m = super::load_model(Some(path.to_string_lossy().as_ref()))?;
     let load_seconds = t0.elapsed().as_secs_f64();
-    int_in("--seq", a.seq, 1, m.config.max_positions).map_err(flag)?;
+    int_in("--seq", a.seq, 1, m.config.max_positions).map_err(engram::Error::from)?;
     let p = engram::bench::prefill(&m, a.batch, a.seq, a.reps)?;
     let mut t = Table::new();
     t.set_header(vec!["measure", "value"]);

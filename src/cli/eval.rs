@@ -99,8 +99,7 @@ fn run_cf(a: CfArgs) -> Result<()> {
         Some(p) => EditSpec::load(p)?.method,
         None => Method::by_name(&a.method)?,
     };
-    engram::limits::int_in("--batch-size", a.batch_size, 1, 10_000)
-        .map_err(|b| engram::Error::invalid(b.field, b.reason))?;
+    engram::limits::int_in("--batch-size", a.batch_size, 1, 10_000).map_err(engram::Error::from)?;
     if a.sequential && a.resume.is_some() {
         return Err(engram::Error::invalid(
             "--resume",
@@ -108,9 +107,7 @@ fn run_cf(a: CfArgs) -> Result<()> {
         )
         .into());
     }
-    method
-        .check()
-        .map_err(|b| engram::Error::invalid(b.field, b.reason))?;
+    method.check().map_err(engram::Error::from)?;
     let cases = counterfact::load(&a.data, a.offset, a.n)?;
     let mut m = super::load_model(a.model.as_deref())?;
     if let Some(l) = &a.layer {
@@ -336,7 +333,7 @@ fn run_compare(a: CompareArgs) -> Result<()> {
         &[&a.suite],
     )?;
     engram::limits::int_in("--fluency-prompts", a.fluency_prompts, 0, 10_000)
-        .map_err(|b| engram::Error::invalid(b.field, b.reason))?;
+        .map_err(engram::Error::from)?;
     let suite = Suite::load(&a.suite)?;
     let base = super::load_model(a.base.as_deref())?;
     let edited = super::load_model(Some(&a.edited))?;

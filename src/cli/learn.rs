@@ -68,12 +68,11 @@ pub fn run(a: Args) -> Result<()> {
         .collect::<engram::Result<_>>()?;
     {
         use engram::limits::{int_in, real_in, MAX_STEPS};
-        let flag = |b: engram::limits::Bad| engram::Error::invalid(b.field, b.reason);
-        int_in("--steps", a.steps, 1, MAX_STEPS).map_err(flag)?;
-        int_in("--batch-size", a.batch_size, 1, 10_000).map_err(flag)?;
-        real_in("--target-loss", a.target_loss, 0.0, 1e6, false).map_err(flag)?;
+        int_in("--steps", a.steps, 1, MAX_STEPS).map_err(engram::Error::from)?;
+        int_in("--batch-size", a.batch_size, 1, 10_000).map_err(engram::Error::from)?;
+        real_in("--target-loss", a.target_loss, 0.0, 1e6, false).map_err(engram::Error::from)?;
         if let Some(lr) = a.lr {
-            real_in("--lr", lr, 0.0, 10.0, true).map_err(flag)?;
+            real_in("--lr", lr, 0.0, 10.0, true).map_err(engram::Error::from)?;
         }
     }
     let model_path = engram::model::load::resolve(a.model.as_deref())?;

@@ -67,11 +67,10 @@ pub fn run(a: Args) -> Result<()> {
     )?;
     {
         use engram::limits::{int_in, real_in, MAX_ITEMS};
-        let flag = |b: engram::limits::Bad| engram::Error::invalid(b.field, b.reason);
-        real_in("--noise", a.noise, 0.0, 1e3, false).map_err(flag)?;
-        int_in("--samples", a.samples, 1, 10_000).map_err(flag)?;
-        int_in("--window", a.window, 1, 1 << 10).map_err(flag)?;
-        int_in("--n", a.n, 1, MAX_ITEMS).map_err(flag)?;
+        real_in("--noise", a.noise, 0.0, 1e3, false).map_err(engram::Error::from)?;
+        int_in("--samples", a.samples, 1, 10_000).map_err(engram::Error::from)?;
+        int_in("--window", a.window, 1, 1 << 10).map_err(engram::Error::from)?;
+        int_in("--n", a.n, 1, MAX_ITEMS).map_err(engram::Error::from)?;
     }
     let params = LocateParams {
         noise_multiplier: a.noise,
@@ -79,9 +78,6 @@ pub fn run(a: Args) -> Result<()> {
         window: a.window,
         seed: a.seed,
     };
-    if !(a.noise >= 0.0 && a.noise.is_finite()) {
-        return Err(engram::Error::invalid("--noise", "must be a finite number >= 0").into());
-    }
     let m = super::load_model(a.model.as_deref())?;
     if let Some(data) = &a.data {
         return run_batch(&m, data, &a, &params);

@@ -28,9 +28,10 @@ pub fn run(a: Args) -> Result<()> {
     super::check_outputs(&[("--json", a.json.as_deref())], &[])?;
     let m = super::load_model(a.model.as_deref())?;
     m.config.check_layer(a.layer)?;
-    let flag = |b: engram::limits::Bad| engram::Error::invalid(b.field, b.reason);
-    engram::limits::int_in("--seq-len", a.seq_len, 2, m.config.max_positions).map_err(flag)?;
-    engram::limits::int_in("--self-samples", a.self_samples, 1, 1_000_000).map_err(flag)?;
+    engram::limits::int_in("--seq-len", a.seq_len, 2, m.config.max_positions)
+        .map_err(engram::Error::from)?;
+    engram::limits::int_in("--self-samples", a.self_samples, 1, 1_000_000)
+        .map_err(engram::Error::from)?;
     let spec = StatsSpec {
         layer: a.layer,
         corpus: a

@@ -79,15 +79,15 @@ pub fn run_tofu(a: TofuArgs) -> Result<()> {
     super::check_outputs(&[("--json", a.json.as_deref())], &[])?;
     {
         use engram::limits::{int_in, real_in, MAX_STEPS};
-        let flag = |b: engram::limits::Bad| engram::Error::invalid(b.field, b.reason);
-        int_in("--learn-steps", a.learn_steps, 1, MAX_STEPS).map_err(flag)?;
-        real_in("--learn-lr", a.learn_lr, 0.0, 10.0, true).map_err(flag)?;
-        real_in("--beta", a.beta, 0.0, 1e6, true).map_err(flag)?;
-        real_in("--retain-weight", a.retain_weight, 0.0, 1e6, false).map_err(flag)?;
-        real_in("--kl-weight", a.kl_weight, 0.0, 1e6, false).map_err(flag)?;
-        int_in("--steps", a.steps, 1, MAX_STEPS).map_err(flag)?;
-        real_in("--lr", a.lr, 0.0, 10.0, true).map_err(flag)?;
-        int_in("--batch-size", a.batch_size, 1, 10_000).map_err(flag)?;
+        int_in("--learn-steps", a.learn_steps, 1, MAX_STEPS).map_err(engram::Error::from)?;
+        real_in("--learn-lr", a.learn_lr, 0.0, 10.0, true).map_err(engram::Error::from)?;
+        real_in("--beta", a.beta, 0.0, 1e6, true).map_err(engram::Error::from)?;
+        real_in("--retain-weight", a.retain_weight, 0.0, 1e6, false)
+            .map_err(engram::Error::from)?;
+        real_in("--kl-weight", a.kl_weight, 0.0, 1e6, false).map_err(engram::Error::from)?;
+        int_in("--steps", a.steps, 1, MAX_STEPS).map_err(engram::Error::from)?;
+        real_in("--lr", a.lr, 0.0, 10.0, true).map_err(engram::Error::from)?;
+        int_in("--batch-size", a.batch_size, 1, 10_000).map_err(engram::Error::from)?;
         real_in(
             "--max-perplexity-ratio",
             a.max_perplexity_ratio,
@@ -95,14 +95,14 @@ pub fn run_tofu(a: TofuArgs) -> Result<()> {
             1e6,
             true,
         )
-        .map_err(flag)?;
+        .map_err(engram::Error::from)?;
         int_in(
             "--retain-eval-per-author",
             a.retain_eval_per_author,
             0,
             10_000,
         )
-        .map_err(flag)?;
+        .map_err(engram::Error::from)?;
     }
     let m = super::load_model(a.model.as_deref())?;
     let n = m.config.n_layers;

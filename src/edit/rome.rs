@@ -183,7 +183,7 @@ pub fn compute(
 ) -> Result<(WeightDelta, RomeTrace)> {
     super::spec::Method::Rome(params.clone())
         .check()
-        .map_err(|b| Error::invalid(b.field, b.reason))?;
+        .map_err(Error::from)?;
     let layer = stats.layer;
     let found = vsearch::search(
         model,

@@ -86,17 +86,12 @@ impl Method {
             real_in("method.kl_factor", s.kl_factor, 0.0, 1e6, false)?;
             real_in("method.stop_prob", s.stop_prob, 0.0, 1.0, true)?;
         }
-        let (ctx, samples, seq, chunk) = match self {
+        let chunk = match self {
             Method::Rome(p) => {
                 real_in("method.bare_key_weight", p.bare_key_weight, 0.0, 1.0, false)?;
-                (&p.context_templates, p.stats_samples, p.stats_seq_len, 1)
+                1
             }
-            Method::Memit(p) => (
-                &p.context_templates,
-                p.stats_samples,
-                p.stats_seq_len,
-                p.search_chunk,
-            ),
+            Method::Memit(p) => p.search_chunk,
             Method::Alphaedit(p) => {
                 real_in(
                     "method.nullspace_threshold",
@@ -105,12 +100,7 @@ impl Method {
                     1e6,
                     false,
                 )?;
-                (
-                    &p.context_templates,
-                    p.stats_samples,
-                    p.stats_seq_len,
-                    p.search_chunk,
-                )
+                p.search_chunk
             }
             Method::Ft(p) => {
                 int_in("method.steps", p.steps, 1, MAX_STEPS)?;
@@ -118,6 +108,14 @@ impl Method {
                 real_in("method.norm_constraint", p.norm_constraint, 0.0, 1e6, true)?;
                 return Ok(());
             }
+        };
+        let Some(PrefixesAndStats {
+            context_templates: ctx,
+            samples,
+            seq_len: seq,
+        }) = self.prefixes_and_stats()
+        else {
+            return Ok(());
         };
         crate::limits::count("method.context_templates", ctx.len(), 16)?;
         let mut prefixes = 0;
@@ -143,6 +141,22 @@ impl Method {
         Ok(())
     }
 
+    /// The context-prefix templates and key-statistics settings of the methods that have them
+    /// (ROME, MEMIT, AlphaEdit; `None` for FT-L).
+    pub fn prefixes_and_stats(&self) -> Option<PrefixesAndStats<'_>> {
+        let (context_templates, samples, seq_len) = match self {
+            Method::Rome(p) => (&p.context_templates, p.stats_samples, p.stats_seq_len),
+            Method::Memit(p) => (&p.context_templates, p.stats_samples, p.stats_seq_len),
+            Method::Alphaedit(p) => (&p.context_templates, p.stats_samples, p.stats_seq_len),
+            Method::Ft(_) => return None,
+        };
+        Some(PrefixesAndStats {
+            context_templates,
+            samples,
+            seq_len,
+        })
+    }
+
     /// Whether the method edits a batch of rewrites at once (MEMIT, AlphaEdit).
     pub fn is_batched(&self) -> bool {
         matches!(self, Method::Memit(_) | Method::Alphaedit(_))
@@ -160,6 +174,15 @@ impl Method {
             )
         })
     }
+}
+
+/// What [`Method::prefixes_and_stats`] returns.
+pub struct PrefixesAndStats<'a> {
+    /// `(tokens, count)` pairs of context prefixes.
+    pub context_templates: &'a [(usize, usize)],
+    /// Self-sampled statistics sequences and their length.
+    pub samples: usize,
+    pub seq_len: usize,
 }
 
 /// Sequential editing: batches applied one after another to the same model.
@@ -406,23 +429,15 @@ impl EditSpec {
                 )));
             }
         }
-        let (prefix_tokens, seq) = match &self.method {
-            Method::Rome(p) => (max_prefix(&p.context_templates), p.stats_seq_len),
-            Method::Memit(p) => (max_prefix(&p.context_templates), p.stats_seq_len),
-            Method::Alphaedit(p) => (max_prefix(&p.context_templates), p.stats_seq_len),
-            Method::Ft(_) => (0, 2),
+        let (prefix_tokens, samples, seq) = match self.method.prefixes_and_stats() {
+            Some(p) => (max_prefix(p.context_templates), p.samples, p.seq_len),
+            None => (0, usize::MAX, 2),
         };
         if seq > ctx {
             return Err(bad(format!(
                 "method.stats_seq_len: {seq} exceeds the model's context of {ctx} tokens"
             )));
         }
-        let samples = match &self.method {
-            Method::Rome(p) => p.stats_samples,
-            Method::Memit(p) => p.stats_samples,
-            Method::Alphaedit(p) => p.stats_samples,
-            Method::Ft(_) => usize::MAX,
-        };
         // The key covariance is d_mlp x d_mlp: fewer keys than d_mlp cannot make it invertible.
         let d = model.config.d_mlp;
         if samples.saturating_mul(seq) < d {

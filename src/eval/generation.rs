@@ -118,14 +118,9 @@ fn prompts(r: &Rewrite) -> Vec<&str> {
     v
 }
 
-/// Score one rewrite by generation (see the module header). Without a true target, a
-/// neighbourhood prompt's answer is its own `answer` field.
-pub fn score(model: &Model, r: &Rewrite) -> Result<GenScores> {
-    Ok(score_many(model, std::slice::from_ref(r))?.remove(0))
-}
-
-/// [`score`] for many rewrites, their prompts decoded together: decoding reads every weight
-/// once per step whatever the batch, so 16 rows cost about what 3 do.
+/// Score rewrites by generation (see the module header), their prompts decoded together:
+/// decoding reads every weight once per step whatever the batch, so 16 rows cost about what
+/// 3 do. Without a true target, a neighbourhood prompt's answer is its own `answer` field.
 pub fn score_many(model: &Model, rs: &[Rewrite]) -> Result<Vec<GenScores>> {
     let all: Vec<&str> = rs.iter().flat_map(prompts).collect();
     let texts = continuations(model, &all)?;

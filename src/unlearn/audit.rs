@@ -226,6 +226,11 @@ fn probes(secret: &Secret, forget: &[Example]) -> Probes {
 /// that fluency is judged on more than the secret's span.
 const MIN_NEW_TOKENS: usize = 24;
 
+/// Tokens the audit generates after each probe prompt for a secret of `value_tokens`.
+pub fn greedy_tokens(value_tokens: usize) -> usize {
+    (value_tokens + 6).max(MIN_NEW_TOKENS)
+}
+
 fn measure(
     model: &Model,
     value: &str,
@@ -240,7 +245,7 @@ fn measure(
         None => q.to_string(),
     };
     let t0 = std::time::Instant::now();
-    let max_new = (tok.encode(value)?.len() + 6).max(MIN_NEW_TOKENS);
+    let max_new = greedy_tokens(tok.encode(value)?.len());
     let (outputs, logprobs) = greedy_and_logprobs(model, value, pr, swap, max_new)?;
     let scored: Vec<String> = pr.scored.iter().map(|q| sw(q)).collect();
     let t_greedy = t0.elapsed().as_secs_f64();

@@ -105,8 +105,7 @@ impl Record {
             ("text", &self.text),
         ] {
             if let Some(t) = t {
-                crate::limits::text(&format!("{where_}.{field}"), t)
-                    .map_err(|b| Error::invalid(b.field, b.reason))?;
+                crate::limits::text(&format!("{where_}.{field}"), t).map_err(Error::from)?;
             }
         }
         match (&self.question, &self.prompt, &self.answer, &self.text) {

@@ -393,24 +393,15 @@ impl Request {
             path: PathBuf::from(path),
             message: format!("{field}: {message}"),
         };
-        // The audit probes each eliciting prompt, its template paraphrases and the given
-        // paraphrases, generating the secret's length plus 6 tokens, at least 24 (audit.rs).
+        // Every prompt the audit probes, with the continuation it generates (audit.rs).
         let forget = self.forget_examples()?;
         for (i, s) in self.secrets.iter().enumerate() {
-            let v = tok.encode(&continuation(s.value.trim()))?.len();
-            let mut probes = super::leakage::eliciting_prompts(s, &forget);
-            probes.extend(
-                probes
-                    .clone()
-                    .iter()
-                    .flat_map(|p| super::leakage::template_paraphrases(p)),
-            );
-            probes.extend(s.paraphrases.iter().cloned());
+            let v = tok.encode(s.value.trim())?.len();
             let mut longest = 0;
-            for p in &probes {
-                longest = longest.max(tok.encode(p)?.len());
+            for (p, _) in super::leakage::probe_prompts(s, &forget) {
+                longest = longest.max(tok.encode(&p)?.len());
             }
-            let need = longest + (v + 6).max(24);
+            let need = longest + super::audit::greedy_tokens(v);
             if need > ctx {
                 return Err(bad(
                     format!("secrets[{i}].value"),
