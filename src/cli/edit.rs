@@ -250,21 +250,11 @@ pub fn run(a: Args) -> Result<()> {
     if a.out_type == "auto" && is_gguf {
         // The smallest type per edited tensor at which every score equals the f32 edit's.
         let names: Vec<String> = deltas.iter().map(|d| d.name.clone()).collect();
-        let key = |s: &engram::eval::metrics::RewriteScores| {
-            [
-                s.es,
-                s.ps.unwrap_or(-1.0),
-                s.ns.unwrap_or(-1.0),
-                s.gen.gen_es,
-                s.gen.gen_ps.unwrap_or(-1.0),
-                s.gen.gen_ns.unwrap_or(-1.0),
-            ]
-        };
-        let target: Vec<[f64; 6]> = report.rewrites.iter().map(|w| key(&w.post)).collect();
-        let mut score = |q: &engram::model::Model| -> engram::Result<Vec<[f64; 6]>> {
-            Ok(score_rewrites(q, &spec.rewrites)?.iter().map(key).collect())
-        };
-        report.out_types = engram::edit::auto::choose(&mut m, &names, &target, &mut score)?;
+        let f32_scores: Vec<RewriteScores> =
+            report.rewrites.iter().map(|w| w.post.clone()).collect();
+        report.out_types =
+            engram::edit::auto::choose_for_rewrites(&mut m, &names, &spec.rewrites, &f32_scores)?
+                .choices;
     }
     if let Some(out_tmp) = &out_tmp {
         if report.out_types.is_empty() {

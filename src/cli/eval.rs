@@ -56,6 +56,15 @@ struct CfArgs {
     /// Per-case JSONL; a rerun skips the cases already in it.
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Also score free generation (WILD-style questions, answers not cut at a sentence or at
+    /// the target's length; src/eval/wild.rs), before and after each edit.
+    #[arg(long)]
+    wild: bool,
+    /// For GGUF input, the types the re-quantized scores are taken at: `input` (each edited
+    /// tensor in its input type) or `auto` (the smallest of input, Q8_0, F16 that keeps every
+    /// score of the f32 edit, as `edit --out-type auto` writes).
+    #[arg(long, default_value = "input", value_parser = ["input", "auto"])]
+    out_type: String,
     #[arg(long)]
     json: Option<PathBuf>,
 }
@@ -156,36 +165,47 @@ fn run_cf(a: CfArgs) -> Result<()> {
     let name = method.name().to_string();
     let layers = method.layers();
     let mut seq = None;
+    let opts = counterfact::RunOptions {
+        wild: a.wild,
+        auto_types: a.out_type == "auto",
+    };
     let rows = if a.sequential {
-        let run = counterfact::run_sequential(&mut m, method, &cases, a.batch_size, &mut |e| {
-            let msg = match e {
-                SeqEvent::Scoring { cases, after } => {
-                    let when = if after {
-                        "after the last edit"
-                    } else {
-                        "before editing"
-                    };
-                    format!("{name}: scoring {cases} cases {when}")
-                }
-                SeqEvent::Batch {
-                    done,
-                    total,
-                    seconds,
-                    retention,
-                } => {
-                    pb.set_position(done as u64);
-                    format!(
+        let run = counterfact::run_sequential(
+            &mut m,
+            method,
+            &cases,
+            a.batch_size,
+            opts,
+            &mut |e| {
+                let msg = match e {
+                    SeqEvent::Scoring { cases, after } => {
+                        let when = if after {
+                            "after the last edit"
+                        } else {
+                            "before editing"
+                        };
+                        format!("{name}: scoring {cases} cases {when}")
+                    }
+                    SeqEvent::Batch {
+                        done,
+                        total,
+                        seconds,
+                        retention,
+                    } => {
+                        pb.set_position(done as u64);
+                        format!(
                         "{name}: {done}/{total} edits applied (batch {seconds:.0} s), ES of all so far {:.1}%",
                         100.0 * retention.es_all
                     )
+                    }
+                };
+                if pb.is_hidden() {
+                    // No terminal (a log file): one line per event instead of the bar.
+                    eprintln!("{msg}, {:.0} s", pb.elapsed().as_secs_f64());
                 }
-            };
-            if pb.is_hidden() {
-                // No terminal (a log file): one line per event instead of the bar.
-                eprintln!("{msg}, {:.0} s", pb.elapsed().as_secs_f64());
-            }
-            pb.set_message(msg);
-        })?;
+                pb.set_message(msg);
+            },
+        )?;
         let rows = run.rows.clone();
         seq = Some(run);
         rows
@@ -195,6 +215,7 @@ fn run_cf(a: CfArgs) -> Result<()> {
             method,
             &cases,
             a.batch_size,
+            opts,
             a.resume.as_deref(),
             &mut |r| {
                 pb.set_message(format!(
@@ -266,6 +287,31 @@ fn run_cf(a: CfArgs) -> Result<()> {
                 100.0 * ns,
                 100.0 * g
             ),
+        ]);
+    }
+    if let (Some(es), Some(ps), Some(ns)) = (s.wild_es, s.wild_ps, s.wild_ns) {
+        t.add_row(vec![
+            "free answers to questions (WILD-style): ES / PS / NS".into(),
+            format!(
+                "{:.1}% / {:.1}% / {:.1}%",
+                100.0 * s.wild_es_pre.unwrap_or(0.0),
+                100.0 * s.wild_ps_pre.unwrap_or(0.0),
+                100.0 * s.wild_ns_pre.unwrap_or(0.0)
+            ),
+            format!(
+                "{:.1}% / {:.1}% / {:.1}%",
+                100.0 * es,
+                100.0 * ps,
+                100.0 * ns
+            ),
+        ]);
+    }
+    if let (Some(types), Some(extra)) = (&s.out_types, s.out_type_extra_bytes_mean) {
+        let list: Vec<String> = types.iter().map(|(t, n)| format!("{t} x{n}")).collect();
+        t.add_row(vec![
+            "types chosen for the edited tensors (auto), size cost per case".into(),
+            "".into(),
+            format!("{}, {:+.0} bytes", list.join(", "), extra),
         ]);
     }
     t.add_row(vec![

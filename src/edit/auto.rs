@@ -7,14 +7,16 @@
 //! at a time while the scores still hold. Every other tensor is copied byte for byte by the
 //! GGUF writer, as always.
 
+use crate::edit::spec::Rewrite;
 use crate::error::Result;
+use crate::eval::metrics::{score_rewrites, RewriteScores};
 use crate::model::quant::{fake_quant, fitting_type, input_types};
 use crate::model::Model;
 use candle_core::quantized::GgmlDType;
 use std::collections::HashMap;
 
 /// One edited tensor's choice, for reports.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TypeChoice {
     pub tensor: String,
     pub input_type: String,
@@ -22,8 +24,21 @@ pub struct TypeChoice {
     /// Bytes of the tensor at its input type and at the chosen one.
     pub input_bytes: u64,
     pub chosen_bytes: u64,
-    #[serde(skip)]
+    #[serde(skip, default = "unknown_type")]
     pub chosen: GgmlDType,
+}
+
+/// What a [`TypeChoice`] read back from JSON holds in `chosen` (only `chosen_type` is kept).
+fn unknown_type() -> GgmlDType {
+    GgmlDType::F32
+}
+
+/// The choices, and the scores measured with every edited tensor at its chosen type (`None`
+/// when no edited tensor has a ladder: not loaded from GGUF, or stored in f32).
+#[derive(Debug)]
+pub struct Chosen<S> {
+    pub choices: Vec<TypeChoice>,
+    pub scores: Option<S>,
 }
 
 /// Bytes of an `[rows, cols]` tensor stored as `t`.
@@ -44,17 +59,19 @@ fn fineness(t: GgmlDType) -> u32 {
     }
 }
 
-/// Pick a type for each edited tensor of `model` (the f32 edit applied) so that `score` of
-/// the model as the file would hold it equals `target` (the f32 edit's scores). `score` is
-/// called once per trial. Returns the choices; the model is left as it came.
+/// Pick a type for each edited tensor of `model` (the f32 edit applied) so that `key` of
+/// `score` of the model as the file would hold it equals `target` (the key of the f32 edit's
+/// scores). `score` is called once per trial. Returns the choices and the scores at them; the
+/// model is left as it came.
 ///
 /// Tensors not loaded from GGUF, or stored in f32, keep their type.
-pub fn choose<S: PartialEq>(
+pub fn choose<S, K: PartialEq>(
     model: &mut Model,
     names: &[String],
-    target: &S,
+    target: &K,
+    key: &dyn Fn(&S) -> K,
     score: &mut dyn FnMut(&Model) -> Result<S>,
-) -> Result<Vec<TypeChoice>> {
+) -> Result<Chosen<S>> {
     let types = input_types(model).unwrap_or_default();
     let mut ladders: Vec<(String, Vec<GgmlDType>)> = Vec::new();
     for n in names {
@@ -79,44 +96,59 @@ pub fn choose<S: PartialEq>(
         .iter()
         .map(|(n, _)| Ok((n.clone(), model.weights.get(n)?.clone())))
         .collect::<Result<_>>()?;
-    // level[i]: the rung of tensor i.
-    let holds = |model: &mut Model,
+    if ladders.is_empty() {
+        return Ok(Chosen {
+            choices: vec![],
+            scores: None,
+        });
+    }
+    // level[i]: the rung of tensor i. A trial returns its scores and whether they hold.
+    let trial = |model: &mut Model,
                  level: &[usize],
                  score: &mut dyn FnMut(&Model) -> Result<S>|
-     -> Result<bool> {
+     -> Result<(S, bool)> {
         for ((n, ladder), &l) in ladders.iter().zip(level) {
             let t = ladder[l.min(ladder.len() - 1)];
             model.set_tensor(n, fake_quant(&originals[n], t)?)?;
         }
-        Ok(score(model)? == *target)
+        let s = score(model)?;
+        let holds = key(&s) == *target;
+        Ok((s, holds))
     };
     let top = ladders.iter().map(|(_, l)| l.len()).max().unwrap_or(1);
     let mut level = vec![0; ladders.len()];
+    let mut best: Option<S> = None; // the scores at `level`
     let mut result = Ok(());
-    'up: for l in 0..top {
+    for l in 0..top {
         level.iter_mut().for_each(|x| *x = l);
-        match holds(model, &level, score) {
-            Ok(true) => break 'up,
-            Ok(false) if l + 1 == top => {} // nothing holds: the finest rung is kept
-            Ok(false) => {}
+        match trial(model, &level, score) {
+            // Nothing holds at the finest rung either: it is kept, with its scores.
+            Ok((s, holds)) if holds || l + 1 == top => {
+                best = Some(s);
+                break;
+            }
+            Ok(_) => {}
             Err(e) => {
                 result = Err(e);
-                break 'up;
+                break;
             }
         }
     }
     // Lower each tensor back while the scores hold.
     if result.is_ok() {
-        for i in 0..ladders.len() {
+        'tensors: for i in 0..ladders.len() {
             while level[i] > 0 {
-                let mut trial = level.clone();
-                trial[i] -= 1;
-                match holds(model, &trial, score) {
-                    Ok(true) => level = trial,
-                    Ok(false) => break,
+                let mut lower = level.clone();
+                lower[i] -= 1;
+                match trial(model, &lower, score) {
+                    Ok((s, true)) => {
+                        level = lower;
+                        best = Some(s);
+                    }
+                    Ok((_, false)) => break,
                     Err(e) => {
                         result = Err(e);
-                        break;
+                        break 'tensors;
                     }
                 }
             }
@@ -126,7 +158,7 @@ pub fn choose<S: PartialEq>(
         model.set_tensor(n, w.clone())?;
     }
     result?;
-    ladders
+    let choices = ladders
         .iter()
         .zip(&level)
         .map(|((n, ladder), &l)| {
@@ -142,7 +174,37 @@ pub fn choose<S: PartialEq>(
                 chosen,
             })
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok(Chosen {
+        choices,
+        scores: best,
+    })
+}
+
+/// What must stay equal for a type to keep an edit: ES, PS, NS and their generated forms.
+fn outcome(s: &RewriteScores) -> [f64; 6] {
+    [
+        s.es,
+        s.ps.unwrap_or(-1.0),
+        s.ns.unwrap_or(-1.0),
+        s.gen.gen_es,
+        s.gen.gen_ps.unwrap_or(-1.0),
+        s.gen.gen_ns.unwrap_or(-1.0),
+    ]
+}
+
+/// [`choose`] for an edit of `rewrites` whose f32 scores are `f32_scores`: the types at which
+/// every rewrite's outcome ([`outcome`]) equals the f32 edit's, and the scores there.
+pub fn choose_for_rewrites(
+    model: &mut Model,
+    names: &[String],
+    rewrites: &[Rewrite],
+    f32_scores: &[RewriteScores],
+) -> Result<Chosen<Vec<RewriteScores>>> {
+    let target: Vec<[f64; 6]> = f32_scores.iter().map(outcome).collect();
+    let key = |v: &Vec<RewriteScores>| v.iter().map(outcome).collect::<Vec<_>>();
+    let mut score = |m: &Model| score_rewrites(m, rewrites);
+    choose(model, names, &target, &key, &mut score)
 }
 
 /// The chosen types as the GGUF writer takes them (our tensor name -> type).
@@ -196,9 +258,17 @@ mod tests {
             let x = m.weights.get(&n2)?.flatten_all()?.to_vec1::<f32>()?[1];
             Ok((x - w1).abs() >= delta.abs() / 2.0)
         };
-        let c = choose(&mut m, std::slice::from_ref(&name), &true, &mut score).unwrap();
-        assert_eq!(c.len(), 1);
-        c
+        let c = choose(
+            &mut m,
+            std::slice::from_ref(&name),
+            &true,
+            &|&b| b,
+            &mut score,
+        )
+        .unwrap();
+        assert_eq!(c.choices.len(), 1);
+        assert_eq!(c.scores, Some(true), "the chosen types keep the edit");
+        c.choices
     }
 
     #[test]

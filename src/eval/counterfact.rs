@@ -8,6 +8,7 @@
 
 use super::generation::GenScores;
 use super::metrics::{fluency, harmonic_mean, mean_ci95, score_rewrites, RewriteScores};
+use crate::edit::auto::{choose_for_rewrites, TypeChoice};
 use crate::edit::run::{Editor, RetentionPoint};
 use crate::edit::spec::{Method, Neighbor, Rewrite};
 use crate::edit::{apply, revert, Applied};
@@ -168,9 +169,24 @@ pub struct CaseRow {
     #[serde(default)]
     pub error: Option<String>,
     /// For GGUF input: the post-edit scores with the edited tensors re-quantized to the types
-    /// they are written in ([`requantize_edited`]).
+    /// they are written in ([`requantize_edited`], or the types [`RunOptions::auto_types`]
+    /// chose).
     #[serde(default)]
     pub requant: Option<Scores>,
+    /// With [`RunOptions::auto_types`]: the type chosen for each edited tensor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub out_types: Option<Vec<TypeChoice>>,
+}
+
+/// What the runner measures beyond ES/PS/NS and their generated forms.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Also score free generation (`wild.rs`) before and after each edit, with the f32 edit.
+    pub wild: bool,
+    /// For GGUF input, choose each edited tensor's type as `edit --out-type auto` does
+    /// ([`crate::edit::auto`]) and take the re-quantized scores at the chosen types; without
+    /// it, at the input types.
+    pub auto_types: bool,
 }
 
 /// ES / PS / NS of one case as plain numbers (for JSONL).
@@ -185,6 +201,9 @@ pub struct Scores {
     /// Generation-based scores and the generated texts (absent in rows of older runs).
     #[serde(flatten, default)]
     pub gen: GenScores,
+    /// With [`RunOptions::wild`]: the same scores read from free answers to questions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wild: Option<GenScores>,
 }
 
 impl From<&RewriteScores> for Scores {
@@ -197,6 +216,7 @@ impl From<&RewriteScores> for Scores {
             ps_margin: s.ps_margin.unwrap_or(0.0),
             ns_margin: s.ns_margin.unwrap_or(0.0),
             gen: s.gen.clone(),
+            wild: None,
         }
     }
 }
@@ -232,6 +252,17 @@ pub struct Summary {
     pub requant_ps: Option<f64>,
     pub requant_ns: Option<f64>,
     pub requant_gen_es: Option<f64>,
+    /// With `--wild`: free-generation scores after and before the edit (`wild.rs`).
+    pub wild_es: Option<f64>,
+    pub wild_ps: Option<f64>,
+    pub wild_ns: Option<f64>,
+    pub wild_es_pre: Option<f64>,
+    pub wild_ps_pre: Option<f64>,
+    pub wild_ns_pre: Option<f64>,
+    /// With `--out-type auto`: how many edited tensors got each type, over all cases (or
+    /// batches), and the mean file-size cost of a case's choice in bytes.
+    pub out_types: Option<std::collections::BTreeMap<String, usize>>,
+    pub out_type_extra_bytes_mean: Option<f64>,
     pub edit_seconds_mean: f64,
     pub edit_seconds_median: f64,
     pub eval_seconds_mean: f64,
@@ -255,6 +286,34 @@ pub fn summarise(rows: &[CaseRow], method: &str) -> Summary {
     let rq = |f: &dyn Fn(&Scores) -> f64| {
         (!requant.is_empty()).then(|| mean(requant.iter().map(|q| f(q)).collect()))
     };
+    // The mean of `g` over the rows' free-generation scores after (or before) the edit.
+    let wild = |after: bool, g: &dyn Fn(&GenScores) -> f64| {
+        let v: Vec<f64> = ok
+            .iter()
+            .filter_map(|r| if after { &r.post } else { &r.pre }.wild.as_ref().map(g))
+            .collect();
+        (!v.is_empty()).then(|| mean(v))
+    };
+    let choices: Vec<&Vec<TypeChoice>> = ok.iter().filter_map(|r| r.out_types.as_ref()).collect();
+    let out_types = (!choices.is_empty()).then(|| {
+        let mut m = std::collections::BTreeMap::new();
+        for c in choices.iter().flat_map(|v| v.iter()) {
+            *m.entry(c.chosen_type.clone()).or_insert(0) += 1;
+        }
+        m
+    });
+    let extra = (!choices.is_empty()).then(|| {
+        mean(
+            choices
+                .iter()
+                .map(|v| {
+                    v.iter()
+                        .map(|c| c.chosen_bytes as f64 - c.input_bytes as f64)
+                        .sum()
+                })
+                .collect(),
+        )
+    });
     let mut times = col(&|r| r.edit_seconds);
     times.sort_by(f64::total_cmp);
     Summary {
@@ -284,6 +343,14 @@ pub fn summarise(rows: &[CaseRow], method: &str) -> Summary {
         requant_ps: rq(&|q| q.ps),
         requant_ns: rq(&|q| q.ns),
         requant_gen_es: rq(&|q| q.gen.gen_es),
+        wild_es: wild(true, &|g| g.gen_es),
+        wild_ps: wild(true, &|g| g.gen_ps.unwrap_or(0.0)),
+        wild_ns: wild(true, &|g| g.gen_ns.unwrap_or(0.0)),
+        wild_es_pre: wild(false, &|g| g.gen_es),
+        wild_ps_pre: wild(false, &|g| g.gen_ps.unwrap_or(0.0)),
+        wild_ns_pre: wild(false, &|g| g.gen_ns.unwrap_or(0.0)),
+        out_types,
+        out_type_extra_bytes_mean: extra,
         edit_seconds_mean: mean(times.clone()),
         edit_seconds_median: times.get(times.len() / 2).copied().unwrap_or(0.0),
         eval_seconds_mean: mean(col(&|r| r.eval_seconds)),
@@ -299,6 +366,7 @@ pub fn run(
     method: Method,
     cases: &[Case],
     batch_size: usize,
+    opts: RunOptions,
     resume: Option<&Path>,
     progress: &mut dyn FnMut(&CaseRow),
 ) -> Result<Vec<CaseRow>> {
@@ -341,11 +409,11 @@ pub fn run(
     for cases in todo.chunks(group) {
         let t0 = Instant::now();
         let rs: Vec<Rewrite> = cases.iter().map(|c| c.rewrite.clone()).collect();
-        let mut pre = score_rewrites(model, &rs)?.into_iter();
+        let mut pre = score_cases(model, &rs, opts)?.into_iter();
         let pre_s = t0.elapsed().as_secs_f64() / cases.len() as f64;
         for chunk in cases.chunks(step) {
-            let chunk_pre: Vec<RewriteScores> = pre.by_ref().take(chunk.len()).collect();
-            for row in edit_and_score(model, &mut editor, chunk, chunk_pre, pre_s)? {
+            let chunk_pre: Vec<Scores> = pre.by_ref().take(chunk.len()).collect();
+            for row in edit_and_score(model, &mut editor, chunk, chunk_pre, pre_s, opts)? {
                 if let Some(f) = out.as_mut() {
                     let line = serde_json::to_string(&row)
                         .map_err(|e| Error::invalid("resume", e.to_string()))?;
@@ -360,6 +428,20 @@ pub fn run(
     Ok(rows)
 }
 
+/// The scores of `rs` on `model`, with the free-generation ones when `opts.wild`.
+fn score_cases(model: &Model, rs: &[Rewrite], opts: RunOptions) -> Result<Vec<Scores>> {
+    let mut scores: Vec<Scores> = score_rewrites(model, rs)?
+        .iter()
+        .map(Scores::from)
+        .collect();
+    if opts.wild {
+        for (s, w) in scores.iter_mut().zip(super::wild::score_many(model, rs)?) {
+            s.wild = Some(w);
+        }
+    }
+    Ok(scores)
+}
+
 /// Edit one case (ROME, FT-L) or one batch (MEMIT, AlphaEdit) from the current model, score
 /// the cases, and revert.
 ///
@@ -368,8 +450,9 @@ fn edit_and_score(
     model: &mut Model,
     editor: &mut Editor,
     chunk: &[&Case],
-    pre: Vec<RewriteScores>,
+    pre: Vec<Scores>,
     pre_s: f64,
+    opts: RunOptions,
 ) -> Result<Vec<CaseRow>> {
     let rs: Vec<Rewrite> = chunk.iter().map(|c| c.rewrite.clone()).collect();
     let t1 = Instant::now();
@@ -381,12 +464,13 @@ fn edit_and_score(
                 .zip(pre)
                 .map(|(c, p)| CaseRow {
                     case_id: c.case_id,
-                    pre: (&p).into(),
+                    pre: p,
                     post: Scores::default(),
                     edit_seconds: 0.0,
                     eval_seconds: pre_s,
                     error: Some(e.to_string()),
                     requant: None,
+                    out_types: None,
                 })
                 .collect())
         }
@@ -398,27 +482,56 @@ fn edit_and_score(
         applied.push(apply(model, d)?);
     }
     let t2 = Instant::now();
-    let post = score_rewrites(model, &rs);
-    let names: Vec<&str> = deltas.iter().map(|d| d.name.as_str()).collect();
-    let requant = score_requantized(model, &names, &rs);
+    let names: Vec<String> = deltas.iter().map(|d| d.name.clone()).collect();
+    let scored = score_edited(model, &names, &rs, opts);
     let post_s = t2.elapsed().as_secs_f64() / chunk.len() as f64;
     revert(model, &applied)?; // every case (batch) starts from the unedited model
-    let requant = requant?;
+    let (post, requant, out_types) = scored?;
     Ok(chunk
         .iter()
         .zip(pre)
-        .zip(post?)
+        .zip(post)
         .enumerate()
         .map(|(i, ((c, p), q))| CaseRow {
             case_id: c.case_id,
-            pre: (&p).into(),
-            post: (&q).into(),
+            pre: p,
+            post: q,
             edit_seconds: edit_s,
             eval_seconds: pre_s + post_s,
             error: None,
-            requant: requant.as_ref().map(|r| (&r[i]).into()),
+            requant: requant.as_ref().map(|r| r[i].clone()),
+            out_types: out_types.clone(),
         })
         .collect())
+}
+
+/// The f32 edit's scores of `rs`, and for GGUF input the scores with the edited tensors
+/// `names` as the file would store them: at their input types, or with `opts.auto_types` at
+/// the types [`choose_for_rewrites`] picks (returned too). The model is left with the f32 edit.
+#[allow(clippy::type_complexity)]
+fn score_edited(
+    model: &mut Model,
+    names: &[String],
+    rs: &[Rewrite],
+    opts: RunOptions,
+) -> Result<(Vec<Scores>, Option<Vec<Scores>>, Option<Vec<TypeChoice>>)> {
+    let f32_scores = score_rewrites(model, rs)?;
+    let mut post: Vec<Scores> = f32_scores.iter().map(Scores::from).collect();
+    if opts.wild {
+        for (s, w) in post.iter_mut().zip(super::wild::score_many(model, rs)?) {
+            s.wild = Some(w);
+        }
+    }
+    let as_scores = |v: Vec<RewriteScores>| v.iter().map(Scores::from).collect::<Vec<_>>();
+    if opts.auto_types && crate::model::quant::input_types(model).is_some() {
+        let chosen = choose_for_rewrites(model, names, rs, &f32_scores)?;
+        // No ladder (every edited tensor stored in f32): the file holds the f32 edit.
+        let requant = chosen.scores.unwrap_or(f32_scores);
+        return Ok((post, Some(as_scores(requant)), Some(chosen.choices)));
+    }
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let requant = score_requantized(model, &names, rs)?;
+    Ok((post, requant.map(as_scores), None))
 }
 
 /// The edited tensors `names` as the GGUF file stores them: each re-quantized to its input
@@ -507,6 +620,7 @@ pub fn run_sequential(
     method: Method,
     cases: &[Case],
     batch_size: usize,
+    opts: RunOptions,
     progress: &mut dyn FnMut(SeqEvent<'_>),
 ) -> Result<SequentialRun> {
     let t_all = Instant::now();
@@ -519,7 +633,7 @@ pub fn run_sequential(
         cases: cases.len(),
         after: false,
     });
-    let pre = score_rewrites(model, &rewrites)?;
+    let pre = score_cases(model, &rewrites, opts)?;
     let mut edit_s = vec![0.0; cases.len()];
     let mut retention = Vec::new();
     let mut batch_seconds = Vec::new();
@@ -556,9 +670,7 @@ pub fn run_sequential(
         after: true,
     });
     let t_eval = Instant::now();
-    let post = score_rewrites(model, &rewrites)?;
-    let names: Vec<&str> = edited.iter().map(String::as_str).collect();
-    let requant = score_requantized(model, &names, &rewrites)?;
+    let (post, requant, out_types) = score_edited(model, &edited, &rewrites, opts)?;
     let eval_s = t_eval.elapsed().as_secs_f64() / cases.len().max(1) as f64;
     let fluency_after = fluency(model, &flu_prompts)?;
     let rows = cases
@@ -568,12 +680,13 @@ pub fn run_sequential(
         .enumerate()
         .map(|(i, ((c, (p, q)), e))| CaseRow {
             case_id: c.case_id,
-            pre: p.into(),
-            post: q.into(),
+            pre: p.clone(),
+            post: q.clone(),
             edit_seconds: e,
             eval_seconds: eval_s,
             error: None,
-            requant: requant.as_ref().map(|r| (&r[i]).into()),
+            requant: requant.as_ref().map(|r| r[i].clone()),
+            out_types: out_types.clone(),
         })
         .collect();
     Ok(SequentialRun {

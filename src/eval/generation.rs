@@ -81,29 +81,39 @@ pub fn contains_answer(text: &str, answer: &str) -> bool {
 
 /// Greedy continuations of `prompts` ([`GEN_TOKENS`] tokens, first sentence), as text.
 pub fn continuations(model: &Model, prompts: &[&str]) -> Result<Vec<String>> {
+    continuations_cut(model, prompts, GEN_TOKENS, first_sentence)
+}
+
+/// Greedy continuations of `prompts`, at most `max_tokens` new tokens each, as text cut by
+/// `cut` (a prefix of its argument). A row stops decoding once `cut` has settled: when the cut
+/// ends before the end of what the row has (a stop followed by whitespace, or a newline), no
+/// later token can change it, so stopping changes no text, only the time.
+pub fn continuations_cut(
+    model: &Model,
+    prompts: &[&str],
+    max_tokens: usize,
+    cut: fn(&str) -> &str,
+) -> Result<Vec<String>> {
     let tok = model.tok()?;
     let rows = prompts
         .iter()
         .map(|p| tok.encode(p))
         .collect::<Result<Vec<_>>>()?;
     let p = GenParams {
-        max_new_tokens: GEN_TOKENS,
+        max_new_tokens: max_tokens,
         stop_at_eos: true,
         ..Default::default()
     };
-    // A row stops once its first sentence ends before the end of what it has (a stop
-    // followed by whitespace, or a newline): no later token can change that first sentence,
-    // so stopping changes no text, only the time.
     let ended = |ids: &[u32]| {
         tok.decode(ids)
-            .map(|t| first_sentence(&t).len() < t.len())
+            .map(|t| cut(&t).len() < t.len())
             .unwrap_or(false)
     };
     let mut out = Vec::with_capacity(rows.len());
     // Rows decode as one left-padded batch; 16 at a time bounds the KV cache.
     for chunk in rows.chunks(16) {
         for ids in generate_until(model, chunk, &p, &ended)? {
-            out.push(first_sentence(&tok.decode(&ids)?).to_string());
+            out.push(cut(&tok.decode(&ids)?).to_string());
         }
     }
     Ok(out)
@@ -111,7 +121,7 @@ pub fn continuations(model: &Model, prompts: &[&str]) -> Result<Vec<String>> {
 
 /// The prompts a rewrite is scored on by generation: the edit prompt, its paraphrases, its
 /// neighbourhood prompts.
-fn prompts(r: &Rewrite) -> Vec<&str> {
+pub(crate) fn prompts(r: &Rewrite) -> Vec<&str> {
     let mut v: Vec<&str> = vec![&r.prompt];
     v.extend(r.paraphrases.iter().map(String::as_str));
     v.extend(r.neighborhood.iter().map(|n| n.prompt.as_str()));
@@ -124,20 +134,29 @@ fn prompts(r: &Rewrite) -> Vec<&str> {
 pub fn score_many(model: &Model, rs: &[Rewrite]) -> Result<Vec<GenScores>> {
     let all: Vec<&str> = rs.iter().flat_map(prompts).collect();
     let texts = continuations(model, &all)?;
+    Ok(split_scores(rs, &texts, from_texts))
+}
+
+/// Each rewrite's scores from its slice of `texts` (the continuations of every rewrite's
+/// [`prompts`], in order).
+pub(crate) fn split_scores<T>(
+    rs: &[Rewrite],
+    texts: &[String],
+    from_texts: fn(&Rewrite, &[String]) -> T,
+) -> Vec<T> {
     let mut at = 0;
-    Ok(rs
-        .iter()
+    rs.iter()
         .map(|r| {
             let n = 1 + r.paraphrases.len() + r.neighborhood.len();
             let g = from_texts(r, &texts[at..at + n]);
             at += n;
             g
         })
-        .collect())
+        .collect()
 }
 
 /// The scores of `r` from the continuations of its [`prompts`].
-fn from_texts(r: &Rewrite, texts: &[String]) -> GenScores {
+pub(crate) fn from_texts(r: &Rewrite, texts: &[String]) -> GenScores {
     let new = r.target_new.as_str();
     let share = |hits: Vec<bool>| -> Option<f64> {
         (!hits.is_empty()).then(|| hits.iter().filter(|&&h| h).count() as f64 / hits.len() as f64)

@@ -6,5 +6,6 @@ pub mod generation;
 pub mod logprob;
 pub mod metrics;
 pub mod svg;
+pub mod wild;
 
 pub use logprob::{target_logprobs, TargetScore};

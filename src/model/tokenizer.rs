@@ -149,6 +149,11 @@ impl Tok {
         self.inner.id_to_token(id)
     }
 
+    /// The id of a token given as it is stored in the vocabulary (e.g. `<|im_start|>`).
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
     /// The vocabulary size, special tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

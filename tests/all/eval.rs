@@ -60,6 +60,7 @@ fn counterfact_runner_on_20_records() {
         method.clone(),
         &cases,
         1,
+        Default::default(),
         Some(&resume),
         &mut |_| {},
     )
@@ -96,9 +97,16 @@ fn counterfact_runner_on_20_records() {
         "every case reverts"
     );
     // Resuming skips what is done.
-    let again =
-        engram::eval::counterfact::run(&mut m, method, &cases, 1, Some(&resume), &mut |_| {})
-            .unwrap();
+    let again = engram::eval::counterfact::run(
+        &mut m,
+        method,
+        &cases,
+        1,
+        Default::default(),
+        Some(&resume),
+        &mut |_| {},
+    )
+    .unwrap();
     assert_eq!(again.len(), 20);
     assert_eq!(
         std::fs::read_to_string(&resume).unwrap().lines().count(),
@@ -176,6 +184,82 @@ fn requantized_scores_match_the_written_file() {
         - c["cases"][0]["requant"]["es_margin"].as_f64().unwrap())
     .abs();
     assert!(margin < 1e-6, "ES margin differs by {margin}");
+}
+
+/// `eval counterfact --wild --out-type auto`: the free-generation scores count what the rows'
+/// answers say, and the re-quantized scores are taken at the types chosen per case, which
+/// keep every outcome of the f32 edit.
+#[test]
+fn counterfact_runner_takes_wild_and_auto_types() {
+    let d = tempfile::tempdir().unwrap();
+    let cj = d.path().join("cf.json");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_engram"))
+        .args([
+            "eval",
+            "counterfact",
+            "--data",
+            CF_DEV,
+            "--method",
+            "ft",
+            "--layer",
+            "5",
+        ])
+        .args(["--n", "2", "--wild", "--out-type", "auto", "--json"])
+        .arg(&cj)
+        .current_dir(d.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("WILD") && stdout.contains("auto"),
+        "{stdout}"
+    );
+    let c = json(&cj);
+    let s = &c["summary"];
+    let cases = c["cases"].as_array().unwrap();
+    let data = engram::eval::counterfact::load(Path::new(CF_DEV), 0, 2).unwrap();
+    let mut said = 0.0;
+    for (row, case) in cases.iter().zip(&data) {
+        let w = &row["pre"]["wild"];
+        let text = w["gen_text"].as_str().unwrap();
+        assert!(!text.is_empty());
+        said +=
+            engram::eval::generation::contains_answer(text, &case.rewrite.target_new) as u8 as f64;
+        assert!(row["post"]["wild"]["gen_text"].is_string());
+        let types = row["out_types"].as_array().unwrap();
+        assert!(!types.is_empty(), "{row}");
+        for t in types {
+            assert!(
+                ["Q4_1", "Q8_0", "F16"].contains(&t["chosen_type"].as_str().unwrap()),
+                "{t}"
+            );
+        }
+        for k in ["es", "ps", "ns", "gen_es", "gen_ps", "gen_ns"] {
+            assert_eq!(
+                row["requant"][k], row["post"][k],
+                "{k}: the chosen types keep the edit"
+            );
+        }
+    }
+    assert_eq!(s["wild_es_pre"].as_f64().unwrap(), said / 2.0);
+    let counted: u64 = s["out_types"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        counted as usize,
+        cases
+            .iter()
+            .map(|r| r["out_types"].as_array().unwrap().len())
+            .sum::<usize>()
+    );
 }
 
 /// Stopping a row once its first sentence is settled gives exactly the text of decoding all
