@@ -120,7 +120,7 @@ fn run_cf(a: CfArgs) -> Result<()> {
     let cases = counterfact::load(&a.data, a.offset, a.n)?;
     let mut m = super::load_model(a.model.as_deref())?;
     if let Some(l) = &a.layer {
-        method.set_layers(engram::unlearn::parse_layers(
+        method.set_layers(engram::limits::parse_layers(
             l,
             m.config.n_layers,
             "--layer",
@@ -328,9 +328,15 @@ fn run_cf(a: CfArgs) -> Result<()> {
         format!("{:.2} / {:.2}", s.edit_seconds_mean, s.edit_seconds_median),
     ]);
     t.add_row(vec![
-        "evaluation seconds per case".into(),
+        "evaluation seconds per case (before / after / re-quantized)".into(),
         "".into(),
-        format!("{:.2}", s.eval_seconds_mean),
+        format!(
+            "{:.2} ({:.2} / {:.2} / {:.2})",
+            s.eval_seconds_mean,
+            s.eval_split_mean.before,
+            s.eval_split_mean.after,
+            s.eval_split_mean.requant
+        ),
     ]);
     if let Some(r) = &seq {
         t.add_row(vec![

@@ -2,9 +2,10 @@
 
 use anyhow::Result;
 use comfy_table::Table;
+use engram::limits::parse_layers;
 use engram::output::Outputs;
 use engram::unlearn::learn::{learn, LearnParams};
-use engram::unlearn::{load_records, parse_layers, Example};
+use engram::unlearn::{load_records, Example};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]

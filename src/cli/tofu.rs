@@ -4,8 +4,8 @@
 use anyhow::Result;
 use comfy_table::Table;
 use engram::eval::metrics::Suite;
+use engram::limits::parse_layers;
 use engram::unlearn::learn::LearnParams;
-use engram::unlearn::parse_layers;
 use engram::unlearn::request::MethodName;
 use engram::unlearn::tofu::{run, TofuEval, TofuParams};
 use std::path::PathBuf;

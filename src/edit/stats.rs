@@ -8,7 +8,7 @@
 //! well-conditioned 1536 x 1536 estimate. A real corpus (`--corpus FILE`) brings keys from the
 //! text people will actually run through the edited model.
 //!
-//! Results are cached on disk under `$ENGRAM_HOME/stats/`, keyed by model fingerprint, layer,
+//! Results are cached on disk under `$ENGRAM_STATS_DIR` (default `$ENGRAM_HOME/stats/`), keyed by model fingerprint, layer,
 //! corpus, sample count, length and seed.
 
 use crate::error::{Error, Result};
@@ -225,10 +225,20 @@ fn cache_path(fp: &str, spec: &StatsSpec) -> Result<PathBuf> {
         "layer{}-{corpus}-{}x{}-seed{}.safetensors",
         spec.layer, spec.samples, spec.seq_len, spec.seed
     );
-    Ok(fetch::engram_home()
-        .join("stats")
-        .join(&fp[..16.min(fp.len())])
-        .join(name))
+    Ok(stats_root().join(&fp[..16.min(fp.len())]).join(name))
+}
+
+/// Where key statistics are cached: `$ENGRAM_STATS_DIR`, else `$ENGRAM_HOME/stats`. The
+/// library's own unit tests use `target/test-stats`, and the integration tests set the
+/// variable to it, so that tests never write into the user's cache.
+pub fn stats_root() -> PathBuf {
+    if let Some(d) = std::env::var_os("ENGRAM_STATS_DIR") {
+        return PathBuf::from(d);
+    }
+    if cfg!(test) {
+        return PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/test-stats"));
+    }
+    fetch::engram_home().join("stats")
 }
 
 /// [`corpus_sequences`], with self-sampled text cached beside the statistics (sampling is

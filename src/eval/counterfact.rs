@@ -166,6 +166,10 @@ pub struct CaseRow {
     pub post: Scores,
     pub edit_seconds: f64,
     pub eval_seconds: f64,
+    /// `eval_seconds` split: scoring before the edit, after it (the f32 edit, with `--wild`
+    /// its free answers), and re-quantized (with `--out-type auto`, every trial of the choice).
+    #[serde(default)]
+    pub eval_split: EvalSplit,
     #[serde(default)]
     pub error: Option<String>,
     /// For GGUF input: the post-edit scores with the edited tensors re-quantized to the types
@@ -176,6 +180,14 @@ pub struct CaseRow {
     /// With [`RunOptions::auto_types`]: the type chosen for each edited tensor.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub out_types: Option<Vec<TypeChoice>>,
+}
+
+/// Seconds of evaluation per case, by phase.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
+pub struct EvalSplit {
+    pub before: f64,
+    pub after: f64,
+    pub requant: f64,
 }
 
 /// What the runner measures beyond ES/PS/NS and their generated forms.
@@ -266,6 +278,8 @@ pub struct Summary {
     pub edit_seconds_mean: f64,
     pub edit_seconds_median: f64,
     pub eval_seconds_mean: f64,
+    /// The mean of each row's [`EvalSplit`].
+    pub eval_split_mean: EvalSplit,
     pub failed: usize,
 }
 
@@ -354,6 +368,11 @@ pub fn summarise(rows: &[CaseRow], method: &str) -> Summary {
         edit_seconds_mean: mean(times.clone()),
         edit_seconds_median: times.get(times.len() / 2).copied().unwrap_or(0.0),
         eval_seconds_mean: mean(col(&|r| r.eval_seconds)),
+        eval_split_mean: EvalSplit {
+            before: mean(col(&|r| r.eval_split.before)),
+            after: mean(col(&|r| r.eval_split.after)),
+            requant: mean(col(&|r| r.eval_split.requant)),
+        },
         failed: rows.len() - ok.len(),
     }
 }
@@ -468,6 +487,10 @@ fn edit_and_score(
                     post: Scores::default(),
                     edit_seconds: 0.0,
                     eval_seconds: pre_s,
+                    eval_split: EvalSplit {
+                        before: pre_s,
+                        ..Default::default()
+                    },
                     error: Some(e.to_string()),
                     requant: None,
                     out_types: None,
@@ -481,40 +504,55 @@ fn edit_and_score(
     for d in &deltas {
         applied.push(apply(model, d)?);
     }
-    let t2 = Instant::now();
     let names: Vec<String> = deltas.iter().map(|d| d.name.clone()).collect();
     let scored = score_edited(model, &names, &rs, opts);
-    let post_s = t2.elapsed().as_secs_f64() / chunk.len() as f64;
     revert(model, &applied)?; // every case (batch) starts from the unedited model
-    let (post, requant, out_types) = scored?;
+    let e = scored?;
+    let per = |s: f64| s / chunk.len() as f64;
+    let split = EvalSplit {
+        before: pre_s,
+        after: per(e.post_s),
+        requant: per(e.requant_s),
+    };
     Ok(chunk
         .iter()
         .zip(pre)
-        .zip(post)
+        .zip(e.post)
         .enumerate()
         .map(|(i, ((c, p), q))| CaseRow {
             case_id: c.case_id,
             pre: p,
             post: q,
             edit_seconds: edit_s,
-            eval_seconds: pre_s + post_s,
+            eval_seconds: split.before + split.after + split.requant,
+            eval_split: split,
             error: None,
-            requant: requant.as_ref().map(|r| r[i].clone()),
-            out_types: out_types.clone(),
+            requant: e.requant.as_ref().map(|r| r[i].clone()),
+            out_types: e.out_types.clone(),
         })
         .collect())
+}
+
+/// What [`score_edited`] measured.
+struct Edited {
+    post: Vec<Scores>,
+    requant: Option<Vec<Scores>>,
+    out_types: Option<Vec<TypeChoice>>,
+    /// Seconds for `post` and for `requant` (with the type choice).
+    post_s: f64,
+    requant_s: f64,
 }
 
 /// The f32 edit's scores of `rs`, and for GGUF input the scores with the edited tensors
 /// `names` as the file would store them: at their input types, or with `opts.auto_types` at
 /// the types [`choose_for_rewrites`] picks (returned too). The model is left with the f32 edit.
-#[allow(clippy::type_complexity)]
 fn score_edited(
     model: &mut Model,
     names: &[String],
     rs: &[Rewrite],
     opts: RunOptions,
-) -> Result<(Vec<Scores>, Option<Vec<Scores>>, Option<Vec<TypeChoice>>)> {
+) -> Result<Edited> {
+    let t0 = Instant::now();
     let f32_scores = score_rewrites(model, rs)?;
     let mut post: Vec<Scores> = f32_scores.iter().map(Scores::from).collect();
     if opts.wild {
@@ -522,16 +560,26 @@ fn score_edited(
             s.wild = Some(w);
         }
     }
+    let post_s = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
     let as_scores = |v: Vec<RewriteScores>| v.iter().map(Scores::from).collect::<Vec<_>>();
-    if opts.auto_types && crate::model::quant::input_types(model).is_some() {
-        let chosen = choose_for_rewrites(model, names, rs, &f32_scores)?;
-        // No ladder (every edited tensor stored in f32): the file holds the f32 edit.
-        let requant = chosen.scores.unwrap_or(f32_scores);
-        return Ok((post, Some(as_scores(requant)), Some(chosen.choices)));
-    }
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    let requant = score_requantized(model, &names, rs)?;
-    Ok((post, requant.map(as_scores), None))
+    let (requant, out_types) =
+        if opts.auto_types && crate::model::quant::input_types(model).is_some() {
+            let chosen = choose_for_rewrites(model, names, rs, &f32_scores)?;
+            // No ladder (every edited tensor stored in f32): the file holds the f32 edit.
+            let requant = chosen.scores.unwrap_or(f32_scores);
+            (Some(as_scores(requant)), Some(chosen.choices))
+        } else {
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            (score_requantized(model, &names, rs)?.map(as_scores), None)
+        };
+    Ok(Edited {
+        post,
+        requant,
+        out_types,
+        post_s,
+        requant_s: t1.elapsed().as_secs_f64(),
+    })
 }
 
 /// The edited tensors `names` as the GGUF file stores them: each re-quantized to its input
@@ -633,7 +681,9 @@ pub fn run_sequential(
         cases: cases.len(),
         after: false,
     });
+    let t_pre = Instant::now();
     let pre = score_cases(model, &rewrites, opts)?;
+    let pre_s = t_pre.elapsed().as_secs_f64();
     let mut edit_s = vec![0.0; cases.len()];
     let mut retention = Vec::new();
     let mut batch_seconds = Vec::new();
@@ -669,24 +719,29 @@ pub fn run_sequential(
         cases: cases.len(),
         after: true,
     });
-    let t_eval = Instant::now();
-    let (post, requant, out_types) = score_edited(model, &edited, &rewrites, opts)?;
-    let eval_s = t_eval.elapsed().as_secs_f64() / cases.len().max(1) as f64;
+    let e = score_edited(model, &edited, &rewrites, opts)?;
+    let per = |s: f64| s / cases.len().max(1) as f64;
+    let split = EvalSplit {
+        before: per(pre_s),
+        after: per(e.post_s),
+        requant: per(e.requant_s),
+    };
     let fluency_after = fluency(model, &flu_prompts)?;
     let rows = cases
         .iter()
-        .zip(pre.iter().zip(&post))
+        .zip(pre.iter().zip(&e.post))
         .zip(edit_s)
         .enumerate()
-        .map(|(i, ((c, (p, q)), e))| CaseRow {
+        .map(|(i, ((c, (p, q)), secs))| CaseRow {
             case_id: c.case_id,
             pre: p.clone(),
             post: q.clone(),
-            edit_seconds: e,
-            eval_seconds: eval_s,
+            edit_seconds: secs,
+            eval_seconds: split.before + split.after + split.requant,
+            eval_split: split,
             error: None,
-            requant: requant.as_ref().map(|r| r[i].clone()),
-            out_types: out_types.clone(),
+            requant: e.requant.as_ref().map(|r| r[i].clone()),
+            out_types: e.out_types.clone(),
         })
         .collect();
     Ok(SequentialRun {

@@ -366,68 +366,6 @@ fn layer_of(name: &str) -> Option<usize> {
     rest.split('.').next()?.parse().ok()
 }
 
-fn out_of_range(option: &str, l: usize, n_layers: usize) -> Error {
-    Error::invalid(
-        option,
-        Error::LayerOutOfRange { layer: l, n_layers }.to_string(),
-    )
-}
-
-/// Parse a layer list: `all`, `3`, `3,5,7` or `10-19`.
-///
-/// # Errors
-/// [`Error::InvalidArgument`] naming `option` (also for a layer out of range).
-pub fn parse_layers(s: &str, n_layers: usize, option: &str) -> Result<Vec<usize>> {
-    let s = s.trim();
-    if s == "all" {
-        return Ok((0..n_layers).collect());
-    }
-    let mut out = Vec::new();
-    for part in s.split(',') {
-        let part = part.trim();
-        let bad = || {
-            Error::invalid(
-                option,
-                format!("`{part}`: expected `all`, a layer, a list `3,5` or a range `10-19`"),
-            )
-        };
-        if let Some((a, b)) = part.split_once('-') {
-            let (a, b): (usize, usize) = (
-                a.trim().parse().map_err(|_| bad())?,
-                b.trim().parse().map_err(|_| bad())?,
-            );
-            if a > b {
-                return Err(bad());
-            }
-            // Checked before the range is expanded: `0-18446744073709551615` must not
-            // allocate. Author ranges (no layer count) are bounded by the records' count.
-            if b >= n_layers {
-                return Err(out_of_range(option, b, n_layers));
-            }
-            if b - a >= crate::limits::MAX_ITEMS {
-                return Err(Error::invalid(
-                    option,
-                    format!(
-                        "`{part}`: a range may span at most {} values",
-                        crate::limits::MAX_ITEMS
-                    ),
-                ));
-            }
-            out.extend(a..=b);
-        } else {
-            out.push(part.parse().map_err(|_| bad())?);
-        }
-    }
-    for &l in &out {
-        if l >= n_layers {
-            return Err(out_of_range(option, l, n_layers));
-        }
-    }
-    out.sort_unstable();
-    out.dedup();
-    Ok(out)
-}
-
 /// Examples tokenized for scoring: rows `prompt + answer[..-1]` and where the answer sits.
 pub struct Tokenized {
     pub rows: Vec<Vec<u32>>,

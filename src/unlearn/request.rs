@@ -438,7 +438,7 @@ impl Request {
                 .collect::<Vec<_>>()
                 .join(","),
         };
-        super::parse_layers(&text, n_layers, "layers").map_err(|e| Error::Spec {
+        crate::limits::parse_layers(&text, n_layers, "layers").map_err(|e| Error::Spec {
             path: path.into(),
             message: format!("layers: {e}"),
         })

@@ -2,14 +2,10 @@
 
 use crate::common::fixture;
 use std::path::Path;
-use std::process::Command;
 
 /// Run the binary; returns the exit code and stderr (and fails on a panic).
 pub fn engram(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_engram"))
-        .args(args)
-        .output()
-        .unwrap();
+    let out = crate::common::engram().args(args).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(!stderr.contains("panicked"), "panic: {stderr}");
     (out.status.code().unwrap_or(-1), stderr)
@@ -150,7 +146,7 @@ fn outputs_get_the_umask_mode_not_a_temp_files() {
     let d = tempfile::tempdir().unwrap();
     let j = d.path().join("i.json");
     let p = fixture("tiny-llama");
-    let mut c = Command::new(env!("CARGO_BIN_EXE_engram"));
+    let mut c = crate::common::engram();
     c.args([
         "inspect",
         "--model",

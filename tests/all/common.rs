@@ -18,12 +18,33 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// Where the tests cache key statistics (never the user's `~/.cache/engram`): shared by
+/// every test of a run and kept between runs under `target/`.
+pub const TEST_STATS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/target/test-stats");
+
+/// Point this process (and the commands it starts) at [`TEST_STATS`]. Called by every helper
+/// that yields a model or a command, before any key statistics can be computed.
+pub fn isolate_stats() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| std::env::set_var("ENGRAM_STATS_DIR", TEST_STATS));
+}
+
+/// The engram binary as a command, caching key statistics in [`TEST_STATS`].
+pub fn engram() -> std::process::Command {
+    isolate_stats();
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_engram"));
+    c.env("ENGRAM_STATS_DIR", TEST_STATS);
+    c
+}
+
 pub fn tiny(name: &str) -> Model {
+    isolate_stats();
     engram::model::load(Some(fixture(name).to_str().unwrap()), &Device::Cpu).unwrap()
 }
 
 /// smollm2-135m, dequantized to f32, shared by every test in this binary.
 pub fn real() -> &'static Model {
+    isolate_stats();
     static M: OnceLock<Model> = OnceLock::new();
     M.get_or_init(|| engram::model::load(None, &Device::Cpu).expect("load smollm2-135m"))
 }

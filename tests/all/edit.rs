@@ -271,7 +271,7 @@ fn out_type_auto_keeps_the_input_type_when_it_holds_the_edit() {
     let d = tempfile::tempdir().unwrap();
     let (out, j) = (d.path().join("auto.gguf"), d.path().join("auto.json"));
     let spec = concat!(env!("CARGO_MANIFEST_DIR"), "/edits/eiffel-rome.yaml");
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_engram"))
+    let o = crate::common::engram()
         .args(["edit", spec, "--out-type", "auto", "--no-locality"])
         .args([
             "--out",

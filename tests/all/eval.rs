@@ -135,7 +135,7 @@ fn requantized_scores_match_the_written_file() {
     std::fs::write(&spec, serde_yaml::to_string(&yaml).unwrap()).unwrap();
     let (ej, cj) = (d.path().join("edit.json"), d.path().join("cf.json"));
     let run = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_engram"))
+        let out = crate::common::engram()
             .args(args)
             .current_dir(d.path())
             .output()
@@ -193,7 +193,7 @@ fn requantized_scores_match_the_written_file() {
 fn counterfact_runner_takes_wild_and_auto_types() {
     let d = tempfile::tempdir().unwrap();
     let cj = d.path().join("cf.json");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_engram"))
+    let out = crate::common::engram()
         .args([
             "eval",
             "counterfact",
@@ -303,7 +303,7 @@ fn counterfact_without_a_layer_says_which_it_chose() {
         (Some(&copy), "causal tracing"),
     ] {
         let j = d.path().join("cf.json");
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_engram"));
+        let mut c = crate::common::engram();
         c.args([
             "eval",
             "counterfact",

@@ -365,6 +365,7 @@ fn run_one(target: &Target, bytes: &[u8], timeout: Duration) -> Outcome {
     let mut child = {
         use std::os::unix::process::CommandExt;
         let mut c = Command::new(env!("CARGO_BIN_EXE_engram"));
+        c.env_remove("ENGRAM_STATS_DIR"); // each run's own ENGRAM_HOME holds its statistics
         c.args(&args)
             .current_dir(work.path())
             .env("ENGRAM_HOME", work.path().join("home"))

@@ -362,7 +362,7 @@ fn absurd_config_sizes_are_refused_before_allocating() {
 /// the directory still empty afterwards (no `out/`, no patch, no partial file).
 fn refused_in_empty_dir(args: &[&str], want: &[&str]) {
     let d = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_engram"))
+    let out = crate::common::engram()
         .args(args)
         .current_dir(d.path())
         .output()

@@ -335,7 +335,7 @@ fn eiffel_tower_trace_on_smollm2() {
 fn locate_cli_writes_json_and_svg() {
     let dir = tempfile::tempdir().unwrap();
     let (j, p) = (dir.path().join("t.json"), dir.path().join("t.svg"));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_engram"))
+    let out = crate::common::engram()
         .args([
             "locate",
             "--prompt",
