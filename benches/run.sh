@@ -21,6 +21,33 @@ $E eval counterfact --data $CF --spec benches/rome-20-prefixes.yaml --n 100 --js
 $E eval counterfact --data $CF --spec benches/rome-lr05.yaml --n 100 --json out/cf-rome-l5-lr05.json --resume out/cf-rome-l5-lr05.jsonl
 $E eval counterfact --data $CF --method ft --layer 5 --n 100 --json out/cf-ft-l5.json --resume out/cf-ft-l5.jsonl
 $E edit edits/eiffel-rome.yaml --json out/edit-eiffel.json
+# Edits where people run them (issue 21): generation-based, free-generation (WILD-style) and
+# re-quantized scores with --out-type auto on the default Q4_1 file and on Q4_K_M / Q8_0 copies
+# made by llama.cpp's own quantizer; then the written files in llama.cpp and transformers.
+# Needs a Python with llama-cpp-python (and transformers, gguf, torch, accelerate): $PY.
+PY=${PY:-python3}
+Q41=${ENGRAM_HOME:-$HOME/.cache/engram}/models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf
+if $PY -c "import llama_cpp" 2>/dev/null; then
+  for t in Q4_K_M Q8_0; do
+    [ -f out/smollm2-135m-$t.gguf ] || $PY - "$Q41" out/smollm2-135m-$t.gguf $t <<'PYEOF'
+import ctypes, sys, llama_cpp
+p = llama_cpp.llama_model_quantize_default_params()
+p.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + sys.argv[3])
+p.allow_requantize = True
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))
+PYEOF
+  done
+  $E eval counterfact --data $CF --method rome --n 100 --wild --out-type auto --json out/cf-q4_1-auto.json --resume out/cf-q4_1-auto.jsonl
+  $E eval counterfact --model out/smollm2-135m-Q4_K_M.gguf --data $CF --method rome --layer 5 --n 100 --wild --out-type auto \
+    --json out/cf-q4_k_m-auto.json --resume out/cf-q4_k_m-auto.jsonl
+  for m in "$Q41" out/smollm2-135m-Q4_K_M.gguf out/smollm2-135m-Q8_0.gguf; do
+    $PY scripts/real_clients.py --engram $E --model "$m" --spec edits/eiffel-rome.yaml --transformers \
+      --json out/clients-eiffel-$(basename "$m" .gguf).json
+  done
+  for m in "$Q41" out/smollm2-135m-Q4_K_M.gguf; do
+    $PY scripts/real_clients.py --engram $E --model "$m" --counterfact $CF --n 100 --json out/clients-cf-$(basename "$m" .gguf).json
+  done
+fi
 # Unlearning: the demo end to end (learn, audit, unlearn with its receipt, audit, the second
 # person, verify), each step timed; then TOFU (about 25 minutes).
 t() { local s=$(date +%s.%N); "$@" || [ $? -eq 3 ]; echo "time: $(echo "$(date +%s.%N) - $s" | bc) s: $*" >&2; }
