@@ -296,3 +296,25 @@ fn out_type_auto_keeps_the_input_type_when_it_holds_the_edit() {
         }
     }
 }
+
+/// Key statistics are cached under `target/test-stats`, not in the user's `~/.cache/engram`:
+/// the shared ROME editor's layer-5 statistics are found there.
+#[test]
+fn key_statistics_are_cached_under_target() {
+    drop(rome_editor().lock().unwrap());
+    assert_eq!(
+        std::env::var("ENGRAM_STATS_DIR").unwrap(),
+        TEST_STATS,
+        "the tests point the library at target/test-stats"
+    );
+    let fp = real().fingerprint().unwrap();
+    let dir = Path::new(TEST_STATS).join(&fp[..16]);
+    let cached: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        cached.iter().any(|f| f.starts_with("layer5-self-")),
+        "{dir:?} holds {cached:?}"
+    );
+}
