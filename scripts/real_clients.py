@@ -11,7 +11,9 @@ unedited model), this script:
 4. checks that the edit prompt's and the paraphrases' continuations contain the new target
    (case-insensitive, on word boundaries), that each neighbourhood prompt's continuation is
    the one the same client gives for the unedited file, and whether the text equals engram's
-   own greedy continuation of the file as written (`requantized.gen_text` in its JSON). Beside
+   own greedy continuation of the file as written (`requantized.gen_text` in its JSON), and
+   whether both texts give the same verdict (the target, or for a neighbour its true answer,
+   found in both or in neither). Beside
    "neighbourhood unchanged" it reports the same check on engram's own texts (before the edit
    against the written file), so that a neighbour the edit itself moved is not blamed on a
    client.
@@ -145,7 +147,7 @@ def main():
             row = {"case": label, "out_types": [(t["tensor"], t["chosen_type"]) for t in report.get("out_types", [])]}
             for name, client in edited.items():
                 checks = {"edit": [], "paraphrase": [], "neighborhood_unchanged": [], "agrees_with_engram": [],
-                          "engram_neighborhood_unchanged": []}
+                          "verdict_agrees_with_engram": [], "engram_neighborhood_unchanged": []}
                 texts, before = [], []
                 for rw, er in zip(rewrites, report["rewrites"]):
                     q = er.get("requantized") or er["post"]
@@ -154,11 +156,15 @@ def main():
                     texts.append(t)
                     checks["edit"].append(contains_answer(t, new))
                     checks["agrees_with_engram"].append(t.strip() == q["gen_text"].strip())
+                    checks["verdict_agrees_with_engram"].append(
+                        contains_answer(t, new) == contains_answer(q["gen_text"], new))
                     for p, et in zip(rw.get("paraphrases", []), q["gen_paraphrase_texts"]):
                         t = client.continue_(p)
                         texts.append(t)
                         checks["paraphrase"].append(contains_answer(t, new))
                         checks["agrees_with_engram"].append(t.strip() == et.strip())
+                        checks["verdict_agrees_with_engram"].append(
+                            contains_answer(t, new) == contains_answer(et, new))
                     for n, et, pre in zip(rw.get("neighborhood", []), q["gen_neighborhood_texts"],
                                           er["pre"]["gen_neighborhood_texts"]):
                         p = n["prompt"]
@@ -170,6 +176,9 @@ def main():
                         before.append(base_text[key])
                         checks["neighborhood_unchanged"].append(t == base_text[key])
                         checks["agrees_with_engram"].append(t.strip() == et.strip())
+                        truth = n.get("answer") or rw.get("target_true") or ""
+                        checks["verdict_agrees_with_engram"].append(
+                            contains_answer(t, truth) == contains_answer(et, truth))
                         # The same question asked of engram's own texts, before and after.
                         checks["engram_neighborhood_unchanged"].append(pre.strip() == et.strip())
                 row[name] = {"checks": checks, "texts": texts, "neighborhood_before": before}
@@ -184,7 +193,7 @@ def main():
     for c in clients:
         agg = {}
         for k in ["edit", "paraphrase", "neighborhood_unchanged", "agrees_with_engram",
-                  "engram_neighborhood_unchanged"]:
+                  "verdict_agrees_with_engram", "engram_neighborhood_unchanged"]:
             v = [x for r in rows if c.name in r for x in r[c.name]["checks"][k]]
             agg[k] = sum(v) / len(v) if v else None
             agg[k + "_n"] = len(v)
