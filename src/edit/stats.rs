@@ -8,8 +8,8 @@
 //! well-conditioned 1536 x 1536 estimate. A real corpus (`--corpus FILE`) brings keys from the
 //! text people will actually run through the edited model.
 //!
-//! Results are cached on disk under `$ENGRAM_STATS_DIR` (default `$ENGRAM_HOME/stats/`), keyed by model fingerprint, layer,
-//! corpus, sample count, length and seed.
+//! Results are cached on disk under `$ENGRAM_STATS_DIR` (default `$ENGRAM_HOME/stats/`),
+//! keyed by model fingerprint, layer, corpus, sample count, length and seed.
 
 use crate::error::{Error, Result};
 use crate::model::generate::{generate_grouped, GenParams};

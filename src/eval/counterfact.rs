@@ -449,16 +449,23 @@ pub fn run(
 
 /// The scores of `rs` on `model`, with the free-generation ones when `opts.wild`.
 fn score_cases(model: &Model, rs: &[Rewrite], opts: RunOptions) -> Result<Vec<Scores>> {
-    let mut scores: Vec<Scores> = score_rewrites(model, rs)?
-        .iter()
-        .map(Scores::from)
-        .collect();
+    with_wild(model, rs, &score_rewrites(model, rs)?, opts)
+}
+
+/// `scores` (of `rs` on `model`) as rows, with the free-generation scores when `opts.wild`.
+fn with_wild(
+    model: &Model,
+    rs: &[Rewrite],
+    scores: &[RewriteScores],
+    opts: RunOptions,
+) -> Result<Vec<Scores>> {
+    let mut rows: Vec<Scores> = scores.iter().map(Scores::from).collect();
     if opts.wild {
-        for (s, w) in scores.iter_mut().zip(super::wild::score_many(model, rs)?) {
+        for (s, w) in rows.iter_mut().zip(super::wild::score_many(model, rs)?) {
             s.wild = Some(w);
         }
     }
-    Ok(scores)
+    Ok(rows)
 }
 
 /// Edit one case (ROME, FT-L) or one batch (MEMIT, AlphaEdit) from the current model, score
@@ -554,12 +561,7 @@ fn score_edited(
 ) -> Result<Edited> {
     let t0 = Instant::now();
     let f32_scores = score_rewrites(model, rs)?;
-    let mut post: Vec<Scores> = f32_scores.iter().map(Scores::from).collect();
-    if opts.wild {
-        for (s, w) in post.iter_mut().zip(super::wild::score_many(model, rs)?) {
-            s.wild = Some(w);
-        }
-    }
+    let post = with_wild(model, rs, &f32_scores, opts)?;
     let post_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let as_scores = |v: Vec<RewriteScores>| v.iter().map(Scores::from).collect::<Vec<_>>();

@@ -134,16 +134,12 @@ pub(crate) fn prompts(r: &Rewrite) -> Vec<&str> {
 pub fn score_many(model: &Model, rs: &[Rewrite]) -> Result<Vec<GenScores>> {
     let all: Vec<&str> = rs.iter().flat_map(prompts).collect();
     let texts = continuations(model, &all)?;
-    Ok(split_scores(rs, &texts, from_texts))
+    Ok(split_scores(rs, &texts))
 }
 
-/// Each rewrite's scores from its slice of `texts` (the continuations of every rewrite's
-/// [`prompts`], in order).
-pub(crate) fn split_scores<T>(
-    rs: &[Rewrite],
-    texts: &[String],
-    from_texts: fn(&Rewrite, &[String]) -> T,
-) -> Vec<T> {
+/// Each rewrite's scores ([`from_texts`]) from its slice of `texts` (the continuations of
+/// every rewrite's [`prompts`], in order).
+pub(crate) fn split_scores(rs: &[Rewrite], texts: &[String]) -> Vec<GenScores> {
     let mut at = 0;
     rs.iter()
         .map(|r| {
@@ -156,7 +152,7 @@ pub(crate) fn split_scores<T>(
 }
 
 /// The scores of `r` from the continuations of its [`prompts`].
-pub(crate) fn from_texts(r: &Rewrite, texts: &[String]) -> GenScores {
+fn from_texts(r: &Rewrite, texts: &[String]) -> GenScores {
     let new = r.target_new.as_str();
     let share = |hits: Vec<bool>| -> Option<f64> {
         (!hits.is_empty()).then(|| hits.iter().filter(|&&h| h).count() as f64 / hits.len() as f64)

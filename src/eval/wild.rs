@@ -34,7 +34,7 @@
 //!   formats get the plain prompt). Plain "Question: ...\nAnswer:" made SmolLM2-Instruct end its
 //!   turn at once: an empty answer for most questions.
 
-use super::generation::{continuations_cut, from_texts, prompts, split_scores, GenScores};
+use super::generation::{continuations_cut, prompts, split_scores, GenScores};
 use crate::edit::spec::Rewrite;
 use crate::error::Result;
 use crate::model::Model;
@@ -88,7 +88,7 @@ pub fn score_many(model: &Model, rs: &[Rewrite]) -> Result<Vec<GenScores>> {
         .collect();
     let refs: Vec<&str> = questions.iter().map(String::as_str).collect();
     let texts = continuations_cut(model, &refs, WILD_TOKENS, first_line)?;
-    Ok(split_scores(rs, &texts, from_texts))
+    Ok(split_scores(rs, &texts))
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ pub fn fixture(name: &str) -> PathBuf {
 pub const TEST_STATS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/target/test-stats");
 
 /// Point this process (and the commands it starts) at [`TEST_STATS`]. Called by every helper
-/// that yields a model or a command, before any key statistics can be computed.
+/// that yields a model, before any key statistics can be computed in-process.
 pub fn isolate_stats() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| std::env::set_var("ENGRAM_STATS_DIR", TEST_STATS));
@@ -31,7 +31,6 @@ pub fn isolate_stats() {
 
 /// The engram binary as a command, caching key statistics in [`TEST_STATS`].
 pub fn engram() -> std::process::Command {
-    isolate_stats();
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_engram"));
     c.env("ENGRAM_STATS_DIR", TEST_STATS);
     c
