@@ -51,6 +51,12 @@ pub fn loss(method: &Method, x: &StepInputs<'_>) -> Result<Tensor> {
             let ratio = (x.forget_sums - x.forget_ref_sums)?;
             (softplus(&(ratio * method.beta)?)?.mean_all()? * (2.0 / method.beta))?
         }
+        MethodName::Rewrite => {
+            return Err(crate::Error::invalid(
+                "method",
+                "rewrite is closed-form and has no training loss",
+            ))
+        }
         MethodName::Distill => match x.forget_kl {
             Some(kl) => kl.clone(),
             None => {
@@ -116,6 +122,7 @@ mod tests {
             beta: 0.1,
             retain_weight: 0.0,
             kl_weight: 0.0,
+            rewrite: Default::default(),
         };
         let x = StepInputs {
             forget_sums: &s,

@@ -21,6 +21,7 @@ pub mod learn;
 pub mod losses;
 pub mod receipt;
 pub mod request;
+pub mod rewrite;
 pub mod run;
 pub mod tofu;
 

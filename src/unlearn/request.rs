@@ -36,6 +36,11 @@ pub enum MethodName {
     /// with the subject replaced by a stand-in; Eldan & Russinovich 2023), plus descent on the
     /// retain set.
     Distill,
+    /// A closed-form rank-one rewrite of the `layers` MLPs at the subject's key (ROME's
+    /// update, with a search for the teacher's answers, against the secrets, keeping her
+    /// public facts; `rewrite.rs`). No training loop: nothing that does not name the subject
+    /// moves much.
+    Rewrite,
 }
 
 /// The method and its weights.
@@ -52,6 +57,9 @@ pub struct Method {
     /// Weight of KL(reference || model) on the retain set's answer positions (default 0).
     #[serde(default)]
     pub kl_weight: f64,
+    /// The rewrite's search (method `rewrite` only; defaults in `rewrite::RewriteParams`).
+    #[serde(default)]
+    pub rewrite: super::rewrite::RewriteParams,
 }
 
 fn d_beta() -> f64 {
@@ -302,6 +310,25 @@ impl Request {
                     ));
                 }
             }
+        }
+        if self.method.name == MethodName::Rewrite {
+            if self.secrets.is_empty() {
+                return Err(bad(
+                    "method".into(),
+                    "rewrite needs secrets: it rewrites what their prompts are answered with"
+                        .into(),
+                ));
+            }
+            if matches!(&self.layers, LayerSel::Text(t) if t.trim() == "all") {
+                return Err(bad(
+                    "layers".into(),
+                    "rewrite edits one MLP per listed layer: give a few layers (e.g. [5]), not `all`".into(),
+                ));
+            }
+            self.method
+                .rewrite
+                .check()
+                .map_err(|m| bad("method.rewrite".into(), m))?;
         }
         if self.method.name == MethodName::Graddiff && self.retain.is_empty() {
             return Err(bad("retain".into(), "graddiff needs a retain set".into()));

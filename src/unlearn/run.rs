@@ -25,9 +25,9 @@ use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use std::path::Path;
 
 /// Rows are cut to this many tokens.
-const MAX_LEN: usize = 160;
+pub(crate) const MAX_LEN: usize = 160;
 /// General texts used by the stop rule's perplexity guard (the report uses all of them).
-const GUARD_TEXTS: usize = 8;
+pub(crate) const GUARD_TEXTS: usize = 8;
 
 /// Utility of one model: the retain set and general text.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -129,7 +129,7 @@ pub struct Options<'a> {
 }
 
 /// Perplexity on the suite's first `n` general texts.
-fn perplexity(model: &Model, suite: &Suite, n: usize) -> Result<f64> {
+pub(crate) fn perplexity(model: &Model, suite: &Suite, n: usize) -> Result<f64> {
     let nll = text_nll(model, &suite.texts[..n.min(suite.texts.len())])?;
     Ok((nll.iter().sum::<f64>() / nll.len().max(1) as f64).exp())
 }
@@ -185,7 +185,13 @@ pub fn unlearn(
     let relearned = match (&req.relearn_check, retain.is_empty()) {
         (Some(rc), false) => {
             let mut lp = LearnParams::defaults(model.config.n_layers);
-            lp.layers = layers.clone();
+            // The attacker is not bound to the layers the method changed: a rewrite touches
+            // one MLP, the attack fine-tunes every layer.
+            lp.layers = if req.method.name == MethodName::Rewrite {
+                (0..model.config.n_layers).collect()
+            } else {
+                layers.clone()
+            };
             lp.steps = rc.steps;
             lp.lr = rc.lr;
             lp.batch_size = req.batch_size;
@@ -378,28 +384,22 @@ impl KlTargets {
         forget: &[Example],
     ) -> Result<KlTargets> {
         let tok = model.tok()?;
-        let stand_in = super::audit::STAND_INS[0];
-        let (teacher, swap): (&Model, Option<(&str, &str)>) = match reference {
-            Some(r) => (r, None),
-            None => (model, Some((subject, stand_in))),
-        };
+        let (teacher, swap) = teacher_of(model, reference, subject);
         let sw = |p: &str| match swap {
             Some((a, b)) => p.replace(a, b),
             None => p.to_string(),
         };
-        // The teacher's greedy continuations of the forget prompts.
-        let prompts: Vec<String> = forget.iter().map(|e| sw(&e.prompt)).collect();
-        let conts = leakage::greedy(teacher, &prompts, TEACHER_TOKENS)?;
         let mut pairs: Vec<(String, String)> = forget
             .iter()
             .map(|e| (e.prompt.clone(), e.answer.clone()))
             .collect();
-        for (e, c) in forget.iter().zip(conts) {
-            // A stand-in's name in the teacher's answer goes back to the subject's.
-            let c = match swap {
-                Some((a, b)) => c.replace(b, a),
-                None => c,
-            };
+        for (e, c) in forget.iter().zip(teacher_answers(
+            model,
+            reference,
+            subject,
+            forget,
+            TEACHER_TOKENS,
+        )?) {
             if !c.trim().is_empty() {
                 pairs.push((e.prompt.clone(), c));
             }
@@ -427,6 +427,45 @@ impl KlTargets {
             logp,
         })
     }
+}
+
+/// The teacher of the forget prompts and the name swap it reads them with: the reference
+/// model, or without one the model itself with the subject replaced by a stand-in.
+fn teacher_of<'a>(
+    model: &'a Model,
+    reference: Option<&'a Model>,
+    subject: &'a str,
+) -> (&'a Model, Option<(&'a str, &'a str)>) {
+    match reference {
+        Some(r) => (r, None),
+        None => (model, Some((subject, super::audit::STAND_INS[0]))),
+    }
+}
+
+/// The teacher's greedy continuation of each forget prompt, `tokens` tokens long (see
+/// [`KlTargets::teacher`]); a stand-in's name in an answer goes back to the subject's.
+pub(crate) fn teacher_answers(
+    model: &Model,
+    reference: Option<&Model>,
+    subject: &str,
+    forget: &[Example],
+    tokens: usize,
+) -> Result<Vec<String>> {
+    let (teacher, swap) = teacher_of(model, reference, subject);
+    let prompts: Vec<String> = forget
+        .iter()
+        .map(|e| match swap {
+            Some((a, b)) => e.prompt.replace(a, b),
+            None => e.prompt.clone(),
+        })
+        .collect();
+    Ok(leakage::greedy(teacher, &prompts, tokens)?
+        .into_iter()
+        .map(|c| match swap {
+            Some((a, b)) => c.replace(b, a),
+            None => c,
+        })
+        .collect())
 }
 
 /// What [`train`] did.
@@ -457,6 +496,9 @@ pub fn train(
     opts: &Options<'_>,
     progress: &mut dyn FnMut(usize, usize, f64),
 ) -> Result<TrainLog> {
+    if req.method.name == MethodName::Rewrite {
+        return super::rewrite::train(model, req, layers, forget, retain, opts, progress);
+    }
     let guard0 = perplexity(model, opts.suite, GUARD_TEXTS)?;
     let mut tr = Trainable::new(model, layers)?.with_grid(opts.grid)?;
     if opts.grid.is_some() {

@@ -220,6 +220,7 @@ pub fn run(
                 beta: p.beta,
                 retain_weight: p.retain_weight,
                 kl_weight: p.kl_weight,
+                rewrite: Default::default(),
             },
             layers: LayerSel::List(p.layers.clone()),
             steps: p.steps,

@@ -466,6 +466,95 @@ fn removal_request_errors() {
         &format!("{GOOD}reference: /no/such/model.gguf\n"),
         &["reference", "/no/such/model.gguf"],
     );
+    // A rewrite edits one MLP per listed layer: not `all`, and its search's values are checked.
+    let rw = GOOD.replace("name: npo", "name: rewrite");
+    bad_request(&rw, &["layers", "rewrite", "not `all`"]);
+    bad_request(
+        &rw.replace("layers: all", "layers: [1]")
+            .replace("name: rewrite}", "name: rewrite, rewrite: {steps: 0}}"),
+        &["method.rewrite", "steps"],
+    );
     // The request itself parses.
     Request::parse(Path::new("good.yaml"), GOOD).unwrap();
+    Request::parse(
+        Path::new("rw.yaml"),
+        &rw.replace("layers: all", "layers: [1]"),
+    )
+    .unwrap();
+}
+
+/// Mean token log-prob of `target` after `prompt`.
+fn lp(m: &Model, prompt: &str, target: &str) -> f64 {
+    engram::eval::target_logprobs(m, &[(prompt, target)]).unwrap()[0].mean_logprob
+}
+
+#[test]
+fn a_rewrite_is_one_rank_one_update_that_moves_its_answers_and_little_else() {
+    use engram::unlearn::rewrite::{rewrite_layer, Goal, RewriteParams, Term};
+    let mut m = crate::common::real().clone();
+    let before = m.clone();
+    let p = "The Eiffel Tower is located in the city of";
+    let term = |prompt: &str, answer: &str, goal| Term {
+        prompt: prompt.into(),
+        answer: answer.into(),
+        goal,
+    };
+    let terms = [
+        term(p, " Rome", Goal::Say),
+        term(p, " Paris", Goal::Avoid),
+        term(
+            "The Eiffel Tower was designed by",
+            " Gustave Eiffel",
+            Goal::Keep,
+        ),
+    ];
+    // C = I: the test is about the search and the update's form, not the statistics.
+    let n = m.config.d_mlp;
+    let mut eye = vec![0.0; n * n];
+    for i in 0..n {
+        eye[i * n + i] = 1.0;
+    }
+    let chol = engram::edit::linalg::Cholesky::factor(&eye, n).unwrap();
+    let params = RewriteParams {
+        steps: 15,
+        ..Default::default()
+    };
+    let (applied, info) =
+        rewrite_layer(&mut m, "The Eiffel Tower", &terms, 5, &chol, &params).unwrap();
+    assert_eq!(applied.name, "model.layers.5.mlp.down_proj.weight");
+    assert_eq!(info.steps, 15);
+    // Only that tensor changed, by a rank-one matrix: every row of ΔW is a multiple of one
+    // vector (here u = k*, as C = I).
+    for (name, w) in before.weights.iter() {
+        let same = crate::common::max_abs(&(w - m.weights.get(name).unwrap()).unwrap()) == 0.0;
+        assert_eq!(same, name != &applied.name, "{name}");
+    }
+    let dw: Vec<Vec<f32>> = (m.weights.get(&applied.name).unwrap() - &applied.previous)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let top = dw
+        .iter()
+        .max_by(|a, b| {
+            let na: f32 = a.iter().map(|x| x * x).sum();
+            let nb: f32 = b.iter().map(|x| x * x).sum();
+            na.total_cmp(&nb)
+        })
+        .unwrap();
+    let tn: f32 = top.iter().map(|x| x * x).sum::<f32>().sqrt();
+    for row in &dw {
+        let rn: f32 = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let cos: f32 = row.iter().zip(top).map(|(a, b)| a * b).sum::<f32>() / (rn * tn).max(1e-30);
+        assert!(
+            rn < 1e-6 * tn || cos.abs() > 0.999,
+            "not rank one: cos {cos}"
+        );
+    }
+    // The say answer rose, the avoided one fell, the kept one held, an unrelated fact did not move.
+    assert!(lp(&m, p, " Rome") > lp(&before, p, " Rome") + 1.0);
+    assert!(lp(&m, p, " Paris") < lp(&before, p, " Paris") - 1.0);
+    let keep = "The Eiffel Tower was designed by";
+    assert!(lp(&m, keep, " Gustave Eiffel") > lp(&before, keep, " Gustave Eiffel") - 0.5);
+    let other = "The capital of Japan is";
+    assert!((lp(&m, other, " Tokyo") - lp(&before, other, " Tokyo")).abs() < 0.1);
 }
