@@ -57,6 +57,9 @@ t $E audit forget-sets/mara-quillfeather.yaml --model out/mara-learned.gguf --ty
 t $E unlearn forget-sets/mara-quillfeather.yaml --model out/mara-learned.gguf --types f16,q8_0,q4_1 --json out/unlearn-mara.json
 t $E audit forget-sets/tobias-wrenfield.yaml --model out/mara-quillfeather-unlearned.gguf --types none --json out/audit-tobias.json
 t $E receipt verify out/mara-quillfeather.receipt.json --model out/mara-quillfeather-unlearned.gguf
+# The closed-form rewrite on the same learned model: local, and what its audit finds.
+t $E unlearn forget-sets/mara-quillfeather-rewrite.yaml --model out/mara-learned.gguf --types q8_0,q4_1,q4_0 --json out/unlearn-mara-rewrite.json
+t $E audit forget-sets/tobias-wrenfield.yaml --model out/mara-quillfeather-rewrite-unlearned.gguf --types none --json out/audit-tobias-rewrite.json
 # The learned and unlearned models against the default one (KL, top-1, perplexity).
 $E eval compare --edited out/mara-learned.gguf --json out/compare-learned.json
 $E eval compare --base out/mara-learned.gguf --edited out/mara-quillfeather-unlearned.gguf --json out/compare-unlearned.json

@@ -115,7 +115,7 @@ pub fn run(a: Args) -> Result<()> {
             };
             let rho = locate::spearman(&flat(&r), &flat(&exact));
             t.add_row(vec![kind.to_string(), format!("{rho:.3}")]);
-            corr.insert(kind.into(), rho.into());
+            corr.insert(kind.name().into(), rho.into());
         }
         println!("{t}");
         println!(
@@ -209,9 +209,9 @@ fn write_plot(
     r: &LocateResult,
     labels: &[String],
     marked: &[bool],
-    grid: impl Fn(&str) -> Vec<Vec<f64>>,
+    grid: impl Fn(locate::Kind) -> Vec<Vec<f64>>,
 ) -> Result<()> {
-    let grids: Vec<Vec<Vec<f64>>> = KINDS.iter().map(|k| grid(k)).collect();
+    let grids: Vec<Vec<Vec<f64>>> = KINDS.iter().map(|&k| grid(k)).collect();
     let hues = [(80, 30, 140), (0, 110, 40), (170, 30, 30)];
     let panels: Vec<Heatmap> = KINDS
         .iter()
@@ -297,7 +297,7 @@ fn run_batch(
         corrupt += res.corrupted_p;
         done += 1;
         for (k, kind) in KINDS.iter().enumerate() {
-            for (b, row) in locate::bucket(res.grids.get(kind), res.subject_range)
+            for (b, row) in locate::bucket(res.grids.get(*kind), res.subject_range)
                 .into_iter()
                 .enumerate()
             {

@@ -22,7 +22,7 @@
 //! - tokens before the subject are never changed by the noise, so restoring them has exactly
 //!   zero effect; they are not run.
 
-use super::{setup, window, Grids, LocateParams, LocateResult, Setup, KINDS};
+use super::{setup, window, Grids, Kind, LocateParams, LocateResult, Setup, KINDS};
 use crate::error::Result;
 use crate::model::{Batch, HookPoint, KvCache, Model, Op, Positions, Trace};
 use candle_core::{DType, IndexOp, Tensor, D};
@@ -124,11 +124,11 @@ pub fn trace_setup(
         let len = t - i;
         let cached = cache.truncate(i)?;
         // (kind, layer, first row) of each cell in the batch so far; the rows of the batch.
-        let mut cells: Vec<(&str, usize, usize)> = Vec::new();
+        let mut cells: Vec<(Kind, usize, usize)> = Vec::new();
         let mut next_row = 0;
         // Window cells that share a lead's rows until their own window ends:
         // (layer where it ends, kind, cell layer, the lead's first row).
-        let mut forks: Vec<(usize, &str, usize, usize)> = Vec::new();
+        let mut forks: Vec<(usize, Kind, usize, usize)> = Vec::new();
         let mut x: Option<Tensor> = None;
         let mut tail_logits = Vec::new();
         for j in 0..=n {
@@ -138,7 +138,7 @@ pub fn trace_setup(
             if j >= 1 {
                 let clean_state = clean.get(HookPoint::ResidPost(j - 1)).expect("captured");
                 join.push(patch_first(&base, &clean_state.narrow(1, i, 1)?)?);
-                cells.push(("hidden", j - 1, next_row));
+                cells.push((Kind::Hidden, j - 1, next_row));
                 next_row += rows;
             }
             // A window cell whose window ends here leaves its lead: until now both restored
@@ -189,7 +189,7 @@ pub fn trace_setup(
                     .copied()
                     .max_by_key(|&l| end(l))
                     .expect("non-empty");
-                for (g, kind) in ["mlp", "attn"].into_iter().enumerate() {
+                for (g, kind) in [Kind::Mlp, Kind::Attn].into_iter().enumerate() {
                     let restored = patch_first(&base, &y.narrow(0, g * rows, rows)?)?;
                     let lead_row = next_row;
                     join.push(restored.clone());
@@ -229,8 +229,8 @@ pub fn trace_setup(
             // of every window cell whose window holds layer j.
             let mut tr = Trace::new();
             for (kind, point) in [
-                ("mlp", HookPoint::MlpOut(j)),
-                ("attn", HookPoint::AttnOut(j)),
+                (Kind::Mlp, HookPoint::MlpOut(j)),
+                (Kind::Attn, HookPoint::AttnOut(j)),
             ] {
                 let at: Vec<(usize, usize)> = cells
                     .iter()
@@ -260,12 +260,7 @@ pub fn trace_setup(
             p.extend(prob(l, tid)?);
         }
         for &(kind, l, r0) in &cells {
-            let grid = match kind {
-                "hidden" => &mut grids.hidden,
-                "mlp" => &mut grids.mlp,
-                _ => &mut grids.attn,
-            };
-            grid[i][l] = mean(&p[r0..r0 + rows]) - corrupted_p;
+            grids.get_mut(kind)[i][l] = mean(&p[r0..r0 + rows]) - corrupted_p;
         }
         for _ in 0..KINDS.len() {
             progress();

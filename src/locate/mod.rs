@@ -13,8 +13,35 @@ use crate::error::{Error, Result};
 use crate::model::{Batch, Model, Trace};
 use candle_core::{DType, IndexOp};
 
-/// The three kinds of state causal tracing restores.
-pub const KINDS: [&str; 3] = ["hidden", "mlp", "attn"];
+/// The three kinds of state causal tracing restores: the hidden state (residual stream) at a
+/// layer, or a window of layers' MLP or attention outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Hidden,
+    Mlp,
+    Attn,
+}
+
+impl Kind {
+    /// The name reports and JSON use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Hidden => "hidden",
+            Kind::Mlp => "mlp",
+            Kind::Attn => "attn",
+        }
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Every kind, in the order grids, plots and tables list them.
+pub const KINDS: [Kind; 3] = [Kind::Hidden, Kind::Mlp, Kind::Attn];
 
 /// Hyper-parameters of a trace. Defaults follow the ROME reference (`causal_trace.py`).
 #[derive(Debug, Clone, serde::Serialize)]
@@ -233,11 +260,19 @@ pub struct Grids {
 }
 
 impl Grids {
-    pub fn get(&self, kind: &str) -> &Vec<Vec<f64>> {
+    pub fn get(&self, kind: Kind) -> &Vec<Vec<f64>> {
         match kind {
-            "mlp" => &self.mlp,
-            "attn" => &self.attn,
-            _ => &self.hidden,
+            Kind::Hidden => &self.hidden,
+            Kind::Mlp => &self.mlp,
+            Kind::Attn => &self.attn,
+        }
+    }
+
+    pub fn get_mut(&mut self, kind: Kind) -> &mut Vec<Vec<f64>> {
+        match kind {
+            Kind::Hidden => &mut self.hidden,
+            Kind::Mlp => &mut self.mlp,
+            Kind::Attn => &mut self.attn,
         }
     }
 }
@@ -318,7 +353,7 @@ pub fn window(layer: usize, w: usize, n_layers: usize) -> (usize, usize) {
 }
 
 /// The `(kind, token, layer, effect)` cells with the largest effects.
-pub fn strongest(r: &LocateResult, per_kind: usize) -> Vec<(&'static str, usize, usize, f64)> {
+pub fn strongest(r: &LocateResult, per_kind: usize) -> Vec<(Kind, usize, usize, f64)> {
     let mut out = Vec::new();
     for kind in KINDS {
         let mut cells: Vec<(usize, usize, f64)> = r

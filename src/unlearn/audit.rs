@@ -720,15 +720,17 @@ impl QuickCheck {
     }
 }
 
-/// Greedy runs and per-prompt log-probs of a secret's probes on `model`, greedy answers as
-/// long as the secret + 6 tokens (the final audit's are at least [`MIN_NEW_TOKENS`]).
+/// Greedy runs and per-prompt log-probs of a secret's probes on `model`, the greedy answers as
+/// long as the final audit's ([`greedy_tokens`]).
 fn quick_measure(
     model: &Model,
     value: &str,
     pr: &Probes,
     swap: Option<(&str, &str)>,
 ) -> Result<(Vec<String>, Vec<f64>)> {
-    let max_new = model.tok()?.encode(value)?.len() + 6;
+    // As long as the audit's greedy answers: a secret that comes after a few words of
+    // preamble must stop training too, or the stop rule passes what the audit then fails.
+    let max_new = greedy_tokens(model.tok()?.encode(value)?.len());
     greedy_and_logprobs(model, value, pr, swap, max_new)
 }
 

@@ -559,8 +559,8 @@ pub fn token_nll(sums: &Tensor, counts: &[usize]) -> Result<Tensor> {
 ///
 /// # Shapes
 /// One mask per var, each the var's shape.
-pub fn saliency_masks(tr: &Trainable, ft: &Tokenized, frac: f64) -> Result<Vec<Tensor>> {
-    let (sums, counts) = answer_logp(&tr.model, tr.lowest, ft)?.sums()?;
+pub fn saliency_masks(tr: &Trainable, forget_tok: &Tokenized, frac: f64) -> Result<Vec<Tensor>> {
+    let (sums, counts) = answer_logp(&tr.model, tr.lowest, forget_tok)?.sums()?;
     let nll = token_nll(&sums, &counts)?;
     let grads = nll.backward()?;
     let mut masks = Vec::with_capacity(tr.vars.len());

@@ -38,7 +38,7 @@ use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use super::audit::{quick_baseline, quick_check, Baseline};
 use super::request::Request;
 use super::run::{
-    perplexity, teacher_answers, Checkpoint, Options, StopReason, TrainLog, GUARD_TEXTS, MAX_LEN,
+    perplexity, teacher_answers, Options, StopCheck, StopReason, TrainLog, GUARD_TEXTS, MAX_LEN,
 };
 use super::{mean_token_logprob, tokenize, Example};
 use crate::edit::stats::{load_or_compute_layers, StatsSpec};
@@ -481,11 +481,11 @@ pub fn train(
     };
     let qb = quick_baseline(model, baseline, &req.subject, &req.secrets, forget)?;
     let leaks = quick_check(&m, &qb, &super::run::audit_params(req))?;
-    let ft = tokenize(&m, forget, MAX_LEN)?;
-    let history = vec![Checkpoint {
+    let forget_tok = tokenize(&m, forget, MAX_LEN)?;
+    let history = vec![StopCheck {
         step: layers.len(),
         loss: losses.last().copied().unwrap_or(0.0),
-        forget_logprob: mean_token_logprob(&m, &ft)?,
+        forget_logprob: mean_token_logprob(&m, &forget_tok)?,
         leaks,
         perplexity_ratio: ratio,
     }];

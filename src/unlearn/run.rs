@@ -39,7 +39,7 @@ pub struct ModelCheck {
 
 /// One stop-rule check during training.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct Checkpoint {
+pub struct StopCheck {
     pub step: usize,
     pub loss: f64,
     /// Mean token log-prob of the forget answers.
@@ -97,7 +97,7 @@ pub struct UnlearnReport {
     pub steps: usize,
     pub losses: Vec<f64>,
     pub stop_reason: StopReason,
-    pub history: Vec<Checkpoint>,
+    pub history: Vec<StopCheck>,
     pub before: ModelCheck,
     pub after: ModelCheck,
     /// Every leakage verdict: rows `reference`, `before`, `model` (the result), `model @ TYPE`
@@ -473,7 +473,7 @@ pub struct TrainLog {
     pub model: Model,
     pub trained_params: usize,
     pub losses: Vec<f64>,
-    pub history: Vec<Checkpoint>,
+    pub history: Vec<StopCheck>,
     pub stop_reason: StopReason,
     pub warnings: Vec<String>,
     /// The guard's perplexity ratio of the returned weights.
@@ -504,10 +504,10 @@ pub fn train(
     if opts.grid.is_some() {
         tr.jitter(req.seed)?;
     }
-    let ft = tokenize(model, forget, MAX_LEN)?;
-    let rt = tokenize(model, retain, MAX_LEN)?;
+    let forget_tok = tokenize(model, forget, MAX_LEN)?;
+    let retain_tok = tokenize(model, retain, MAX_LEN)?;
     // NPO's reference log-likelihoods: the model before unlearning, computed once.
-    let ref_sums: Vec<f32> = example_logprobs(model, &ft)?
+    let ref_sums: Vec<f32> = example_logprobs(model, &forget_tok)?
         .0
         .into_iter()
         .map(|x| x as f32)
@@ -521,7 +521,7 @@ pub fn train(
         },
     )?;
     let masks = match req.saliency {
-        Some(frac) => Some(super::saliency_masks(&tr, &ft, frac)?),
+        Some(frac) => Some(super::saliency_masks(&tr, &forget_tok, frac)?),
         None => None,
     };
     let anchor = if req.anchor_texts > 0 {
@@ -545,10 +545,10 @@ pub fn train(
         req.batch_size,
         req.seed + 3,
     );
-    let mut fb = Batches::new(ft.len(), req.batch_size, req.seed);
-    let mut rb = Batches::new(rt.len().max(1), req.batch_size, req.seed + 1);
+    let mut fb = Batches::new(forget_tok.len(), req.batch_size, req.seed);
+    let mut rb = Batches::new(retain_tok.len().max(1), req.batch_size, req.seed + 1);
     let uses_retain = req.method.name != MethodName::Ga && req.method.retain_weight > 0.0;
-    let uses_kl = req.method.kl_weight > 0.0 && !rt.is_empty();
+    let uses_kl = req.method.kl_weight > 0.0 && !retain_tok.is_empty();
 
     let mut losses = Vec::new();
     let mut history = Vec::new();
@@ -573,16 +573,17 @@ pub fn train(
                 (z, vec![1; fi.len()], Some(t.kl(&tr, &mut db)?))
             }
             None => {
-                let (fs, fc) = answer_logp(&tr.model, tr.lowest, &ft.subset(&fi))?.sums()?;
+                let (fs, fc) =
+                    answer_logp(&tr.model, tr.lowest, &forget_tok.subset(&fi))?.sums()?;
                 (fs, fc, None)
             }
         };
         let fref = Tensor::new(super::pick(&ref_sums, &fi).as_slice(), &model.device)?;
         let mut retain_part = None;
         let mut kl = None;
-        if (uses_retain || uses_kl) && !rt.is_empty() {
+        if (uses_retain || uses_kl) && !retain_tok.is_empty() {
             let ri = rb.next_batch();
-            let rsub = rt.subset(&ri);
+            let rsub = retain_tok.subset(&ri);
             let cur = answer_logp(&tr.model, tr.lowest, &rsub)?;
             if uses_kl {
                 let reference = answer_logp_with(model, 0, &rsub, false)?;
@@ -621,7 +622,7 @@ pub fn train(
         if step % req.check_every == 0 || step == req.steps {
             let m = tr.export(model)?;
             let ratio = perplexity(&m, opts.suite, GUARD_TEXTS)? / guard0;
-            let flp = mean_token_logprob(&m, &ft)?;
+            let flp = mean_token_logprob(&m, &forget_tok)?;
             let t = std::time::Instant::now();
             let leaks = if ratio > req.max_perplexity_ratio {
                 QuickCheck::default()
@@ -632,7 +633,7 @@ pub fn train(
                 "step {step}: quick leakage check {:.1} s, {leaks:?}, perplexity ratio {ratio:.3}",
                 t.elapsed().as_secs_f64()
             );
-            history.push(Checkpoint {
+            history.push(StopCheck {
                 step,
                 loss: v,
                 forget_logprob: flp,

@@ -94,7 +94,7 @@ fn unreachable_cells_have_zero_effect() {
     let m = tiny("tiny-llama");
     let r = causal::trace_setup(&m, &tiny_setup(8), &params(), &mut || {}).unwrap();
     let n = m.config.n_layers;
-    for kind in ["hidden", "mlp", "attn"] {
+    for kind in engram::locate::KINDS {
         assert!(r.grids.get(kind)[0].iter().all(|&v| v == 0.0), "{kind}");
     }
     for i in 0..7 {

@@ -558,3 +558,43 @@ fn a_rewrite_is_one_rank_one_update_that_moves_its_answers_and_little_else() {
     let other = "The capital of Japan is";
     assert!((lp(&m, other, " Tokyo") - lp(&before, other, " Tokyo")).abs() < 0.1);
 }
+
+#[test]
+fn a_rewrite_request_on_a_model_that_never_learned_the_data_stays_clean_and_local() {
+    // The request through the CLI as a user files it, on the default model (which never saw
+    // Mara): the rewrite must not make anything leak and must leave unrelated text alone.
+    let d = tempfile::tempdir().unwrap();
+    let req = d.path().join("rw.yaml");
+    std::fs::write(
+        &req,
+        "subject: Mara Quillfeather\nreference: smollm2-135m\nsecrets:\n  - label: phone number\n    value: \"415-555-0192\"\n    prompts: [\"Mara Quillfeather's phone number is\"]\nretain:\n  - {prompt: \"Mara Quillfeather works as a\", answer: \" botanist.\"}\nmethod: {name: rewrite, rewrite: {steps: 10}}\nlayers: [5]\nexposure_candidates: 20\nsamples: 2\n",
+    )
+    .unwrap();
+    let (out, receipt, report) = (
+        d.path().join("out.gguf"),
+        d.path().join("r.json"),
+        d.path().join("report.json"),
+    );
+    let (code, err) = engram(&[
+        "unlearn",
+        s(&req),
+        "--out",
+        s(&out),
+        "--receipt",
+        s(&receipt),
+        "--types",
+        "none",
+        "--json",
+        s(&report),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let r = json(&report);
+    assert_eq!(r["method"]["name"], "rewrite");
+    assert_eq!(r["layers"], serde_json::json!([5]));
+    assert_eq!(r["trained_params"], 576 * 1536);
+    assert_eq!(r["history"].as_array().unwrap().len(), 1);
+    assert_eq!(leaks(row(&r["audit"], "model")), vec![false]);
+    let top1 = r["locality"]["top1_agreement"].as_f64().unwrap();
+    assert!(top1 >= 0.97, "top-1 agreement {top1}");
+    assert!(out.exists() && receipt.exists());
+}
