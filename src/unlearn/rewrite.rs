@@ -35,7 +35,7 @@ use crate::model::{Batch, HookPoint, Model, Op, PadSide, Positions, Site, Trace}
 use candle_core::{DType, IndexOp, Tensor, Var, D};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 
-use super::audit::{quick_baseline, quick_check, Baseline};
+use super::audit::{quick_baseline, quick_check};
 use super::request::Request;
 use super::run::{
     perplexity, teacher_answers, Options, StopCheck, StopReason, TrainLog, GUARD_TEXTS, MAX_LEN,
@@ -475,10 +475,7 @@ pub fn train(
     let train_seconds = t_train.elapsed().as_secs_f64();
     let ratio =
         perplexity(&m, opts.suite, GUARD_TEXTS)? / perplexity(model, opts.suite, GUARD_TEXTS)?;
-    let baseline = match opts.reference {
-        Some((r, n)) => Baseline::Reference(r, n),
-        None => Baseline::Calibrated,
-    };
+    let baseline = opts.baseline();
     let qb = quick_baseline(model, baseline, &req.subject, &req.secrets, forget)?;
     let leaks = quick_check(&m, &qb, &super::run::audit_params(req))?;
     let forget_tok = tokenize(&m, forget, MAX_LEN)?;

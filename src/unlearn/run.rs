@@ -128,6 +128,16 @@ pub struct Options<'a> {
     pub reference: Option<(&'a Model, &'a str)>,
 }
 
+impl Options<'_> {
+    /// The stop rule's baseline: the reference model, or the calibrated stand-ins without one.
+    pub fn baseline(&self) -> Baseline<'_> {
+        match self.reference {
+            Some((r, n)) => Baseline::Reference(r, n),
+            None => Baseline::Calibrated,
+        }
+    }
+}
+
 /// Perplexity on the suite's first `n` general texts.
 pub(crate) fn perplexity(model: &Model, suite: &Suite, n: usize) -> Result<f64> {
     let nll = text_nll(model, &suite.texts[..n.min(suite.texts.len())])?;
@@ -558,10 +568,7 @@ pub fn train(
     let mut last_good_ratio = 1.0;
     let mut stop_reason = StopReason::StepBudget;
     let ap = audit_params(req);
-    let baseline = match opts.reference {
-        Some((r, n)) => Baseline::Reference(r, n),
-        None => Baseline::Calibrated,
-    };
+    let baseline = opts.baseline();
     let qb = quick_baseline(model, baseline, &req.subject, &req.secrets, forget)?;
     let t_train = std::time::Instant::now();
     for step in 1..=req.steps {
