@@ -6,6 +6,8 @@
 //! - world facts: multiple-choice accuracy, the option with the highest mean token
 //!   log-probability after the question.
 
+pub mod metrics;
+
 use super::leakage::{utility, Utility};
 use super::learn::{learn, LearnParams, LearnReport};
 use super::request::{LayerSel, Method, MethodName, Request};
