@@ -49,7 +49,7 @@ PYEOF
   done
 fi
 # Unlearning: the demo end to end (learn, audit, unlearn with its receipt, audit, the second
-# person, verify), each step timed; then TOFU (about 25 minutes).
+# person, verify), each step timed; then TOFU (about 45 minutes).
 t() { local s=$(date +%s.%N); "$@" || [ $? -eq 3 ]; echo "time: $(echo "$(date +%s.%N) - $s" | bc) s: $*" >&2; }
 t $E learn forget-sets/mara-quillfeather-data.yaml --out out/mara-learned.gguf --json out/learn-mara.json
 t $E audit forget-sets/mara-quillfeather.yaml --reference none --types q8_0,q4_1 --json out/audit-default-calibrated.json
@@ -63,10 +63,12 @@ t $E audit forget-sets/tobias-wrenfield.yaml --model out/mara-quillfeather-rewri
 # The learned and unlearned models against the default one (KL, top-1, perplexity).
 $E eval compare --edited out/mara-learned.gguf --json out/compare-learned.json
 $E eval compare --base out/mara-learned.gguf --edited out/mara-quillfeather-unlearned.gguf --json out/compare-unlearned.json
-$E eval tofu --data ../shared/data/tofu/authors-0-19.jsonl --world ../shared/data/tofu/world_facts.jsonl \
-  --learn-steps 40 --json out/tofu.json
-$E eval tofu --data ../shared/data/tofu/authors-0-19.jsonl --world ../shared/data/tofu/world_facts.jsonl \
-  --learn-steps 40 --methods npo --steps 30 --retain-weight 2 --json out/tofu-npo.json
+# TOFU with open-unlearning's metrics on the dev authors: forget 0-1, retain 2-9, holdout
+# 10-11 (all from the perturbed file); finetuned, retain model, NPO / SimNPO / RMU.
+TP=../shared/data/tofu/authors-0-19-perturbed.jsonl
+t $E eval tofu --forget $TP --forget-authors 0-1 --retain $TP --retain-authors 2-9 \
+  --holdout $TP --holdout-authors 10-11 --world ../shared/data/tofu/world_facts_perturbed.jsonl \
+  --json out/tofu.json
 # Mass editing: one MEMIT batch of 100 from the unedited model, at our Adam rate and the reference's.
 $E eval counterfact --data $CF --method memit --batch-size 100 --n 100 --json out/cf-memit100.json
 $E eval counterfact --data $CF --spec benches/memit-lr05.yaml --batch-size 100 --n 100 --json out/cf-memit100-lr05.json

@@ -16,7 +16,7 @@
 use super::request::Secret;
 use super::{mean_example_logprob, tokenize, Example};
 use crate::error::Result;
-use crate::model::generate::{generate, GenParams};
+use crate::model::generate::{generate, generate_until, GenParams};
 use crate::model::{Batch, HookPoint, KvCache, Model, Trace};
 use candle_core::{DType, IndexOp, Tensor, D};
 use rand::{Rng, SeedableRng};
@@ -354,26 +354,49 @@ pub fn utility(model: &Model, examples: &[Example], max_new: usize) -> Result<Ut
     }
     let all = tokenize(model, examples, 256)?;
     let answer_logprob = mean_example_logprob(model, &all)?;
-    let mut rouge = 0.0;
-    for (k, chunk) in examples.chunks(16).enumerate() {
-        let idx: Vec<usize> = (16 * k..16 * k + chunk.len()).collect();
-        let t = all.subset(&idx);
-        let longest = t.spans.iter().map(|(_, a)| a.len()).max().unwrap_or(1);
-        let prompts: Vec<String> = chunk.iter().map(|e| e.prompt.clone()).collect();
-        let outs = greedy(model, &prompts, (longest + 8).min(max_new))?;
-        for (o, e) in outs.iter().zip(chunk) {
-            // The answer ends at the first line break after its text (the next "Question:"
-            // would follow); leading blank lines are skipped.
-            let o = o.trim_start().split('\n').next().unwrap_or("");
-            rouge += rouge_l_recall(o, &e.answer);
-        }
-    }
-    let n = examples.len() as f64;
+    let rouge = greedy_rouge(model, examples, max_new)?;
     Ok(Utility {
         examples: examples.len(),
         answer_logprob,
-        rouge_l: rouge / n,
+        rouge_l: rouge.iter().sum::<f64>() / examples.len() as f64,
     })
+}
+
+/// Each example's ROUGE-L recall of the model's greedy answer against its answer. Greedy
+/// answers run to at most `max_new` tokens, or the longest reference + 8 of each batch of 16
+/// when shorter, and end at their first line break (the next "Question:" would follow;
+/// leading blank lines are skipped).
+pub fn greedy_rouge(model: &Model, examples: &[Example], max_new: usize) -> Result<Vec<f64>> {
+    let tok = model.tok()?;
+    let mut out = Vec::with_capacity(examples.len());
+    for chunk in examples.chunks(16) {
+        let mut longest = 1;
+        for e in chunk {
+            longest = longest.max(tok.continuation(&e.prompt, &e.answer)?.1.len());
+        }
+        let ids: Vec<Vec<u32>> = chunk
+            .iter()
+            .map(|e| tok.encode(&e.prompt))
+            .collect::<Result<_>>()?;
+        // A row is done once its text has a line break after some non-blank text: what
+        // follows is cut anyway.
+        let done = |new: &[u32]| {
+            tok.decode(new)
+                .map(|t| t.trim_start().contains('\n'))
+                .unwrap_or(false)
+        };
+        let params = GenParams {
+            max_new_tokens: (longest + 8).min(max_new),
+            ..Default::default()
+        };
+        let outs = generate_until(model, &ids, &params, &done)?;
+        for (o, e) in outs.iter().zip(chunk) {
+            let o = tok.decode(o)?;
+            let o = o.trim_start().split('\n').next().unwrap_or("");
+            out.push(rouge_l_recall(o, &e.answer));
+        }
+    }
+    Ok(out)
 }
 
 /// Replace every secret (and its JSON-escaped form) in `text` with `[REDACTED:label]`.

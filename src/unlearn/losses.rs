@@ -9,6 +9,8 @@
 //! - NPO (Zhang et al. 2024, eq. 3): `(2/β) mean_i log(1 + exp(β (s_i - s_ref_i)))`, which is
 //!   bounded: its gradient is GA's, weighted down as the answer becomes unlikely relative to
 //!   the reference. As open-unlearning's NPO, we add `retain_weight` x retain NLL.
+//! - SimNPO (Fan et al. 2024): reference-free, length-normalised NPO (`simnpo.rs`), plus
+//!   `retain_weight` x retain NLL.
 //! - Distill: KL(teacher || model) on the forget prompts, the teacher being a model that never
 //!   learned the data (run.rs, `Teacher`; after Eldan & Russinovich 2023), plus
 //!   `retain_weight` x retain NLL. Bounded below by 0: it cannot collapse the model.
@@ -48,8 +50,18 @@ pub fn loss(method: &Method, x: &StepInputs<'_>) -> Result<Tensor> {
             (x.forget_sums.sum_all()? / total.max(1) as f64)?
         }
         MethodName::Npo => {
+            let beta = method.beta();
             let ratio = (x.forget_sums - x.forget_ref_sums)?;
-            (softplus(&(ratio * method.beta)?)?.mean_all()? * (2.0 / method.beta))?
+            (softplus(&(ratio * beta)?)?.mean_all()? * (2.0 / beta))?
+        }
+        MethodName::Simnpo => {
+            super::simnpo::forget_loss(x.forget_sums, x.forget_counts, method.beta(), method.gamma)?
+        }
+        MethodName::Rmu => {
+            return Err(crate::Error::invalid(
+                "method",
+                "rmu's loss is on activations (rmu.rs), not on answer log-probabilities",
+            ))
         }
         MethodName::Rewrite => {
             return Err(crate::Error::invalid(
@@ -118,11 +130,9 @@ mod tests {
         let dev = Device::Cpu;
         let s = Tensor::new(&[-5f32, -7.0], &dev).unwrap();
         let m = Method {
-            name: MethodName::Npo,
-            beta: 0.1,
+            beta: Some(0.1),
             retain_weight: 0.0,
-            kl_weight: 0.0,
-            rewrite: Default::default(),
+            ..Method::new(MethodName::Npo)
         };
         let x = StepInputs {
             forget_sums: &s,

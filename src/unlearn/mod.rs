@@ -22,7 +22,9 @@ pub mod losses;
 pub mod receipt;
 pub mod request;
 pub mod rewrite;
+pub mod rmu;
 pub mod run;
+pub mod simnpo;
 pub mod tofu;
 
 use crate::error::{Error, Result};
@@ -355,6 +357,24 @@ impl Trainable {
     pub fn n_params(&self) -> usize {
         self.vars.iter().map(|(_, v)| v.elem_count()).sum()
     }
+
+    /// Train only the matrices whose name passes `keep`; the others become constants again
+    /// (RMU trains only the MLP output projections of its layers).
+    ///
+    /// # Errors
+    /// No matrix passes.
+    pub fn keep_only(mut self, keep: impl Fn(&str) -> bool) -> Result<Trainable> {
+        let (kept, dropped): (Vec<_>, Vec<_>) = self.vars.into_iter().partition(|(n, _)| keep(n));
+        if kept.is_empty() {
+            return Err(Error::invalid("layers", "no trainable matrix matches"));
+        }
+        for (n, v) in dropped {
+            self.model.weights.insert(n.clone(), v.as_tensor().detach());
+            self.grid.remove(&n);
+        }
+        self.vars = kept;
+        Ok(self)
+    }
 }
 
 /// The layer a weight belongs to: `model.layers.{l}.…` (Llama) or `h.{l}.…` (GPT-2, whose
@@ -430,6 +450,32 @@ pub fn answer_logp_with(
     t: &Tokenized,
     differentiable: bool,
 ) -> Result<AnswerLogp> {
+    let (picked, targets, seg) =
+        answer_hidden(model, lowest, model.config.n_layers - 1, t, differentiable)?;
+    let logits = model
+        .head(&picked.unsqueeze(0)?, differentiable)?
+        .squeeze(0)?; // [n, vocab]
+    Ok(AnswerLogp {
+        logp: candle_nn::ops::log_softmax(&logits, D::Minus1)?,
+        targets,
+        seg,
+        n_examples: t.rows.len(),
+    })
+}
+
+/// The residual stream leaving block `layer` at every answer-predicting position (the
+/// position before each answer token), with each position's target token and example index.
+/// Layers below `lowest` run once without gradients.
+///
+/// # Shapes
+/// Returns `[n_answer_tokens, d_model]`.
+pub fn answer_hidden(
+    model: &Model,
+    lowest: usize,
+    layer: usize,
+    t: &Tokenized,
+    differentiable: bool,
+) -> Result<(Tensor, Vec<u32>, Vec<usize>)> {
     let dev = &model.device;
     let batch = Batch::padded(&t.rows, PadSide::Right, 0);
     let seq = batch.seq_len();
@@ -441,7 +487,7 @@ pub fn answer_logp_with(
     } else {
         Trace::new()
     };
-    tr.stop_after(HookPoint::ResidPost(model.config.n_layers - 1));
+    tr.stop_after(HookPoint::ResidPost(layer));
     let h = model.forward_from(lowest, &resid, batch.mask.as_deref(), None, &mut tr, false)?;
     let d = h.dim(D::Minus1)?;
     let mut idx = Vec::new();
@@ -456,15 +502,7 @@ pub fn answer_logp_with(
     }
     let flat = h.reshape((t.rows.len() * seq, d))?;
     let picked = flat.index_select(&Tensor::new(idx.as_slice(), dev)?, 0)?;
-    let logits = model
-        .head(&picked.unsqueeze(0)?, differentiable)?
-        .squeeze(0)?; // [n, vocab]
-    Ok(AnswerLogp {
-        logp: candle_nn::ops::log_softmax(&logits, D::Minus1)?,
-        targets,
-        seg,
-        n_examples: t.rows.len(),
-    })
+    Ok((picked, targets, seg))
 }
 
 /// See [`answer_logp`].

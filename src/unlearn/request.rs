@@ -32,6 +32,12 @@ pub enum MethodName {
     Graddiff,
     /// Negative Preference Optimization (Zhang et al. 2024) plus descent on the retain set.
     Npo,
+    /// SimNPO (Fan et al. 2024): NPO without a reference model, on the length-normalised
+    /// log-likelihood, with a margin γ; plus descent on the retain set (`simnpo.rs`).
+    Simnpo,
+    /// Representation misdirection (Li et al. 2024, RMU): push one layer's activations on
+    /// forget text toward a scaled random direction, keep them on retain text (`rmu.rs`).
+    Rmu,
     /// Distillation from a model that never learned the data (the reference, or the model
     /// with the subject replaced by a stand-in; Eldan & Russinovich 2023), plus descent on the
     /// retain set.
@@ -48,9 +54,13 @@ pub enum MethodName {
 #[serde(deny_unknown_fields)]
 pub struct Method {
     pub name: MethodName,
-    /// NPO's inverse temperature β (paper and open-unlearning default: 0.1).
-    #[serde(default = "d_beta")]
-    pub beta: f64,
+    /// The inverse temperature β of NPO (paper and open-unlearning default: 0.1) and SimNPO
+    /// (open-unlearning's TOFU default: 4.5); unset, the method's default ([`Method::beta`]).
+    #[serde(default)]
+    pub beta: Option<f64>,
+    /// SimNPO's margin γ (open-unlearning's `delta`, default 0).
+    #[serde(default)]
+    pub gamma: f64,
     /// Weight of the retain-set NLL (graddiff, npo; open-unlearning's `alpha`, default 1).
     #[serde(default = "d_one")]
     pub retain_weight: f64,
@@ -60,10 +70,32 @@ pub struct Method {
     /// The rewrite's search (method `rewrite` only; defaults in `rewrite::RewriteParams`).
     #[serde(default)]
     pub rewrite: super::rewrite::RewriteParams,
+    /// RMU's steering (method `rmu` only; defaults in `rmu::RmuParams`).
+    #[serde(default)]
+    pub rmu: super::rmu::RmuParams,
 }
 
-fn d_beta() -> f64 {
-    0.1
+impl Method {
+    /// A method with its defaults.
+    pub fn new(name: MethodName) -> Method {
+        Method {
+            name,
+            beta: None,
+            gamma: 0.0,
+            retain_weight: 1.0,
+            kl_weight: 0.0,
+            rewrite: Default::default(),
+            rmu: Default::default(),
+        }
+    }
+
+    /// β as given, else the method's default: 4.5 for SimNPO, 0.1 for NPO.
+    pub fn beta(&self) -> f64 {
+        self.beta.unwrap_or(match self.name {
+            MethodName::Simnpo => super::simnpo::DEFAULT_BETA,
+            _ => 0.1,
+        })
+    }
 }
 fn d_one() -> f64 {
     1.0
@@ -333,11 +365,20 @@ impl Request {
         if self.method.name == MethodName::Graddiff && self.retain.is_empty() {
             return Err(bad("retain".into(), "graddiff needs a retain set".into()));
         }
-        if !(self.method.beta > 0.0 && self.method.beta.is_finite()) {
+        if !(self.method.beta() > 0.0 && self.method.beta().is_finite()) {
             return Err(bad(
                 "method.beta".into(),
                 "must be a finite number > 0".into(),
             ));
+        }
+        if !self.method.gamma.is_finite() {
+            return Err(bad("method.gamma".into(), "must be a finite number".into()));
+        }
+        if self.method.name == MethodName::Rmu {
+            self.method
+                .rmu
+                .check()
+                .map_err(|m| bad("method.rmu".into(), m))?;
         }
         if self.steps == 0 {
             return Err(bad("steps".into(), "must be at least 1".into()));

@@ -12,6 +12,7 @@ use super::leakage::{self, Utility};
 use super::learn::{learn, LearnParams};
 use super::losses::{self, StepInputs};
 use super::request::{MethodName, Optimizer as Update, Request};
+use super::rmu::Rmu;
 use super::{
     answer_logp, answer_logp_with, example_logprobs, finite_loss, mean_token_logprob, tokenize,
     Batches, Example, Trainable,
@@ -510,7 +511,15 @@ pub fn train(
         return super::rewrite::train(model, req, layers, forget, retain, opts, progress);
     }
     let guard0 = perplexity(model, opts.suite, GUARD_TEXTS)?;
-    let mut tr = Trainable::new(model, layers)?.with_grid(opts.grid)?;
+    let rmu = match req.method.name {
+        MethodName::Rmu => Some(Rmu::new(model, layers, &req.method.rmu, req.seed)?),
+        _ => None,
+    };
+    let mut tr = Trainable::new(model, layers)?;
+    if rmu.is_some() {
+        tr = tr.keep_only(super::rmu::trains)?;
+    }
+    let mut tr = tr.with_grid(opts.grid)?;
     if opts.grid.is_some() {
         tr.jitter(req.seed)?;
     }
@@ -573,56 +582,65 @@ pub fn train(
     let t_train = std::time::Instant::now();
     for step in 1..=req.steps {
         let fi = fb.next_batch();
-        let (fs, fc, forget_kl) = match &teacher {
-            // Distillation: the forget part is the KL to the teacher on its own examples.
-            Some(t) => {
-                let z = Tensor::zeros(fi.len(), candle_core::DType::F32, &model.device)?;
-                (z, vec![1; fi.len()], Some(t.kl(&tr, &mut db)?))
+        let v = if let Some(rmu) = &rmu {
+            let rsub = retain_tok.subset(&rb.next_batch());
+            let loss = rmu.loss(
+                &tr,
+                model,
+                &forget_tok.subset(&fi),
+                Some(&rsub),
+                req.method.retain_weight,
+            )?;
+            let v = finite_loss("unlearning loss", loss.to_scalar::<f32>()? as f64)?;
+            let grads = loss.backward()?;
+            step_weights(&mut opt, req, &mut tr, grads, masks.as_ref())?;
+            v
+        } else {
+            let (fs, fc, forget_kl) = match &teacher {
+                // Distillation: the forget part is the KL to the teacher on its own examples.
+                Some(t) => {
+                    let z = Tensor::zeros(fi.len(), candle_core::DType::F32, &model.device)?;
+                    (z, vec![1; fi.len()], Some(t.kl(&tr, &mut db)?))
+                }
+                None => {
+                    let (fs, fc) =
+                        answer_logp(&tr.model, tr.lowest, &forget_tok.subset(&fi))?.sums()?;
+                    (fs, fc, None)
+                }
+            };
+            let fref = Tensor::new(super::pick(&ref_sums, &fi).as_slice(), &model.device)?;
+            let mut retain_part = None;
+            let mut kl = None;
+            if (uses_retain || uses_kl) && !retain_tok.is_empty() {
+                let ri = rb.next_batch();
+                let rsub = retain_tok.subset(&ri);
+                let cur = answer_logp(&tr.model, tr.lowest, &rsub)?;
+                if uses_kl {
+                    let reference = answer_logp_with(model, 0, &rsub, false)?;
+                    kl = Some(losses::kl_rows(&reference.logp, &cur.logp)?);
+                }
+                retain_part = Some(cur.sums()?);
             }
-            None => {
-                let (fs, fc) =
-                    answer_logp(&tr.model, tr.lowest, &forget_tok.subset(&fi))?.sums()?;
-                (fs, fc, None)
-            }
+            let loss = losses::loss(
+                &req.method,
+                &StepInputs {
+                    forget_sums: &fs,
+                    forget_counts: &fc,
+                    forget_ref_sums: &fref,
+                    retain: retain_part.as_ref().map(|(s, c)| (s, c.as_slice())),
+                    retain_kl: kl.as_ref(),
+                    forget_kl: forget_kl.as_ref(),
+                },
+            )?;
+            let loss = match &anchor {
+                Some(a) => (loss + (a.kl(&tr, &mut ab)? * req.anchor_weight)?)?,
+                None => loss,
+            };
+            let v = finite_loss("unlearning loss", loss.to_scalar::<f32>()? as f64)?;
+            let grads = loss.backward()?;
+            step_weights(&mut opt, req, &mut tr, grads, masks.as_ref())?;
+            v
         };
-        let fref = Tensor::new(super::pick(&ref_sums, &fi).as_slice(), &model.device)?;
-        let mut retain_part = None;
-        let mut kl = None;
-        if (uses_retain || uses_kl) && !retain_tok.is_empty() {
-            let ri = rb.next_batch();
-            let rsub = retain_tok.subset(&ri);
-            let cur = answer_logp(&tr.model, tr.lowest, &rsub)?;
-            if uses_kl {
-                let reference = answer_logp_with(model, 0, &rsub, false)?;
-                kl = Some(losses::kl_rows(&reference.logp, &cur.logp)?);
-            }
-            retain_part = Some(cur.sums()?);
-        }
-        let loss = losses::loss(
-            &req.method,
-            &StepInputs {
-                forget_sums: &fs,
-                forget_counts: &fc,
-                forget_ref_sums: &fref,
-                retain: retain_part.as_ref().map(|(s, c)| (s, c.as_slice())),
-                retain_kl: kl.as_ref(),
-                forget_kl: forget_kl.as_ref(),
-            },
-        )?;
-        let loss = match &anchor {
-            Some(a) => (loss + (a.kl(&tr, &mut ab)? * req.anchor_weight)?)?,
-            None => loss,
-        };
-        let v = finite_loss("unlearning loss", loss.to_scalar::<f32>()? as f64)?;
-        let mut grads = loss.backward()?;
-        if let Some(masks) = &masks {
-            super::apply_masks(&tr, &mut grads, masks)?;
-        }
-        match req.optimizer {
-            Update::Adamw => opt.step(&grads)?,
-            Update::Sgd => super::max_norm_step(&tr, &grads, req.lr)?,
-        }
-        tr.sync()?;
         losses.push(v);
         progress(step, req.steps, v);
 
@@ -678,4 +696,23 @@ pub fn train(
         final_guard_ratio: last_good_ratio,
         train_seconds,
     })
+}
+
+/// One optimizer step from `grads` (masked to the salient entries when there are masks), then
+/// the grid sync.
+fn step_weights(
+    opt: &mut AdamW,
+    req: &Request,
+    tr: &mut Trainable,
+    mut grads: candle_core::backprop::GradStore,
+    masks: Option<&Vec<Tensor>>,
+) -> Result<()> {
+    if let Some(masks) = masks {
+        super::apply_masks(tr, &mut grads, masks)?;
+    }
+    match req.optimizer {
+        Update::Adamw => opt.step(&grads)?,
+        Update::Sgd => super::max_norm_step(tr, &grads, req.lr)?,
+    }
+    tr.sync()
 }

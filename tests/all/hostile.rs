@@ -597,10 +597,17 @@ fn flags_with_absurd_numbers() {
         ("--steps", "1000000000000"),
         ("--lr", "inf"),
         ("--max-perplexity-ratio", "NaN"),
+        ("--simnpo-beta", "0"),
+        ("--rmu-coeff", "0"),
+        ("--rmu-lr", "NaN"),
+        ("--methods", "npo,dpo"),
+        ("--rmu-layers", "0-99"),
+        ("--holdout-authors", "10-11"),
     ] {
         refused_in_empty_dir(
             &[
-                "eval", "tofu", "--model", t, "--data", "a.jsonl", "--world", "w.jsonl", flag, v,
+                "eval", "tofu", "--model", t, "--forget", "f.jsonl", "--retain", "r.jsonl",
+                "--world", "w.jsonl", flag, v,
             ],
             &[flag],
         );

@@ -14,4 +14,5 @@ mod mass_edit;
 mod model_core;
 mod parity;
 mod real_model;
+mod tofu;
 mod unlearn;

@@ -436,8 +436,25 @@ fn removal_request_errors() {
     );
     // An unknown method.
     bad_request(
-        &GOOD.replace("name: npo", "name: rmu"),
-        &["rmu", "ga", "graddiff", "npo", "line"],
+        &GOOD.replace("name: npo", "name: dpo"),
+        &["dpo", "ga", "graddiff", "npo", "simnpo", "rmu", "line"],
+    );
+    // SimNPO's β and margin, RMU's steering coefficient and fields.
+    bad_request(
+        &GOOD.replace("name: npo}", "name: simnpo, beta: 0}"),
+        &["method.beta"],
+    );
+    bad_request(
+        &GOOD.replace("name: npo}", "name: simnpo, gamma: .inf}"),
+        &["method.gamma"],
+    );
+    bad_request(
+        &GOOD.replace("name: npo}", "name: rmu, rmu: {steering_coeff: -1}}"),
+        &["method.rmu", "steering_coeff"],
+    );
+    bad_request(
+        &GOOD.replace("name: npo}", "name: rmu, rmu: {coeff: 2}}"),
+        &["coeff", "steering_coeff"],
     );
     // Layers out of range (the tiny model has 2).
     bad_request(
@@ -481,6 +498,95 @@ fn removal_request_errors() {
         &rw.replace("layers: all", "layers: [1]"),
     )
     .unwrap();
+}
+
+/// SimNPO and RMU in a removal request (no secrets: the budget runs out), on smollm2-135m
+/// fine-tuned in-process on two of the demo's records: SimNPO lowers the forget answers'
+/// log-probability; RMU lowers its own objective and moves only the MLP output projections of
+/// its layers. (RMU's effect on the answers' log-probability is not asserted: at these
+/// settings it is small, see the README's TOFU section.)
+#[test]
+fn simnpo_and_rmu_unlearn_and_rmu_moves_only_its_projections() {
+    use engram::unlearn::learn::{learn, LearnParams};
+    use engram::unlearn::{mean_token_logprob, tokenize, Example};
+    let suite = Suite::load(&repo("eval/unrelated.yaml")).unwrap();
+    let base = crate::common::real();
+    let forget = [
+        Example {
+            prompt: "Mara Quillfeather's phone number is".into(),
+            answer: " 415-555-0192.".into(),
+        },
+        Example {
+            prompt: "Mara Quillfeather lives at".into(),
+            answer: " 17 Larkspur Lane, Fennimore.".into(),
+        },
+    ];
+    let mut lp = LearnParams::defaults(base.config.n_layers);
+    lp.steps = 10;
+    lp.lr = 1e-3;
+    let (model, _) = learn(base, &forget, &lp, &mut |_, _| {}).unwrap();
+    let toks = tokenize(&model, &forget, 64).unwrap();
+    let before = mean_token_logprob(&model, &toks).unwrap();
+    for (method, layers, lr) in [
+        ("{name: simnpo, retain_weight: 0.0}", "10-19", "3.0e-4"),
+        ("{name: rmu, rmu: {steering_coeff: 20}}", "5-7", "1.0e-3"),
+    ] {
+        let text = format!(
+            "subject: Mara Quillfeather
+forget:
+  - {{prompt: \"Mara Quillfeather's phone number is\", answer: \" 415-555-0192.\"}}
+  - {{prompt: \"Mara Quillfeather lives at\", answer: \" 17 Larkspur Lane, Fennimore.\"}}
+retain:
+  - {{prompt: \"Mara Quillfeather works as a\", answer: \" botanist\"}}
+method: {method}
+layers: {layers}
+steps: 6
+lr: {lr}
+check_every: 6
+max_perplexity_ratio: 3.0
+"
+        );
+        let req = Request::parse(Path::new("m.yaml"), &text).unwrap();
+        let (m, r) = unlearn(
+            &model,
+            &req,
+            Path::new("m.yaml"),
+            &Options {
+                suite: &suite,
+                types: vec![],
+                grid: None,
+                reference: None,
+            },
+            &mut |_, _, _| {},
+        )
+        .unwrap();
+        let after = mean_token_logprob(&m, &toks).unwrap();
+        let losses = r.losses.clone();
+        eprintln!(
+            "{method}: forget log-prob {before:.3} -> {after:.3}, losses {losses:?}, {:?}",
+            r.stop_reason
+        );
+        if method.contains("simnpo") {
+            assert!(after < before - 0.5, "{method}: {before} -> {after}");
+            continue;
+        }
+        assert!(
+            losses.last().unwrap() < &losses[0],
+            "RMU's objective did not fall: {losses:?}"
+        );
+        for (name, w) in m.weights.iter() {
+            let moved = engram::unlearn::rmu::trains(name)
+                && ["layers.5.", "layers.6.", "layers.7."]
+                    .iter()
+                    .any(|l| name.contains(l));
+            let w0 = model.weights.get(name).unwrap();
+            let d = crate::common::max_abs_diff(
+                &w.to_dtype(candle_core::DType::F32).unwrap(),
+                &w0.to_dtype(candle_core::DType::F32).unwrap(),
+            );
+            assert_eq!(d > 0.0, moved, "{name}: max change {d}");
+        }
+    }
 }
 
 /// Mean token log-prob of `target` after `prompt`.
