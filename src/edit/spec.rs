@@ -336,6 +336,22 @@ pub fn from_yaml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Res
     })
 }
 
+/// Deserialize JSON lines (blank lines skipped); errors are [`Error::Spec`] with the file and
+/// the line.
+pub fn from_jsonl<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        v.push(serde_json::from_str(line).map_err(|e| Error::Spec {
+            path: path.into(),
+            message: format!("line {}: {e}", i + 1),
+        })?);
+    }
+    Ok(v)
+}
+
 impl EditSpec {
     /// Parse and check a spec file.
     ///

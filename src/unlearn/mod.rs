@@ -136,17 +136,7 @@ pub fn load_records(path: &Path) -> Result<Vec<Record>> {
     let recs: Vec<Record> = if ext == "yaml" || ext == "yml" {
         crate::edit::spec::from_yaml(path, &text)?
     } else {
-        let mut v = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            v.push(serde_json::from_str(line).map_err(|e| Error::Spec {
-                path: path.into(),
-                message: format!("line {}: {e}", i + 1),
-            })?);
-        }
-        v
+        crate::edit::spec::from_jsonl(path, &text)?
     };
     if recs.is_empty() {
         return Err(Error::Spec {

@@ -582,19 +582,17 @@ pub fn train(
     let t_train = std::time::Instant::now();
     for step in 1..=req.steps {
         let fi = fb.next_batch();
-        let v = if let Some(rmu) = &rmu {
-            let rsub = retain_tok.subset(&rb.next_batch());
-            let loss = rmu.loss(
+        let loss = if let Some(rmu) = &rmu {
+            // RMU's objective is on activations; its retain term needs a retain batch.
+            let rsub = (uses_retain && !retain_tok.is_empty())
+                .then(|| retain_tok.subset(&rb.next_batch()));
+            rmu.loss(
                 &tr,
                 model,
                 &forget_tok.subset(&fi),
-                Some(&rsub),
+                rsub.as_ref(),
                 req.method.retain_weight,
-            )?;
-            let v = finite_loss("unlearning loss", loss.to_scalar::<f32>()? as f64)?;
-            let grads = loss.backward()?;
-            step_weights(&mut opt, req, &mut tr, grads, masks.as_ref())?;
-            v
+            )?
         } else {
             let (fs, fc, forget_kl) = match &teacher {
                 // Distillation: the forget part is the KL to the teacher on its own examples.
@@ -621,7 +619,7 @@ pub fn train(
                 }
                 retain_part = Some(cur.sums()?);
             }
-            let loss = losses::loss(
+            losses::loss(
                 &req.method,
                 &StepInputs {
                     forget_sums: &fs,
@@ -631,16 +629,22 @@ pub fn train(
                     retain_kl: kl.as_ref(),
                     forget_kl: forget_kl.as_ref(),
                 },
-            )?;
-            let loss = match &anchor {
-                Some(a) => (loss + (a.kl(&tr, &mut ab)? * req.anchor_weight)?)?,
-                None => loss,
-            };
-            let v = finite_loss("unlearning loss", loss.to_scalar::<f32>()? as f64)?;
-            let grads = loss.backward()?;
-            step_weights(&mut opt, req, &mut tr, grads, masks.as_ref())?;
-            v
+            )?
         };
+        let loss = match &anchor {
+            Some(a) => (loss + (a.kl(&tr, &mut ab)? * req.anchor_weight)?)?,
+            None => loss,
+        };
+        let v = finite_loss("unlearning loss", loss.to_scalar::<f32>()? as f64)?;
+        let mut grads = loss.backward()?;
+        if let Some(masks) = &masks {
+            super::apply_masks(&tr, &mut grads, masks)?;
+        }
+        match req.optimizer {
+            Update::Adamw => opt.step(&grads)?,
+            Update::Sgd => super::max_norm_step(&tr, &grads, req.lr)?,
+        }
+        tr.sync()?;
         losses.push(v);
         progress(step, req.steps, v);
 
@@ -696,23 +700,4 @@ pub fn train(
         final_guard_ratio: last_good_ratio,
         train_seconds,
     })
-}
-
-/// One optimizer step from `grads` (masked to the salient entries when there are masks), then
-/// the grid sync.
-fn step_weights(
-    opt: &mut AdamW,
-    req: &Request,
-    tr: &mut Trainable,
-    mut grads: candle_core::backprop::GradStore,
-    masks: Option<&Vec<Tensor>>,
-) -> Result<()> {
-    if let Some(masks) = masks {
-        super::apply_masks(tr, &mut grads, masks)?;
-    }
-    match req.optimizer {
-        Update::Adamw => opt.step(&grads)?,
-        Update::Sgd => super::max_norm_step(tr, &grads, req.lr)?,
-    }
-    tr.sync()
 }

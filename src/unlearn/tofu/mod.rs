@@ -23,7 +23,7 @@ pub mod metrics;
 use super::learn::{learn, LearnParams, LearnReport};
 use super::request::{LayerSel, Method, Request};
 use super::run::{train, Options, StopReason};
-use super::{answer_logp_with, example_logprobs, tokenize, Example, Record};
+use super::{answer_logp_with, mean_example_logprob_each, tokenize, Example, Record};
 use crate::error::{Error, Result};
 use crate::eval::metrics::Suite;
 use crate::model::Model;
@@ -66,14 +66,7 @@ pub fn load_tofu(path: &Path) -> Result<Vec<TofuRecord>> {
     let recs: Vec<TofuRecord> = if text.trim_start().starts_with('[') {
         serde_json::from_str(&text).map_err(|e| spec(format!("JSON array: {e}")))?
     } else {
-        let mut v = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            v.push(serde_json::from_str(line).map_err(|e| spec(format!("line {}: {e}", i + 1)))?);
-        }
-        v
+        crate::edit::spec::from_jsonl(path, &text)?
     };
     if recs.is_empty() {
         return Err(spec("no records".into()));
@@ -347,6 +340,7 @@ pub struct TofuReport {
 }
 
 /// Teacher-forced statistics of one answer.
+#[derive(Default)]
 struct AnswerStats {
     /// Mean token NLL.
     nll: f64,
@@ -373,16 +367,7 @@ fn answer_stats(model: &Model, examples: &[Example]) -> Result<Vec<AnswerStats>>
         let mu_t = (&p * &a.logp)?.sum(D::Minus1)?;
         let e2: Vec<f32> = (&p * a.logp.sqr()?)?.sum(D::Minus1)?.to_vec1()?;
         let mu: Vec<f32> = mu_t.to_vec1()?;
-        let mut per: Vec<AnswerStats> = (0..chunk.len())
-            .map(|_| AnswerStats {
-                nll: 0.0,
-                logp: vec![],
-                argmax: vec![],
-                targets: vec![],
-                mu: vec![],
-                var: vec![],
-            })
-            .collect();
+        let mut per: Vec<AnswerStats> = (0..chunk.len()).map(|_| Default::default()).collect();
         for (j, &r) in a.seg.iter().enumerate() {
             let s = &mut per[r];
             s.logp.push(lp[j] as f64);
@@ -402,17 +387,15 @@ fn answer_stats(model: &Model, examples: &[Example]) -> Result<Vec<AnswerStats>>
 /// Mean token NLL of each example (no per-token detail).
 fn mean_nlls(model: &Model, examples: &[Example]) -> Result<Vec<f64>> {
     let toks = tokenize(model, examples, 256)?;
-    let (sums, counts) = example_logprobs(model, &toks)?;
-    Ok(sums
-        .iter()
-        .zip(&counts)
-        .map(|(s, &c)| -s / c.max(1) as f64)
+    Ok(mean_example_logprob_each(model, &toks)?
+        .into_iter()
+        .map(|lp| -lp)
         .collect())
 }
 
 /// Mean token NLLs of each record's `correct` answer and of its perturbed answers. Each
-/// question runs once, its keys and values serving all of its options
-/// ([`super::leakage::candidate_scores`]), which cuts the work 2-3x on short answers.
+/// question's prompt runs once, its keys and values serving all of its options
+/// ([`super::leakage::candidate_scores`]).
 fn option_nlls(
     model: &Model,
     recs: &[TofuRecord],
