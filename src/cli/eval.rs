@@ -31,7 +31,7 @@ struct CfArgs {
     /// EasyEdit's flattened CounterFact (JSONL) or ROME's counterfact.json.
     #[arg(long)]
     data: PathBuf,
-    #[arg(long, default_value = "rome", value_parser = ["rome", "ft", "memit", "alphaedit"])]
+    #[arg(long, default_value = "rome", value_parser = ["rome", "ft", "memit", "alphaedit", "alphaedit-nas"])]
     method: String,
     /// Take the method and its hyper-parameters from an edit spec instead.
     #[arg(long)]
@@ -53,9 +53,26 @@ struct CfArgs {
     n: usize,
     #[arg(long, default_value_t = 0)]
     offset: usize,
-    /// Per-case JSONL; a rerun skips the cases already in it.
+    /// Per-case JSONL; a rerun skips the cases already in it. With --sequential: the run's
+    /// state (safetensors: the edited tensors, the method's carried state, progress), saved
+    /// atomically after each batch; a rerun with the same flags resumes from it.
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// With --sequential: stop after this many batches (the state is saved in --resume;
+    /// rerun to go on).
+    #[arg(long)]
+    max_batches: Option<usize>,
+    /// With --sequential: measure the ES of all edits so far every this many edits (0: after
+    /// every batch); the first batch's ES is measured after every batch.
+    #[arg(long, default_value_t = 0)]
+    retention_every: usize,
+    /// With --sequential: the unrelated-prompt suite for the final locality (KL, top-1
+    /// agreement, perplexity) against the unedited model.
+    #[arg(long, default_value = "eval/unrelated.yaml")]
+    suite: PathBuf,
+    /// With --sequential: skip the final locality measure (and --suite).
+    #[arg(long)]
+    no_locality: bool,
     /// Also score free generation (WILD-style questions, answers not cut at a sentence or at
     /// the target's length; src/eval/wild.rs), before and after each edit.
     #[arg(long)]
@@ -109,13 +126,31 @@ fn run_cf(a: CfArgs) -> Result<()> {
         None => Method::by_name(&a.method)?,
     };
     engram::limits::int_in("--batch-size", a.batch_size, 1, 10_000).map_err(engram::Error::from)?;
-    if a.sequential && a.resume.is_some() {
-        return Err(engram::Error::invalid(
-            "--resume",
-            "cannot be used with --sequential (each batch builds on the ones before)",
-        )
-        .into());
+    if !a.sequential {
+        for (flag, given) in [
+            ("--max-batches", a.max_batches.is_some()),
+            ("--retention-every", a.retention_every != 0),
+        ] {
+            if given {
+                return Err(engram::Error::invalid(flag, "needs --sequential").into());
+            }
+        }
     }
+    if let Some(m) = a.max_batches {
+        engram::limits::int_in("--max-batches", m, 1, 1_000_000).map_err(engram::Error::from)?;
+        if a.resume.is_none() {
+            return Err(engram::Error::invalid(
+                "--max-batches",
+                "needs --resume FILE (where the state is saved to go on from)",
+            )
+            .into());
+        }
+    }
+    let suite = if a.sequential && !a.no_locality {
+        Some(Suite::load(&a.suite)?)
+    } else {
+        None
+    };
     method.check().map_err(engram::Error::from)?;
     let cases = counterfact::load(&a.data, a.offset, a.n)?;
     let mut m = super::load_model(a.model.as_deref())?;
@@ -169,71 +204,104 @@ fn run_cf(a: CfArgs) -> Result<()> {
         wild: a.wild,
         auto_types: a.out_type == "auto",
     };
-    let rows = if a.sequential {
-        let run = counterfact::run_sequential(
-            &mut m,
-            method,
-            &cases,
-            a.batch_size,
-            opts,
-            &mut |e| {
-                let msg = match e {
-                    SeqEvent::Scoring { cases, after } => {
-                        let when = if after {
-                            "after the last edit"
-                        } else {
-                            "before editing"
-                        };
-                        format!("{name}: scoring {cases} cases {when}")
+    let rows =
+        if a.sequential {
+            let seq_opts = counterfact::SeqOptions {
+                state: a.resume.as_deref(),
+                max_batches: a.max_batches,
+                retention_every: a.retention_every,
+                suite: suite.as_ref(),
+            };
+            let run = counterfact::run_sequential(
+                &mut m,
+                method,
+                &cases,
+                a.batch_size,
+                opts,
+                seq_opts,
+                &mut |e| {
+                    let msg = match e {
+                        SeqEvent::Scoring { cases, after } => {
+                            let when = if after {
+                                "after the last edit"
+                            } else {
+                                "before editing"
+                            };
+                            format!("{name}: scoring {cases} cases {when}")
+                        }
+                        SeqEvent::Resumed { batches, edits } => {
+                            pb.set_position(edits as u64);
+                            format!("{name}: resumed after {batches} batches ({edits} edits)")
+                        }
+                        SeqEvent::Stopped { batches, edits } => format!(
+                        "{name}: stopped after {batches} batches ({edits} edits); run again with \
+                         the same --resume to go on"
+                    ),
+                        SeqEvent::Batch {
+                            done,
+                            total,
+                            seconds,
+                            first_batch_es,
+                            retention,
+                        } => {
+                            pb.set_position(done as u64);
+                            let mut m = format!(
+                                "{name}: {done}/{total} edits applied (batch {seconds:.0} s)"
+                            );
+                            if let Some(r) = retention {
+                                m += &format!(", ES of all so far {:.1}%", 100.0 * r.es_all);
+                            }
+                            if let Some(f) = first_batch_es {
+                                m += &format!(", of the first batch {:.1}%", 100.0 * f);
+                            }
+                            m
+                        }
+                    };
+                    if pb.is_hidden() {
+                        // No terminal (a log file): one line per event instead of the bar.
+                        eprintln!("{msg}, {:.0} s", pb.elapsed().as_secs_f64());
                     }
-                    SeqEvent::Batch {
-                        done,
-                        total,
-                        seconds,
-                        retention,
-                    } => {
-                        pb.set_position(done as u64);
-                        format!(
-                        "{name}: {done}/{total} edits applied (batch {seconds:.0} s), ES of all so far {:.1}%",
-                        100.0 * retention.es_all
-                    )
+                    pb.set_message(msg);
+                },
+            )?;
+            let Some(run) = run else {
+                pb.finish_and_clear();
+                eprintln!(
+                "stopped after --max-batches {}: the state is in {}; run the same command again \
+                 to go on",
+                a.max_batches.unwrap_or(0),
+                a.resume.as_deref().unwrap_or(std::path::Path::new("-")).display()
+            );
+                return Ok(());
+            };
+            let rows = run.rows.clone();
+            seq = Some(run);
+            rows
+        } else {
+            counterfact::run(
+                &mut m,
+                method,
+                &cases,
+                a.batch_size,
+                opts,
+                a.resume.as_deref(),
+                &mut |r| {
+                    pb.set_message(format!(
+                        "case {}: ES {} NS {}",
+                        r.case_id, r.post.es, r.post.ns
+                    ));
+                    pb.inc(1);
+                    if pb.is_hidden() && pb.position().is_multiple_of(10) {
+                        eprintln!(
+                            "{name}: {}/{} cases, {:.0} s",
+                            pb.position(),
+                            cases.len(),
+                            pb.elapsed().as_secs_f64()
+                        );
                     }
-                };
-                if pb.is_hidden() {
-                    // No terminal (a log file): one line per event instead of the bar.
-                    eprintln!("{msg}, {:.0} s", pb.elapsed().as_secs_f64());
-                }
-                pb.set_message(msg);
-            },
-        )?;
-        let rows = run.rows.clone();
-        seq = Some(run);
-        rows
-    } else {
-        counterfact::run(
-            &mut m,
-            method,
-            &cases,
-            a.batch_size,
-            opts,
-            a.resume.as_deref(),
-            &mut |r| {
-                pb.set_message(format!(
-                    "case {}: ES {} NS {}",
-                    r.case_id, r.post.es, r.post.ns
-                ));
-                pb.inc(1);
-                if pb.is_hidden() && pb.position().is_multiple_of(10) {
-                    eprintln!(
-                        "{name}: {}/{} cases, {:.0} s",
-                        pb.position(),
-                        cases.len(),
-                        pb.elapsed().as_secs_f64()
-                    );
-                }
-            },
-        )?
-    };
+                },
+            )?
+        };
     pb.finish_and_clear();
     let s = counterfact::summarise(&rows, &name);
     let mut t = Table::new();
@@ -344,6 +412,32 @@ fn run_cf(a: CfArgs) -> Result<()> {
             format!("{:.3}", r.fluency_before),
             format!("{:.3}", r.fluency_after),
         ]);
+        if let Some(l) = &r.locality {
+            t.add_row(vec![
+                "unrelated prompts: KL / top-1 agreement".into(),
+                "".into(),
+                format!("{:.4} / {:.1}%", l.kl_mean, 100.0 * l.top1_agreement),
+            ]);
+            t.add_row(vec![
+                "perplexity (general text)".into(),
+                format!("{:.3}", l.perplexity_base),
+                format!("{:.3}", l.perplexity_edited),
+            ]);
+        }
+        t.add_row(vec![
+            "collapse point (first batch's ES < 60%)".into(),
+            "".into(),
+            r.collapse_point
+                .map(|c| format!("{c} edits"))
+                .unwrap_or_else(|| "none".into()),
+        ]);
+        if let Some(na) = &r.norm_anchor {
+            t.add_row(vec![
+                "NAS reference norm / rewrites left out".into(),
+                "".into(),
+                format!("{:.3} / {}", na.reference.unwrap_or(f64::NAN), na.skipped),
+            ]);
+        }
         t.add_row(vec![
             "total seconds / per batch (mean)".into(),
             "".into(),
@@ -373,7 +467,7 @@ fn run_cf(a: CfArgs) -> Result<()> {
     if let Some(j) = &a.json {
         super::write_json(
             j,
-            &serde_json::json!({ "summary": s, "layers": layers, "layer_choice": layer_choice, "cases": rows, "n": s.n, "es": s.es, "ps": s.ps, "ns": s.ns, "score": s.score, "es_pre": s.es_pre, "ps_pre": s.ps_pre, "ns_pre": s.ns_pre, "edit_seconds_mean": s.edit_seconds_mean, "batch_size": a.batch_size, "sequential": seq.as_ref().map(|r| serde_json::json!({"retention": r.retention, "fluency_before": r.fluency_before, "fluency_after": r.fluency_after, "seconds_total": r.seconds_total, "batch_seconds": r.batch_seconds})) }),
+            &serde_json::json!({ "summary": s, "layers": layers, "layer_choice": layer_choice, "cases": rows, "n": s.n, "es": s.es, "ps": s.ps, "ns": s.ns, "score": s.score, "es_pre": s.es_pre, "ps_pre": s.ps_pre, "ns_pre": s.ns_pre, "edit_seconds_mean": s.edit_seconds_mean, "batch_size": a.batch_size, "sequential": seq.as_ref().map(|r| serde_json::json!({"retention": r.retention, "first_batch": r.first_batch, "collapse_point": r.collapse_point, "fluency_before": r.fluency_before, "fluency_after": r.fluency_after, "locality": r.locality, "norm_anchor": r.norm_anchor, "seconds_total": r.seconds_total, "batch_seconds": r.batch_seconds, "resumed_at_batch": r.resumed_at_batch})) }),
         )?;
     }
     Ok(())

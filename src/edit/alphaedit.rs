@@ -60,6 +60,11 @@ pub struct AlphaEditParams {
     pub search_chunk: usize,
     #[serde(default)]
     pub seed: u64,
+    /// NAS (`nas.rs`): rescale each rewrite's target MLP output to a norm measured on the
+    /// unedited model, against the norm growth that collapses long sequential runs. Off by
+    /// default (plain AlphaEdit); `--method alphaedit-nas` turns it on.
+    #[serde(default)]
+    pub norm_anchor: bool,
 }
 
 fn d_threshold() -> f64 {

@@ -13,6 +13,7 @@
 //! The model is changed while computing (step 2 needs it) and restored before returning,
 //! also on errors.
 
+use super::nas::NormAnchor;
 use super::vsearch::{self, Found, Request, SearchParams, SearchTrace, Where};
 use super::{apply, revert, Applied, DeltaKind, WeightDelta};
 use crate::error::{Error, Result};
@@ -43,8 +44,8 @@ pub struct LayerTrace {
     pub delta_norm: f64,
 }
 
-/// Compute the updates of `layers` (ascending) for a batch of rewrites. The model is restored
-/// before returning.
+/// Compute the updates of `layers` (ascending) for a batch of rewrites. With `anchor`, the z
+/// targets are NAS's (`nas.rs`). The model is restored before returning.
 ///
 /// # Errors
 /// A subject not in its prompt, an empty target, a layer out of range, a failed solve, a
@@ -57,6 +58,7 @@ pub fn compute(
     search: &SearchParams,
     chunk: usize,
     solver: &mut dyn LayerSolver,
+    anchor: Option<&mut NormAnchor>,
 ) -> Result<(Vec<WeightDelta>, BatchTrace)> {
     let z_layer = last_layer(model, layers)?;
     let t0 = std::time::Instant::now();
@@ -70,14 +72,17 @@ pub fn compute(
         chunk,
     )?;
     // z_i = h_i + delta_i: the target residual at the bare prompt's subject token.
-    let z = Tensor::stack(
-        &found
-            .iter()
-            .map(|f: &Found| &f.h_bare + &f.delta)
-            .collect::<candle_core::Result<Vec<_>>>()?,
-        1,
-    )?
-    .to_dtype(DType::F64)?; // (d_model, N)
+    let z = match anchor {
+        Some(a) => a.targets(model, z_layer, &found)?,
+        None => Tensor::stack(
+            &found
+                .iter()
+                .map(|f: &Found| &f.h_bare + &f.delta)
+                .collect::<candle_core::Result<Vec<_>>>()?,
+            1,
+        )?
+        .to_dtype(DType::F64)?,
+    }; // (d_model, N)
     let t1 = std::time::Instant::now();
     let (deltas, layer_traces) = spread_targets(model, reqs, layers, prefixes, &z, solver)?;
     tracing::debug!(

@@ -229,25 +229,43 @@ pub fn revert(model: &mut Model, patch: &Patch, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Adapter: a candle tensor as a safetensors view (f32, contiguous bytes).
-struct TensorView(Tensor);
+/// Adapter: a candle tensor as a safetensors view (f32 or f64, contiguous little-endian
+/// bytes; any other dtype is written as f32).
+pub(crate) struct TensorView(pub Tensor);
 
 impl safetensors::View for TensorView {
     fn dtype(&self) -> safetensors::Dtype {
-        safetensors::Dtype::F32
+        match self.0.dtype() {
+            candle_core::DType::F64 => safetensors::Dtype::F64,
+            _ => safetensors::Dtype::F32,
+        }
     }
     fn shape(&self) -> &[usize] {
         self.0.dims()
     }
     fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        let v: Vec<f32> = self
-            .0
-            .flatten_all()
-            .and_then(|t| t.to_vec1())
-            .unwrap_or_default();
-        std::borrow::Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        let flat = self.0.flatten_all();
+        std::borrow::Cow::Owned(match self.0.dtype() {
+            candle_core::DType::F64 => flat
+                .and_then(|t| t.to_vec1::<f64>())
+                .unwrap_or_default()
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+            _ => flat
+                .and_then(|t| t.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>())
+                .unwrap_or_default()
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+        })
     }
     fn data_len(&self) -> usize {
-        self.0.elem_count() * 4
+        self.0.elem_count()
+            * if self.0.dtype() == candle_core::DType::F64 {
+                8
+            } else {
+                4
+            }
     }
 }

@@ -6,6 +6,7 @@
 use super::alphaedit::AlphaEdit;
 use super::batch::{self, BatchTrace};
 use super::memit::Memit;
+use super::nas::NormAnchor;
 use super::rome;
 use super::spec::{continuation, EditSpec, Method, Rewrite};
 use super::stats::{self, KeyStats, StatsSpec};
@@ -43,7 +44,7 @@ pub struct RewriteReport {
 }
 
 /// Efficacy of the rewrites made so far, after a batch.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RetentionPoint {
     /// Rewrites applied so far.
     pub edits: usize,
@@ -51,18 +52,32 @@ pub struct RetentionPoint {
     pub es_all: f64,
     /// ES over the rewrites of earlier batches (`None` after the first).
     pub es_earlier: Option<f64>,
+    /// ES over the first 1,000 rewrites (`None` until more than 1,000 are applied).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub es_first_1000: Option<f64>,
+    /// ES over the first batch's rewrites (`None` after the first batch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub es_first_batch: Option<f64>,
 }
 
 impl RetentionPoint {
     /// Measure on `model` after a batch: `done` are all rewrites applied so far, the first
-    /// `earlier` of them from batches before the last.
-    pub fn measure(model: &Model, done: &[Rewrite], earlier: usize) -> Result<RetentionPoint> {
+    /// `earlier` of them from batches before the last, the first `first_batch` of them the
+    /// first batch.
+    pub fn measure(
+        model: &Model,
+        done: &[Rewrite],
+        earlier: usize,
+        first_batch: usize,
+    ) -> Result<RetentionPoint> {
         let es = efficacy(model, done)?;
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
         Ok(RetentionPoint {
             edits: done.len(),
             es_all: mean(&es),
             es_earlier: (earlier > 0).then(|| mean(&es[..earlier])),
+            es_first_1000: (done.len() > 1000).then(|| mean(&es[..1000])),
+            es_first_batch: (earlier > 0).then(|| mean(&es[..first_batch.min(done.len())])),
         })
     }
 }
@@ -97,6 +112,15 @@ pub struct EditReport {
     pub out_types: Vec<super::auto::TypeChoice>,
 }
 
+/// What a method carries from one batch to the next.
+#[derive(Debug, Clone, Default)]
+pub struct Carried {
+    /// AlphaEdit: per edited layer, the sum of k k^T over earlier batches' keys (f64).
+    pub past: Vec<Option<candle_core::Tensor>>,
+    /// NAS: the reference norm and the rewrites skipped so far.
+    pub anchor: Option<NormAnchor>,
+}
+
 /// Computes edits, reusing key statistics and context prefixes across rewrites and batches
 /// (and AlphaEdit's accumulated keys of earlier batches).
 pub struct Editor {
@@ -106,17 +130,23 @@ pub struct Editor {
     chol: Option<super::linalg::Cholesky>,
     prefixes: Option<Vec<String>>,
     alpha: Option<AlphaEdit>,
+    /// NAS's reference norm (AlphaEdit with `norm_anchor`), set by the first batch.
+    anchor: Option<NormAnchor>,
 }
 
 impl Editor {
     pub fn new(model: &Model, method: Method) -> Result<Editor> {
         Ok(Editor {
-            method,
             base_fingerprint: model.fingerprint()?,
             stats: Vec::new(),
             chol: None,
             prefixes: None,
             alpha: None,
+            anchor: match &method {
+                Method::Alphaedit(p) if p.norm_anchor => Some(NormAnchor::default()),
+                _ => None,
+            },
+            method,
         })
     }
 
@@ -200,6 +230,69 @@ impl Editor {
     /// AlphaEdit's null spaces, one per edited layer.
     pub fn null_spaces(&self) -> Option<&[super::alphaedit::NullSpace]> {
         self.alpha.as_ref().map(|a| a.spaces.as_slice())
+    }
+
+    /// NAS's reference norm and skips (AlphaEdit with `norm_anchor`).
+    pub fn norm_anchor(&self) -> Option<&NormAnchor> {
+        self.anchor.as_ref()
+    }
+
+    /// What the method carries from batch to batch (AlphaEdit's keys of earlier batches,
+    /// NAS's reference norm), for a resumable run's state (`resume.rs`).
+    pub fn carried(&self) -> Carried {
+        Carried {
+            past: self
+                .alpha
+                .as_ref()
+                .map(|a| a.past.clone())
+                .unwrap_or_default(),
+            anchor: self.anchor.clone(),
+        }
+    }
+
+    /// Restore [`Editor::carried`] (after [`Editor::prepare`]).
+    ///
+    /// # Errors
+    /// State that does not fit this method (a different number of layers or shapes).
+    pub fn restore(&mut self, c: Carried) -> Result<()> {
+        let bad = |why: String| Error::invalid("resume", why);
+        match self.alpha.as_mut() {
+            Some(a) => {
+                if c.past.len() != a.past.len() {
+                    return Err(bad(format!(
+                        "the state holds earlier keys for {} layers; the method edits {}",
+                        c.past.len(),
+                        a.past.len()
+                    )));
+                }
+                for (p, s) in c.past.iter().zip(&a.spaces) {
+                    if let Some(p) = p {
+                        if p.dims() != s.projector.dims() {
+                            return Err(bad(format!(
+                                "earlier keys of layer {} are {:?}; expected {:?}",
+                                s.layer,
+                                p.dims(),
+                                s.projector.dims()
+                            )));
+                        }
+                    }
+                }
+                a.past = c.past;
+            }
+            None if c.past.iter().any(Option::is_some) => {
+                return Err(bad(
+                    "the state holds AlphaEdit keys; the method is not AlphaEdit".into(),
+                ))
+            }
+            None => {}
+        }
+        if self.anchor.is_some() != c.anchor.is_some() {
+            return Err(bad(
+                "the state's norm_anchor setting differs from the method's".into(),
+            ));
+        }
+        self.anchor = c.anchor;
+        Ok(())
     }
 
     /// AlphaEdit's null-space dimensions per layer.
@@ -300,6 +393,7 @@ impl Editor {
                     &search,
                     p.search_chunk,
                     &mut solver,
+                    None,
                 )
             }
             Method::Alphaedit(p) => {
@@ -315,6 +409,7 @@ impl Editor {
                     &p.search(),
                     p.search_chunk,
                     solver,
+                    self.anchor.as_mut(),
                 )
             }
             _ => Err(Error::invalid(
@@ -409,6 +504,7 @@ pub fn run_spec(
                 model,
                 &spec.rewrites[..done],
                 done - chunk.len(),
+                batch_size,
             )?);
         }
     }

@@ -29,6 +29,7 @@ impl Method {
             Method::Rome(_) => "rome",
             Method::Ft(_) => "ft",
             Method::Memit(_) => "memit",
+            Method::Alphaedit(p) if p.norm_anchor => "alphaedit-nas",
             Method::Alphaedit(_) => "alphaedit",
         }
     }
@@ -166,11 +167,21 @@ impl Method {
     ///
     /// # Errors
     /// An unknown name.
+    /// A method with its defaults by name: `rome`, `ft`, `memit`, `alphaedit`, or
+    /// `alphaedit-nas` (AlphaEdit with `norm_anchor: true`).
     pub fn by_name(name: &str) -> Result<Method> {
+        if name == "alphaedit-nas" {
+            return Ok(Method::Alphaedit(AlphaEditParams {
+                norm_anchor: true,
+                ..Default::default()
+            }));
+        }
         serde_yaml::from_str(&format!("{{method: {name}}}")).map_err(|_| {
             Error::invalid(
                 "--method",
-                format!("unknown method `{name}`; allowed: rome, ft, memit, alphaedit"),
+                format!(
+                    "unknown method `{name}`; allowed: rome, ft, memit, alphaedit, alphaedit-nas"
+                ),
             )
         })
     }

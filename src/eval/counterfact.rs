@@ -7,8 +7,13 @@
 //! `counterfact.json` (requested_rewrite, paraphrase_prompts, neighborhood_prompts).
 
 use super::generation::GenScores;
-use super::metrics::{fluency, harmonic_mean, mean_ci95, score_rewrites, RewriteScores};
+use super::metrics::{
+    efficacy, fluency, harmonic_mean, locality, mean_ci95, run_suite, score_rewrites, Locality,
+    RewriteScores, Suite,
+};
 use crate::edit::auto::{choose_for_rewrites, TypeChoice};
+use crate::edit::nas::NormAnchor;
+use crate::edit::resume::{self, RunKey};
 use crate::edit::run::{Editor, RetentionPoint};
 use crate::edit::spec::{Method, Neighbor, Rewrite};
 use crate::edit::{apply, revert, Applied};
@@ -632,15 +637,67 @@ fn score_requantized(
 pub struct SequentialRun {
     /// Per case: before any edit, and on the final model after all batches.
     pub rows: Vec<CaseRow>,
-    /// After each batch: ES of all edits so far and of the earlier batches.
+    /// ES of all edits so far, of the earlier batches, of the first 1,000 and of the first
+    /// batch, every [`SeqOptions::retention_every`] edits and after the last batch.
     pub retention: Vec<RetentionPoint>,
+    /// ES of the first batch after every later batch.
+    pub first_batch: Vec<FirstBatchPoint>,
+    /// Edits applied when the first batch's ES first fell below 60% (`None`: it never did).
+    pub collapse_point: Option<usize>,
     /// ROME's weighted n-gram entropy of greedy generations from the first 20 case prompts,
     /// before and after all edits.
     pub fluency_before: f64,
     pub fluency_after: f64,
+    /// KL, top-1 agreement and perplexity on the unrelated-prompt suite against the unedited
+    /// model ([`SeqOptions::suite`]).
+    pub locality: Option<Locality>,
+    /// NAS's reference norm and the rewrites it left out (`alphaedit-nas`).
+    pub norm_anchor: Option<NormAnchor>,
+    /// Wall time over every invocation of the run (scoring included).
     pub seconds_total: f64,
     /// Wall time of each batch's edit computation.
     pub batch_seconds: Vec<f64>,
+    /// Batches already done when this invocation started (from the state file).
+    pub resumed_at_batch: usize,
+}
+
+/// ES of the first batch after a later batch.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct FirstBatchPoint {
+    pub edits: usize,
+    pub es: f64,
+}
+
+/// The first-batch ES below which a sequential run counts as collapsed.
+pub const COLLAPSE_ES: f64 = 0.6;
+
+/// A sequential run's options beyond [`RunOptions`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SeqOptions<'a> {
+    /// The state file (`resume.rs`): written atomically after each batch; a run that finds
+    /// one resumes from it.
+    pub state: Option<&'a Path>,
+    /// Stop after this many batches in this invocation (the state is saved: run again with
+    /// the same state file to go on).
+    pub max_batches: Option<usize>,
+    /// Measure the ES of all edits so far every this many edits (0: after every batch) and
+    /// after the last batch; the first batch's ES is measured after every batch.
+    pub retention_every: usize,
+    /// The unrelated-prompt suite for the final locality against the unedited model.
+    pub suite: Option<&'a Suite>,
+}
+
+/// What a sequential run saves in its state file besides the tensors.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+struct SeqProgress {
+    pre: Vec<Scores>,
+    pre_seconds: f64,
+    fluency_before: f64,
+    retention: Vec<RetentionPoint>,
+    first_batch: Vec<FirstBatchPoint>,
+    batch_seconds: Vec<f64>,
+    /// Wall time of the invocations before this one.
+    seconds: f64,
 }
 
 /// What a sequential run reports as it goes.
@@ -648,50 +705,97 @@ pub struct SequentialRun {
 pub enum SeqEvent<'a> {
     /// Scoring every case before any edit (`after: false`) or after the last (`after: true`).
     Scoring { cases: usize, after: bool },
-    /// A batch is applied: `done` of `total` edits so far, the batch's edit seconds, and the
-    /// retention measured after it.
+    /// Resuming from a state file after `batches` batches (`edits` edits).
+    Resumed { batches: usize, edits: usize },
+    /// A batch is applied: `done` of `total` edits so far, the batch's edit seconds, the ES of
+    /// the first batch, and the retention when it was measured after this batch.
     Batch {
         done: usize,
         total: usize,
         seconds: f64,
-        retention: &'a RetentionPoint,
+        first_batch_es: Option<f64>,
+        retention: Option<&'a RetentionPoint>,
     },
+    /// `max_batches` reached: the state is saved after `batches` batches.
+    Stopped { batches: usize, edits: usize },
 }
 
 /// Sequential editing: batches of `batch_size` cases applied one after another to the same
 /// model (ROME and FT-L: one case at a time, retention still measured per batch). The model
-/// is left edited. `progress` hears of each phase and each batch.
+/// is left edited. `progress` hears of each phase and each batch. With a state file the run
+/// is resumable (`seq.state`); `None` when it stopped at `seq.max_batches` before the end.
 ///
 /// # Errors
 /// As the methods; a bad case (e.g. subject not in prompt) fails the run, since later
-/// batches depend on it.
+/// batches depend on it; a state file from a different run.
 pub fn run_sequential(
     model: &mut Model,
     method: Method,
     cases: &[Case],
     batch_size: usize,
     opts: RunOptions,
+    seq: SeqOptions<'_>,
     progress: &mut dyn FnMut(SeqEvent<'_>),
-) -> Result<SequentialRun> {
+) -> Result<Option<SequentialRun>> {
     let t_all = Instant::now();
+    let bs = batch_size.max(1);
     let mut editor = Editor::new(model, method)?;
+    // Everything taken from the unedited model comes before a state is applied.
     editor.prepare(model, &mut |_, _| {})?;
+    let base_suite = seq.suite.map(|s| run_suite(model, s)).transpose()?;
     let rewrites: Vec<Rewrite> = cases.iter().map(|c| c.rewrite.clone()).collect();
     let flu_prompts: Vec<String> = rewrites.iter().take(20).map(|r| r.prompt.clone()).collect();
-    let fluency_before = fluency(model, &flu_prompts)?;
-    progress(SeqEvent::Scoring {
-        cases: cases.len(),
-        after: false,
-    });
-    let t_pre = Instant::now();
-    let pre = score_cases(model, &rewrites, opts)?;
-    let pre_s = t_pre.elapsed().as_secs_f64();
-    let mut edit_s = vec![0.0; cases.len()];
-    let mut retention = Vec::new();
-    let mut batch_seconds = Vec::new();
-    let bs = batch_size.max(1);
-    let mut edited: Vec<String> = Vec::new();
-    for (b, chunk) in rewrites.chunks(bs).enumerate() {
+    let key = RunKey {
+        base_fingerprint: editor.base_fingerprint.clone(),
+        method: serde_json::to_value(&editor.method)
+            .map_err(|e| Error::invalid("method", e.to_string()))?,
+        plan: serde_json::json!({
+            "case_ids": cases.iter().map(|c| c.case_id).collect::<Vec<_>>(),
+            "batch_size": bs,
+            "wild": opts.wild,
+        }),
+    };
+    let resumed = match seq.state {
+        Some(p) => resume::load::<SeqProgress>(p, model, &mut editor, &key)?,
+        None => None,
+    };
+    let (mut prog, mut edited, start) = match resumed {
+        Some(r) => {
+            progress(SeqEvent::Resumed {
+                batches: r.batches_done,
+                edits: (r.batches_done * bs).min(cases.len()),
+            });
+            (r.progress, r.edited, r.batches_done)
+        }
+        None => {
+            let fluency_before = fluency(model, &flu_prompts)?;
+            progress(SeqEvent::Scoring {
+                cases: cases.len(),
+                after: false,
+            });
+            let t_pre = Instant::now();
+            let pre = score_cases(model, &rewrites, opts)?;
+            let prog = SeqProgress {
+                pre,
+                pre_seconds: t_pre.elapsed().as_secs_f64(),
+                fluency_before,
+                ..Default::default()
+            };
+            if let Some(p) = seq.state {
+                prog_save(p, model, &editor, &key, 0, &[], &prog, t_all)?;
+            }
+            (prog, Vec::new(), 0)
+        }
+    };
+    let n_batches = rewrites.len().div_ceil(bs);
+    for (b, chunk) in rewrites.chunks(bs).enumerate().skip(start) {
+        if seq.max_batches.is_some_and(|m| b - start >= m) {
+            progress(SeqEvent::Stopped {
+                batches: b,
+                edits: b * bs,
+            });
+            return Ok(None);
+        }
         let t0 = Instant::now();
         // ROME and FT-L take the batch's rewrites one step at a time.
         for step in chunk.chunks(editor.step_size(chunk.len())) {
@@ -702,20 +806,45 @@ pub fn run_sequential(
                 }
             }
         }
+        crate::release_memory();
         let secs = t0.elapsed().as_secs_f64();
-        batch_seconds.push(secs);
+        prog.batch_seconds.push(secs);
         let done = b * bs + chunk.len();
-        for e in &mut edit_s[b * bs..done] {
-            *e = secs / chunk.len() as f64;
+        let every = seq.retention_every;
+        let measure =
+            every == 0 || done / every > (done - chunk.len()) / every || b + 1 == n_batches;
+        let point = if measure {
+            Some(RetentionPoint::measure(
+                model,
+                &rewrites[..done],
+                b * bs,
+                bs,
+            )?)
+        } else {
+            None
+        };
+        let first_es = match &point {
+            Some(p) => p.es_first_batch,
+            None if b > 0 => {
+                let es = efficacy(model, &rewrites[..bs])?;
+                Some(es.iter().sum::<f64>() / es.len() as f64)
+            }
+            None => None,
+        };
+        if let Some(es) = first_es {
+            prog.first_batch.push(FirstBatchPoint { edits: done, es });
         }
-        let point = RetentionPoint::measure(model, &rewrites[..done], b * bs)?;
         progress(SeqEvent::Batch {
             done,
             total: rewrites.len(),
             seconds: secs,
-            retention: &point,
+            first_batch_es: first_es,
+            retention: point.as_ref(),
         });
-        retention.push(point);
+        prog.retention.extend(point);
+        if let Some(p) = seq.state {
+            prog_save(p, model, &editor, &key, b + 1, &edited, &prog, t_all)?;
+        }
     }
     progress(SeqEvent::Scoring {
         cases: cases.len(),
@@ -724,14 +853,24 @@ pub fn run_sequential(
     let e = score_edited(model, &edited, &rewrites, opts)?;
     let per = |s: f64| s / cases.len().max(1) as f64;
     let split = EvalSplit {
-        before: per(pre_s),
+        before: per(prog.pre_seconds),
         after: per(e.post_s),
         requant: per(e.requant_s),
     };
     let fluency_after = fluency(model, &flu_prompts)?;
+    let locality = match (seq.suite, &base_suite) {
+        (Some(s), Some(b)) => Some(locality(b, &run_suite(model, s)?)?),
+        _ => None,
+    };
+    // Each case's share of its batch's time.
+    let edit_s: Vec<f64> = rewrites
+        .chunks(bs)
+        .zip(&prog.batch_seconds)
+        .flat_map(|(c, s)| std::iter::repeat_n(s / c.len() as f64, c.len()))
+        .collect();
     let rows = cases
         .iter()
-        .zip(pre.iter().zip(&e.post))
+        .zip(prog.pre.iter().zip(&e.post))
         .zip(edit_s)
         .enumerate()
         .map(|(i, ((c, (p, q)), secs))| CaseRow {
@@ -746,14 +885,41 @@ pub fn run_sequential(
             out_types: e.out_types.clone(),
         })
         .collect();
-    Ok(SequentialRun {
+    let collapse_point = prog
+        .first_batch
+        .iter()
+        .find(|p| p.es < COLLAPSE_ES)
+        .map(|p| p.edits);
+    Ok(Some(SequentialRun {
         rows,
-        retention,
-        fluency_before,
+        retention: prog.retention,
+        first_batch: prog.first_batch,
+        collapse_point,
+        fluency_before: prog.fluency_before,
         fluency_after,
-        seconds_total: t_all.elapsed().as_secs_f64(),
-        batch_seconds,
-    })
+        locality,
+        norm_anchor: editor.norm_anchor().cloned(),
+        seconds_total: prog.seconds + t_all.elapsed().as_secs_f64(),
+        batch_seconds: prog.batch_seconds,
+        resumed_at_batch: start,
+    }))
+}
+
+/// Save a sequential run's state, with the wall time so far.
+#[allow(clippy::too_many_arguments)]
+fn prog_save(
+    path: &Path,
+    model: &Model,
+    editor: &Editor,
+    key: &RunKey,
+    batches_done: usize,
+    edited: &[String],
+    prog: &SeqProgress,
+    t_all: Instant,
+) -> Result<()> {
+    let mut p = prog.clone();
+    p.seconds += t_all.elapsed().as_secs_f64();
+    resume::save(path, model, editor, key, batches_done, edited, &p)
 }
 
 #[cfg(test)]

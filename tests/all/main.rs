@@ -9,6 +9,7 @@ mod edit;
 mod eval;
 mod fuzz;
 mod hostile;
+mod lifelong;
 mod locate;
 mod mass_edit;
 mod model_core;

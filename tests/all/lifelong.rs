@@ -1,0 +1,149 @@
+//! Lifelong editing: resumable sequential runs and NAS (`alphaedit-nas`).
+
+use crate::common::*;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// `eval counterfact --sequential` on `n` cases in batches of 2 with AlphaEdit + NAS at
+/// layers 5-6, with extra flags.
+fn seq_n(dir: &Path, n: &str, json: &str, extra: &[&str]) -> Command {
+    let mut c = engram();
+    c.args([
+        "eval",
+        "counterfact",
+        "--data",
+        CF_DEV,
+        "--method",
+        "alphaedit-nas",
+    ])
+    .args([
+        "--layer",
+        "5-6",
+        "--n",
+        n,
+        "--batch-size",
+        "2",
+        "--sequential",
+    ])
+    .args(["--json", json])
+    .args([
+        "--suite",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/eval/unrelated.yaml"),
+    ])
+    .args(extra)
+    .current_dir(dir);
+    c
+}
+
+fn seq_cmd(dir: &Path, json: &str, extra: &[&str]) -> Command {
+    seq_n(dir, "6", json, extra)
+}
+
+fn ok(mut c: Command) -> String {
+    let out = c.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{err}");
+    err
+}
+
+/// The batches a state file says are done (its safetensors header's run metadata).
+fn batches_done(state: &Path) -> Option<u64> {
+    let bytes = std::fs::read(state).ok()?;
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+    let header: serde_json::Value = serde_json::from_slice(bytes.get(8..8 + n)?).ok()?;
+    let run: serde_json::Value =
+        serde_json::from_str(header["__metadata__"]["engram_run"].as_str()?).ok()?;
+    run["batches_done"].as_u64()
+}
+
+/// The report without its timings (which differ between runs).
+fn numbers(path: &Path) -> serde_json::Value {
+    let mut v = json(path);
+    for row in v["cases"].as_array_mut().unwrap() {
+        let row = row.as_object_mut().unwrap();
+        for k in ["edit_seconds", "eval_seconds", "eval_split"] {
+            row.remove(k);
+        }
+    }
+    let s = v["summary"].as_object_mut().unwrap();
+    s.retain(|k, _| !k.contains("seconds") && !k.contains("eval_split"));
+    v.as_object_mut().unwrap().remove("edit_seconds_mean");
+    let seq = v["sequential"].as_object_mut().unwrap();
+    for k in ["seconds_total", "batch_seconds", "resumed_at_batch"] {
+        seq.remove(k);
+    }
+    v
+}
+
+/// A run stopped by `--max-batches`, then killed mid-run, then resumed ends with exactly the
+/// numbers of an uninterrupted run: per-case scores, retention, first-batch ES, fluency,
+/// locality and NAS's reference norm.
+#[test]
+fn a_killed_sequential_run_resumes_to_the_same_numbers() {
+    let d = tempfile::tempdir().unwrap();
+    let state = d.path().join("run.state");
+    let state_s = state.to_str().unwrap();
+    let t0 = Instant::now();
+    ok(seq_cmd(d.path(), "whole.json", &[]));
+    println!("uninterrupted run: {:.0} s", t0.elapsed().as_secs_f64());
+
+    // 1. Stop cleanly after one batch.
+    let err = ok(seq_cmd(
+        d.path(),
+        "parts.json",
+        &["--resume", state_s, "--max-batches", "1"],
+    ));
+    assert!(err.contains("stopped after"), "{err}");
+    assert!(
+        !d.path().join("parts.json").exists(),
+        "no report before the end"
+    );
+    assert_eq!(batches_done(&state), Some(1));
+
+    // 2. Resume, and kill the process as soon as the second batch is saved (during the third).
+    let mut child = seq_cmd(d.path(), "parts.json", &["--resume", state_s])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while batches_done(&state) != Some(2) {
+        assert!(Instant::now() < deadline, "the second batch never came");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "killed, not finished: {status}");
+    assert!(!d.path().join("parts.json").exists());
+    assert_eq!(batches_done(&state), Some(2), "the state survives the kill");
+
+    // 3. Resume to the end.
+    let err = ok(seq_cmd(d.path(), "parts.json", &["--resume", state_s]));
+    assert!(err.contains("resumed after 2 batches"), "{err}");
+    let parts = numbers(&d.path().join("parts.json"));
+    let whole = numbers(&d.path().join("whole.json"));
+    assert_eq!(parts, whole, "resumed and uninterrupted runs differ");
+    let seq = &whole["sequential"];
+    assert_eq!(seq["retention"].as_array().unwrap().len(), 3);
+    assert_eq!(seq["first_batch"].as_array().unwrap().len(), 2);
+    assert!(seq["norm_anchor"]["reference"].as_f64().unwrap() > 0.0);
+    assert!(seq["locality"]["kl_mean"].as_f64().unwrap() >= 0.0);
+    assert_eq!(
+        json(&d.path().join("parts.json"))["sequential"]["resumed_at_batch"],
+        2
+    );
+
+    // 4. The state belongs to its run: other flags are refused, naming what differs.
+    let out = seq_n(d.path(), "4", "other.json", &["--resume", state_s])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--resume") && err.contains("cases or batch size"),
+        "{err}"
+    );
+    assert!(!d.path().join("other.json").exists());
+}
