@@ -3,7 +3,7 @@
 use anyhow::Result;
 use comfy_table::Table;
 use engram::edit::patch::{self, PatchMeta};
-use engram::edit::run::{run_spec, EditReport};
+use engram::edit::run::{run_spec_resumable, EditReport};
 use engram::edit::spec::EditSpec;
 use engram::eval::metrics::{score_rewrites, RewriteScores, Suite};
 use engram::output::Outputs;
@@ -41,6 +41,11 @@ pub struct Args {
     /// SVG: efficacy of earlier edits against the number of edits (sequential specs).
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// The run's state (safetensors: the edited tensors, the method's carried state and the
+    /// report so far), saved atomically after each batch (each rewrite for ROME and FT-L); a
+    /// rerun with the same spec and model resumes from it.
+    #[arg(long)]
+    resume: Option<PathBuf>,
 }
 
 fn pct(x: Option<f64>) -> String {
@@ -192,6 +197,27 @@ pub fn run(a: Args) -> Result<()> {
         .patch
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("out/{stem}.engram.safetensors")));
+    if let Some(r) = &a.resume {
+        super::check_outputs(&[("--resume", Some(r))], &[&a.spec, &model_path, &a.suite])?;
+        let others = [
+            ("--patch", Some(&patch_path)),
+            ("--out", Some(&out)),
+            ("--json", a.json.as_ref()),
+            ("--plot", a.plot.as_ref()),
+        ];
+        for (flag, p) in others {
+            if p == Some(r) {
+                return Err(engram::Error::invalid(
+                    "--resume",
+                    format!(
+                        "{} is also {flag}; give the state its own file",
+                        r.display()
+                    ),
+                )
+                .into());
+            }
+        }
+    }
     let mut outs = Outputs::new(&[&a.spec, &model_path, &a.suite]);
     let patch_tmp = outs.file("--patch", &patch_path)?;
     let out_tmp = if a.no_save {
@@ -220,9 +246,13 @@ pub fn run(a: Args) -> Result<()> {
 
     let pb = indicatif::ProgressBar::new_spinner();
     pb.enable_steady_tick(std::time::Duration::from_millis(200));
-    let (mut report, deltas, applied) = run_spec(&mut m, &spec, suite.as_ref(), &mut |msg| {
-        pb.set_message(msg.to_string())
-    })?;
+    let (mut report, deltas, applied) = run_spec_resumable(
+        &mut m,
+        &spec,
+        suite.as_ref(),
+        a.resume.as_deref(),
+        &mut |msg| pb.set_message(msg.to_string()),
+    )?;
     pb.finish_and_clear();
 
     let meta = PatchMeta {

@@ -29,7 +29,7 @@ pub trait LayerSolver {
 }
 
 /// What one batch did.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct BatchTrace {
     /// Per rewrite: the z search.
     pub searches: Vec<SearchTrace>,
@@ -37,7 +37,7 @@ pub struct BatchTrace {
     pub layers: Vec<LayerTrace>,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct LayerTrace {
     pub layer: usize,
     pub resid_norm: f64,

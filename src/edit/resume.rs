@@ -53,6 +53,8 @@ pub struct Resumed<P> {
     pub batches_done: usize,
     pub edited: Vec<String>,
     pub progress: P,
+    /// The unedited value of each edited tensor (what restores the model).
+    pub base: Vec<Applied>,
 }
 
 /// Save the run's state after `batches_done` batches.
@@ -212,6 +214,7 @@ pub fn load<P: serde::de::DeserializeOwned>(
         batches_done: meta.batches_done,
         edited: meta.edited,
         progress: meta.progress,
+        base: applied,
     }))
 }
 

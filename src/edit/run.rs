@@ -20,7 +20,7 @@ use crate::model::Model;
 use std::time::Instant;
 
 /// Per-rewrite results.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RewriteReport {
     pub prompt: String,
     pub subject: String,
@@ -429,6 +429,32 @@ pub fn run_spec(
     suite: Option<&Suite>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<(EditReport, Vec<WeightDelta>, Vec<Applied>)> {
+    run_spec_resumable(model, spec, suite, None, progress)
+}
+
+/// What a spec run saves in its state file besides the tensors.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+struct SpecProgress {
+    reports: Vec<RewriteReport>,
+    batches: Vec<BatchTrace>,
+    retention: Vec<RetentionPoint>,
+}
+
+/// [`run_spec`] with a state file (`resume.rs`), saved atomically after each batch (each
+/// rewrite for ROME and FT-L); a run that finds one resumes after its last saved batch. The
+/// deltas of the batches done before the resume come back as one dense delta per edited
+/// tensor (its edited value minus the unedited one), so a patch written from a resumed run
+/// applies and reverts the same change in fewer pieces.
+///
+/// # Errors
+/// As [`run_spec`]; a state file from a different run.
+pub fn run_spec_resumable(
+    model: &mut Model,
+    spec: &EditSpec,
+    suite: Option<&Suite>,
+    state: Option<&std::path::Path>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(EditReport, Vec<WeightDelta>, Vec<Applied>)> {
     let mut editor = Editor::new(model, spec.method.clone())?;
     let base_run = match suite {
         Some(s) => Some(run_suite(model, s)?),
@@ -452,12 +478,43 @@ pub fn run_spec(
             .map(|s| s.batch_size)
             .unwrap_or(spec.rewrites.len()),
     );
-    let mut reports = Vec::new();
+    let key = super::resume::RunKey {
+        base_fingerprint: editor.base_fingerprint.clone(),
+        method: serde_json::to_value(&editor.method)
+            .map_err(|e| Error::invalid("method", e.to_string()))?,
+        plan: serde_json::json!({"rewrites": spec.rewrites, "batch_size": batch_size}),
+    };
     let mut deltas = Vec::new();
     let mut applied = Vec::new();
-    let mut batches = Vec::new();
-    let mut retention = Vec::new();
-    for (b, chunk) in spec.rewrites.chunks(batch_size).enumerate() {
+    let (mut prog, start) = match state {
+        Some(p) => match super::resume::load::<SpecProgress>(p, model, &mut editor, &key)? {
+            Some(r) => {
+                progress(&format!("resumed after {} batches", r.batches_done));
+                for a in r.base {
+                    let now = model.weights.get(&a.name)?;
+                    deltas.push(WeightDelta {
+                        layer: (0..model.config.n_layers)
+                            .find(|&l| {
+                                model
+                                    .weight_name(l, crate::model::Site::MlpOut)
+                                    .ok()
+                                    .as_deref()
+                                    == Some(a.name.as_str())
+                            })
+                            .unwrap_or(0),
+                        name: a.name.clone(),
+                        kind: super::DeltaKind::Dense((now - &a.previous)?),
+                    });
+                    applied.push(a);
+                }
+                (r.progress, r.batches_done)
+            }
+            None => (SpecProgress::default(), 0),
+        },
+        None => (SpecProgress::default(), 0),
+    };
+    let mut edited: Vec<String> = applied.iter().map(|a| a.name.clone()).collect();
+    for (b, chunk) in spec.rewrites.chunks(batch_size).enumerate().skip(start) {
         progress(&match chunk {
             [r] => format!("rewrite: {} -> {}", r.prompt, r.target_new),
             _ => format!("batch {b}: {} rewrites", chunk.len()),
@@ -472,17 +529,20 @@ pub fn run_spec(
             crate::peak_rss_mb()
         );
         let (ds, traces) = (step.deltas, step.searches);
-        batches.extend(step.batch);
+        prog.batches.extend(step.batch);
         let secs = t0.elapsed().as_secs_f64() / chunk.len() as f64;
         let mut norm = 0.0;
         for d in &ds {
             applied.push(apply(model, d)?);
+            if !edited.contains(&d.name) {
+                edited.push(d.name.clone());
+            }
             norm += d.norm()?;
         }
         let layer = ds.last().map(|d| d.layer).unwrap_or(0);
         let post = score_rewrites(model, chunk)?;
         for (((r, pre), post), search) in chunk.iter().zip(pre).zip(post).zip(traces) {
-            reports.push(RewriteReport {
+            prog.reports.push(RewriteReport {
                 prompt: r.prompt.clone(),
                 subject: r.subject.clone(),
                 target_new: r.target_new.clone(),
@@ -499,13 +559,16 @@ pub fn run_spec(
         }
         deltas.extend(ds);
         if spec.sequential.is_some() {
-            let done = reports.len();
-            retention.push(RetentionPoint::measure(
+            let done = prog.reports.len();
+            prog.retention.push(RetentionPoint::measure(
                 model,
                 &spec.rewrites[..done],
                 done - chunk.len(),
                 batch_size,
             )?);
+        }
+        if let Some(p) = state {
+            super::resume::save(p, model, &editor, &key, b + 1, &edited, &prog)?;
         }
     }
     tracing::debug!(
@@ -526,6 +589,11 @@ pub fn run_spec(
         crate::rss_mb(),
         crate::peak_rss_mb()
     );
+    let SpecProgress {
+        reports,
+        batches,
+        retention,
+    } = prog;
     let n = reports.len().max(1) as f64;
     let report = EditReport {
         method: spec.method.name().into(),

@@ -69,7 +69,7 @@ pub struct Request<'a> {
 }
 
 /// What the search did for one request, for reports.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SearchTrace {
     pub layer: usize,
     pub steps: usize,

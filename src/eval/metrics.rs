@@ -13,7 +13,7 @@ use crate::model::{Batch, Model, PadSide, Trace};
 use candle_core::{DType, IndexOp, Tensor, D};
 
 /// ES, PS and NS of one rewrite, with magnitudes.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct RewriteScores {
     /// 1 if P(new) > P(true) on the edit prompt.
     pub es: f64,

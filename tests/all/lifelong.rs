@@ -147,3 +147,66 @@ fn a_killed_sequential_run_resumes_to_the_same_numbers() {
     );
     assert!(!d.path().join("other.json").exists());
 }
+
+/// A sequential spec run (`edit --resume`) that dies after its first batch resumes from the
+/// state and ends with the uninterrupted run's scores, retention and edited weights; the
+/// patch of the resumed run restores the unedited model exactly.
+#[test]
+fn a_crashed_sequential_spec_resumes_to_the_same_report() {
+    use engram::edit::run::run_spec_resumable;
+    use engram::edit::spec::{EditSpec, Method, Sequential};
+    let mut spec = EditSpec::load(Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/edits/memit-ten.yaml"
+    )))
+    .unwrap();
+    spec.method = Method::by_name("alphaedit-nas").unwrap();
+    spec.method.set_layers(vec![5, 6]);
+    spec.sequential = Some(Sequential { batch_size: 5 });
+    let d = tempfile::tempdir().unwrap();
+    let state = d.path().join("spec.state");
+
+    let mut whole_m = real().clone();
+    let (whole, _, _) = run_spec_resumable(&mut whole_m, &spec, None, None, &mut |_| {}).unwrap();
+
+    // The progress callback dies when the second batch starts: the first batch's state is saved.
+    let mut crashed = real().clone();
+    let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run_spec_resumable(&mut crashed, &spec, None, Some(&state), &mut |msg| {
+            assert!(!msg.starts_with("batch 1"), "simulated crash");
+        })
+    }));
+    assert!(died.is_err(), "the run was meant to die");
+    assert_eq!(batches_done(&state), Some(1));
+
+    let mut m = real().clone();
+    let mut said = Vec::new();
+    let (resumed, deltas, applied) =
+        run_spec_resumable(&mut m, &spec, None, Some(&state), &mut |msg| {
+            said.push(msg.to_string())
+        })
+        .unwrap();
+    assert!(
+        said.iter().any(|s| s == "resumed after 1 batches"),
+        "{said:?}"
+    );
+    let scores = |r: &engram::edit::run::EditReport| {
+        serde_json::to_value(
+            r.rewrites
+                .iter()
+                .map(|w| (&w.pre, &w.post, w.batch))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap()
+    };
+    assert_eq!(scores(&resumed), scores(&whole));
+    assert_eq!(
+        serde_json::to_value(&resumed.retention).unwrap(),
+        serde_json::to_value(&whole.retention).unwrap()
+    );
+    assert_eq!(resumed.edited_fingerprint, whole.edited_fingerprint);
+    // One dense delta per tensor for the first batch, then the second batch's own.
+    assert_eq!(deltas.len(), 2 + 2);
+    engram::edit::revert(&mut m, &applied).unwrap();
+    assert_eq!(m.fingerprint().unwrap(), real().fingerprint().unwrap());
+}
