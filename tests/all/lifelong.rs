@@ -210,3 +210,97 @@ fn a_crashed_sequential_spec_resumes_to_the_same_report() {
     engram::edit::revert(&mut m, &applied).unwrap();
     assert_eq!(m.fingerprint().unwrap(), real().fingerprint().unwrap());
 }
+
+/// NAS's targets on a tiny GPT-2 (its MLP output has a bias): the first batch sets the
+/// reference norm m (the mean of |v*| = |W k + b + δ| after dropping the top 5%); each target
+/// is h - v0 + v* rescaled to norm m; a v* longer than 2 m is left out (target h).
+#[test]
+fn nas_rescales_value_vectors_to_the_reference_norm() {
+    use candle_core::{DType, Device, Tensor};
+    use engram::edit::nas::NormAnchor;
+    use engram::edit::vsearch::{Found, SearchTrace};
+    use engram::model::Site;
+    let m = tiny("tiny-gpt2");
+    let (d, dm) = (m.config.d_model, m.config.d_mlp);
+    let layer = 1;
+    let found = |seed: u64, scale: f64| -> Found {
+        let r = |n: usize, s: u64| {
+            let v: Vec<f32> = (0..n)
+                .map(|i| (((i as u64 * 7919 + s * 104_729) % 1000) as f32 / 500.0 - 1.0))
+                .collect();
+            Tensor::from_vec(v, n, &Device::Cpu).unwrap()
+        };
+        Found {
+            k_star: r(dm, seed),
+            k_bare: r(dm, seed),
+            h_mean: r(d, seed + 1),
+            h_bare: r(d, seed + 1),
+            delta: (r(d, seed + 2) * scale).unwrap(),
+            trace: SearchTrace {
+                layer,
+                steps: 1,
+                target_prob: 1.0,
+                nll: 0.0,
+                kl: 0.0,
+                delta_norm: 0.0,
+                n_prompts: 1,
+            },
+        }
+    };
+    let v0 = |f: &Found| -> Tensor {
+        let w = m.weight(layer, Site::MlpOut).unwrap();
+        let b = m
+            .weights
+            .get(&format!("h.{layer}.mlp.c_proj.bias"))
+            .unwrap();
+        (w.matmul(&f.k_bare.unsqueeze(1).unwrap())
+            .unwrap()
+            .squeeze(1)
+            .unwrap()
+            + b)
+            .unwrap()
+    };
+    let norm = |t: &Tensor| -> f64 {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let first: Vec<Found> = (0..4).map(|i| found(i, 1.0 + i as f64)).collect();
+    let norms: Vec<f64> = first
+        .iter()
+        .map(|f| norm(&(v0(f) + &f.delta).unwrap()))
+        .collect();
+    let mut a = NormAnchor::default();
+    let z = a.targets(&m, layer, &first).unwrap(); // (d, 4)
+    let ref_m = a.reference.unwrap();
+    let mean = norms.iter().sum::<f64>() / 4.0;
+    assert!(
+        (ref_m - mean).abs() < 1e-5 * mean,
+        "4 values, none dropped: {ref_m} vs {mean}"
+    );
+    for (i, f) in first.iter().enumerate() {
+        let col = z.narrow(1, i, 1).unwrap().squeeze(1).unwrap();
+        let h = f.h_bare.to_dtype(DType::F64).unwrap();
+        let v_star = ((&col - &h).unwrap() + v0(f).to_dtype(DType::F64).unwrap()).unwrap();
+        if norms[i] > 2.0 * ref_m {
+            assert!(norm(&(&col - &h).unwrap()) < 1e-5, "skipped: target h");
+        } else {
+            assert!((norm(&v_star) - ref_m).abs() < 1e-4 * ref_m, "rewrite {i}");
+        }
+    }
+    // A later batch keeps m; a huge delta is left out.
+    let later = vec![found(9, 1.0), found(10, 1e4)];
+    let z = a.targets(&m, layer, &later).unwrap();
+    assert_eq!(a.reference, Some(ref_m));
+    assert_eq!(a.skipped, 1);
+    let col = z.narrow(1, 1, 1).unwrap().squeeze(1).unwrap();
+    let h = later[1].h_bare.to_dtype(DType::F64).unwrap();
+    assert!(norm(&(col - h).unwrap()) < 1e-5);
+}
