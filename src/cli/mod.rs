@@ -49,7 +49,7 @@ enum Cmd {
     /// Apply an edit spec (ROME, FT-L) and report efficacy, generalisation and locality.
     Edit(edit::Args),
     /// Benchmarks and locality reports (CounterFact, compare).
-    Eval(eval::Args),
+    Eval(Box<eval::Args>),
     /// Key statistics C = E[k k^T] of a layer (cached).
     Stats(stats::Args),
     /// Show, apply or revert a patch file.
@@ -84,7 +84,7 @@ pub fn run() -> Result<ExitCode> {
         Cmd::Locate(a) => locate::run(a),
         Cmd::Edit(a) => edit::run(a),
         Cmd::Stats(a) => stats::run(a),
-        Cmd::Eval(a) => eval::run(a),
+        Cmd::Eval(a) => eval::run(*a),
         Cmd::Patch(a) => patch::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Learn(a) => learn::run(a),

@@ -50,6 +50,7 @@ pub struct LayerTrace {
 /// # Errors
 /// A subject not in its prompt, an empty target, a layer out of range, a failed solve, a
 /// non-finite result.
+#[allow(clippy::too_many_arguments)]
 pub fn compute(
     model: &mut Model,
     reqs: &[Request<'_>],

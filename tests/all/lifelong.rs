@@ -226,7 +226,7 @@ fn nas_rescales_value_vectors_to_the_reference_norm() {
     let found = |seed: u64, scale: f64| -> Found {
         let r = |n: usize, s: u64| {
             let v: Vec<f32> = (0..n)
-                .map(|i| (((i as u64 * 7919 + s * 104_729) % 1000) as f32 / 500.0 - 1.0))
+                .map(|i| ((i as u64 * 7919 + s * 104_729) % 1000) as f32 / 500.0 - 1.0)
                 .collect();
             Tensor::from_vec(v, n, &Device::Cpu).unwrap()
         };

@@ -70,7 +70,7 @@ pub fn harmonic_mean(xs: &[f64]) -> f64 {
     if xs.is_empty() {
         return f64::NAN;
     }
-    if xs.iter().any(|&x| x == 0.0) {
+    if xs.contains(&0.0) {
         return 0.0;
     }
     xs.len() as f64 / xs.iter().map(|x| 1.0 / x).sum::<f64>()

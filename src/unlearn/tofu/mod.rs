@@ -201,7 +201,7 @@ impl TofuData {
                 let a: HashSet<&str> = sets[i].1.iter().copied().collect();
                 if let Some(q) = sets[j].1.iter().find(|q| a.contains(*q)) {
                     return Err(Error::invalid(
-                        &format!("--{} / --{}", sets[i].0, sets[j].0),
+                        format!("--{} / --{}", sets[i].0, sets[j].0),
                         format!("the sets must be disjoint; both hold the question \"{q}\""),
                     ));
                 }
