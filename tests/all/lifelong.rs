@@ -304,3 +304,73 @@ fn nas_rescales_value_vectors_to_the_reference_norm() {
     let h = later[1].h_bare.to_dtype(DType::F64).unwrap();
     assert!(norm(&(col - h).unwrap()) < 1e-5);
 }
+
+/// Bad uses of the resumable run's flags exit 2 naming the flag, before any work.
+#[test]
+fn resume_flags_are_checked() {
+    let d = tempfile::tempdir().unwrap();
+    let cf = |extra: &[&str]| {
+        let out = engram()
+            .args(["eval", "counterfact", "--data", CF_DEV, "--n", "2"])
+            .args(extra)
+            .current_dir(d.path())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    for (extra, flag) in [
+        (
+            &["--max-batches", "1", "--resume", "s.state"][..],
+            "--max-batches",
+        ),
+        (&["--retention-every", "100"][..], "--retention-every"),
+        (&["--sequential", "--max-batches", "1"][..], "--max-batches"),
+        (
+            &["--sequential", "--max-batches", "0", "--resume", "s.state"][..],
+            "--max-batches",
+        ),
+    ] {
+        let (code, err) = cf(extra);
+        assert_eq!(code, Some(2), "{extra:?}: {err}");
+        assert!(err.contains(flag), "{extra:?}: {err}");
+    }
+    // A file that is not a run state.
+    std::fs::write(d.path().join("junk.state"), b"not a state").unwrap();
+    let (code, err) = cf(&[
+        "--sequential",
+        "--method",
+        "alphaedit",
+        "--layer",
+        "5-6",
+        "--no-locality",
+        "--resume",
+        "junk.state",
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--resume") && err.contains("junk.state"),
+        "{err}"
+    );
+    // `edit --resume` may not be another output.
+    let spec = concat!(env!("CARGO_MANIFEST_DIR"), "/edits/eiffel-rome.yaml");
+    let out = engram()
+        .args([
+            "edit",
+            spec,
+            "--no-locality",
+            "--json",
+            "r.json",
+            "--resume",
+            "r.json",
+        ])
+        .current_dir(d.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--resume") && err.contains("--json"), "{err}");
+    assert!(!d.path().join("r.json").exists());
+}
