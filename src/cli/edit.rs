@@ -320,7 +320,7 @@ pub fn run(a: Args) -> Result<()> {
         super::write_json(j, &report)?;
     }
     if let Some(p) = &plot_tmp {
-        super::write_retention_plot(p, &report.method, &report.retention)?;
+        super::write_retention_plot(p, &report.method, &report.retention, &[])?;
     }
     outs.commit()?;
     print_report(&report);

@@ -461,7 +461,7 @@ fn run_cf(a: CfArgs) -> Result<()> {
     if let Some(r) = &seq {
         println!("{}", super::retention_table(&r.retention));
         if let Some(p) = &a.plot {
-            super::write_retention_plot(p, &s.method, &r.retention)?;
+            super::write_retention_plot(p, &s.method, &r.retention, &r.first_batch)?;
         }
     }
     if let Some(j) = &a.json {

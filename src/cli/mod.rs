@@ -160,41 +160,54 @@ pub fn locality_table(header: &str, l: &engram::eval::metrics::Locality) -> comf
     t
 }
 
-/// The retention table of a sequential edit: ES of all edits so far and of earlier batches.
+/// The retention table of a sequential edit: ES of all edits so far, of earlier batches, of
+/// the first 1,000 and of the first batch.
 pub fn retention_table(points: &[engram::edit::run::RetentionPoint]) -> comfy_table::Table {
     let mut t = comfy_table::Table::new();
     t.set_header(vec![
         "edits so far",
         "ES of all so far",
         "ES of earlier batches",
+        "ES of the first 1,000",
+        "ES of the first batch",
     ]);
-    let pct = |x: f64| format!("{:.1}%", 100.0 * x);
+    let pct = |x: Option<f64>| {
+        x.map(|x| format!("{:.1}%", 100.0 * x))
+            .unwrap_or("-".into())
+    };
     for p in points {
         t.add_row(vec![
             p.edits.to_string(),
-            pct(p.es_all),
-            p.es_earlier.map(pct).unwrap_or("-".into()),
+            pct(Some(p.es_all)),
+            pct(p.es_earlier),
+            pct(p.es_first_1000),
+            pct(p.es_first_batch),
         ]);
     }
     t
 }
 
-/// Write the retention curve (ES of earlier edits; of all edits for the first batch) as SVG.
+/// Write the retention curves as SVG: ES of earlier edits (of all edits for the first
+/// batch) at each retention point, and, for a CounterFact run, the ES of the first batch
+/// after every batch.
 pub fn write_retention_plot(
     path: &Path,
     method: &str,
     points: &[engram::edit::run::RetentionPoint],
+    first_batch: &[engram::eval::counterfact::FirstBatchPoint],
 ) -> Result<()> {
     let pts: Vec<(f64, f64)> = points
         .iter()
         .map(|p| (p.edits as f64, p.es_earlier.unwrap_or(p.es_all)))
         .collect();
-    let svg = engram::eval::svg::line(
-        "Retention: ES of earlier edits",
-        "edits so far",
-        "ES",
-        &[(method.to_string(), pts)],
-    );
+    let mut series = vec![(format!("{method}: ES of earlier edits"), pts)];
+    if !first_batch.is_empty() {
+        series.push((
+            format!("{method}: ES of the first batch"),
+            first_batch.iter().map(|p| (p.edits as f64, p.es)).collect(),
+        ));
+    }
+    let svg = engram::eval::svg::line("Retention", "edits so far", "ES", &series);
     write_text(path, &svg)
 }
 
