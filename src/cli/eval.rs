@@ -424,6 +424,25 @@ fn run_cf(a: CfArgs) -> Result<()> {
                 format!("{:.3}", l.perplexity_edited),
             ]);
         }
+        if let Some(last) = r.weight_norms.last() {
+            let base: Vec<String> = r
+                .edited_tensors
+                .iter()
+                .map(|n| {
+                    r.base_weight_norms
+                        .iter()
+                        .find(|(b, _)| b == n)
+                        .map(|(_, v)| format!("{v:.2}"))
+                        .unwrap_or("-".into())
+                })
+                .collect();
+            let now: Vec<String> = last.iter().map(|v| format!("{v:.2}")).collect();
+            t.add_row(vec![
+                "|W| of the edited matrices".into(),
+                base.join(" "),
+                now.join(" "),
+            ]);
+        }
         t.add_row(vec![
             "collapse point (first batch's ES < 60%)".into(),
             "".into(),
@@ -467,7 +486,7 @@ fn run_cf(a: CfArgs) -> Result<()> {
     if let Some(j) = &a.json {
         super::write_json(
             j,
-            &serde_json::json!({ "summary": s, "layers": layers, "layer_choice": layer_choice, "cases": rows, "n": s.n, "es": s.es, "ps": s.ps, "ns": s.ns, "score": s.score, "es_pre": s.es_pre, "ps_pre": s.ps_pre, "ns_pre": s.ns_pre, "edit_seconds_mean": s.edit_seconds_mean, "batch_size": a.batch_size, "sequential": seq.as_ref().map(|r| serde_json::json!({"retention": r.retention, "first_batch": r.first_batch, "collapse_point": r.collapse_point, "fluency_before": r.fluency_before, "fluency_after": r.fluency_after, "locality": r.locality, "norm_anchor": r.norm_anchor, "seconds_total": r.seconds_total, "batch_seconds": r.batch_seconds, "resumed_at_batch": r.resumed_at_batch})) }),
+            &serde_json::json!({ "summary": s, "layers": layers, "layer_choice": layer_choice, "cases": rows, "n": s.n, "es": s.es, "ps": s.ps, "ns": s.ns, "score": s.score, "es_pre": s.es_pre, "ps_pre": s.ps_pre, "ns_pre": s.ns_pre, "edit_seconds_mean": s.edit_seconds_mean, "batch_size": a.batch_size, "sequential": seq.as_ref().map(|r| serde_json::json!({"retention": r.retention, "first_batch": r.first_batch, "collapse_point": r.collapse_point, "fluency_before": r.fluency_before, "fluency_after": r.fluency_after, "locality": r.locality, "norm_anchor": r.norm_anchor, "seconds_total": r.seconds_total, "batch_seconds": r.batch_seconds, "weight_norms": r.weight_norms, "edited_tensors": r.edited_tensors, "base_weight_norms": r.base_weight_norms, "resumed_at_batch": r.resumed_at_batch})) }),
         )?;
     }
     Ok(())

@@ -657,6 +657,12 @@ pub struct SequentialRun {
     pub seconds_total: f64,
     /// Wall time of each batch's edit computation.
     pub batch_seconds: Vec<f64>,
+    /// After each batch: the Frobenius norm of every edited tensor (in `edited_tensors`
+    /// order), the quantity whose growth NAS's paper ties to collapse.
+    pub weight_norms: Vec<Vec<f64>>,
+    pub edited_tensors: Vec<String>,
+    /// The unedited norms of the method's matrices, by name.
+    pub base_weight_norms: Vec<(String, f64)>,
     /// Batches already done when this invocation started (from the state file).
     pub resumed_at_batch: usize,
 }
@@ -696,6 +702,8 @@ struct SeqProgress {
     retention: Vec<RetentionPoint>,
     first_batch: Vec<FirstBatchPoint>,
     batch_seconds: Vec<f64>,
+    #[serde(default)]
+    weight_norms: Vec<Vec<f64>>,
     /// Wall time of the invocations before this one.
     seconds: f64,
 }
@@ -743,6 +751,19 @@ pub fn run_sequential(
     // Everything taken from the unedited model comes before a state is applied.
     editor.prepare(model, &mut |_, _| {})?;
     let base_suite = seq.suite.map(|s| run_suite(model, s)).transpose()?;
+    let frobenius = |model: &Model, n: &str| -> Result<f64> {
+        let w = model.weights.get(n)?;
+        Ok(w.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64)
+    };
+    let base_norms = editor
+        .method
+        .layers()
+        .iter()
+        .map(|&l| {
+            let n = model.weight_name(l, crate::model::Site::MlpOut)?;
+            Ok((n.clone(), frobenius(model, &n)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let rewrites: Vec<Rewrite> = cases.iter().map(|c| c.rewrite.clone()).collect();
     let flu_prompts: Vec<String> = rewrites.iter().take(20).map(|r| r.prompt.clone()).collect();
     let key = RunKey {
@@ -809,6 +830,12 @@ pub fn run_sequential(
         crate::release_memory();
         let secs = t0.elapsed().as_secs_f64();
         prog.batch_seconds.push(secs);
+        prog.weight_norms.push(
+            edited
+                .iter()
+                .map(|n| frobenius(model, n))
+                .collect::<Result<Vec<_>>>()?,
+        );
         let done = b * bs + chunk.len();
         let every = seq.retention_every;
         let measure =
@@ -901,6 +928,9 @@ pub fn run_sequential(
         norm_anchor: editor.norm_anchor().cloned(),
         seconds_total: prog.seconds + t_all.elapsed().as_secs_f64(),
         batch_seconds: prog.batch_seconds,
+        weight_norms: prog.weight_norms,
+        edited_tensors: edited,
+        base_weight_norms: base_norms,
         resumed_at_batch: start,
     }))
 }
