@@ -1,7 +1,8 @@
 //! NAS, norm-anchor scaling (Liu, Zhu, Miao and Fujisawa 2026, "Norm Anchors Make Model Edits
 //! Last", arXiv 2602.02543; followed as its reference code implements it, SasyaTitech/NAS
-//! 5acab48, `NAS/compute_z.py` and `util/vstar_stats.py`). A plug-in for the batched editors' z targets, used here by
-//! AlphaEdit (`norm_anchor: true`, or `--method alphaedit-nas`).
+//! 5acab48, `NAS/compute_z.py` and `util/vstar_stats.py`). A plug-in for the batched
+//! editors' z targets, used here by AlphaEdit (`norm_anchor: true`, or
+//! `--method alphaedit-nas`).
 //!
 //! Why: in sequential editing the value a rewrite asks the last edited layer L to output, and
 //! the edited weights, feed each other: a larger W makes a larger v*, which makes a larger
