@@ -37,6 +37,18 @@ pub struct RunKey {
     pub plan: serde_json::Value,
 }
 
+impl RunKey {
+    /// The key of a run of `editor`'s method on its base model, with the caller's `plan`.
+    pub fn new(editor: &Editor, plan: serde_json::Value) -> Result<RunKey> {
+        Ok(RunKey {
+            base_fingerprint: editor.base_fingerprint.clone(),
+            method: serde_json::to_value(&editor.method)
+                .map_err(|e| Error::invalid("method", e.to_string()))?,
+            plan,
+        })
+    }
+}
+
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Meta<P> {
     version: u32,

@@ -478,12 +478,10 @@ pub fn run_spec_resumable(
             .map(|s| s.batch_size)
             .unwrap_or(spec.rewrites.len()),
     );
-    let key = super::resume::RunKey {
-        base_fingerprint: editor.base_fingerprint.clone(),
-        method: serde_json::to_value(&editor.method)
-            .map_err(|e| Error::invalid("method", e.to_string()))?,
-        plan: serde_json::json!({"rewrites": spec.rewrites, "batch_size": batch_size}),
-    };
+    let key = super::resume::RunKey::new(
+        &editor,
+        serde_json::json!({"rewrites": spec.rewrites, "batch_size": batch_size}),
+    )?;
     let mut deltas = Vec::new();
     let mut applied = Vec::new();
     let (mut prog, start) = match state {

@@ -704,7 +704,7 @@ struct SeqProgress {
     batch_seconds: Vec<f64>,
     #[serde(default)]
     weight_norms: Vec<Vec<f64>>,
-    /// Wall time of the invocations before this one.
+    /// Wall time of every invocation up to the save.
     seconds: f64,
 }
 
@@ -766,20 +766,19 @@ pub fn run_sequential(
         .collect::<Result<Vec<_>>>()?;
     let rewrites: Vec<Rewrite> = cases.iter().map(|c| c.rewrite.clone()).collect();
     let flu_prompts: Vec<String> = rewrites.iter().take(20).map(|r| r.prompt.clone()).collect();
-    let key = RunKey {
-        base_fingerprint: editor.base_fingerprint.clone(),
-        method: serde_json::to_value(&editor.method)
-            .map_err(|e| Error::invalid("method", e.to_string()))?,
-        plan: serde_json::json!({
+    let key = RunKey::new(
+        &editor,
+        serde_json::json!({
             "case_ids": cases.iter().map(|c| c.case_id).collect::<Vec<_>>(),
             "batch_size": bs,
             "wild": opts.wild,
         }),
-    };
+    )?;
     let resumed = match seq.state {
         Some(p) => resume::load::<SeqProgress>(p, model, &mut editor, &key)?,
         None => None,
     };
+    let fresh = resumed.is_none();
     let (mut prog, mut edited, start) = match resumed {
         Some(r) => {
             progress(SeqEvent::Resumed {
@@ -802,12 +801,17 @@ pub fn run_sequential(
                 fluency_before,
                 ..Default::default()
             };
-            if let Some(p) = seq.state {
-                prog_save(p, model, &editor, &key, 0, &[], &prog, t_all)?;
-            }
             (prog, Vec::new(), 0)
         }
     };
+    // Saved with each state: the wall time of every invocation so far.
+    let seconds_before = prog.seconds;
+    if fresh {
+        if let Some(p) = seq.state {
+            prog.seconds = seconds_before + t_all.elapsed().as_secs_f64();
+            resume::save(p, model, &editor, &key, 0, &[], &prog)?;
+        }
+    }
     let n_batches = rewrites.len().div_ceil(bs);
     for (b, chunk) in rewrites.chunks(bs).enumerate().skip(start) {
         if seq.max_batches.is_some_and(|m| b - start >= m) {
@@ -870,7 +874,8 @@ pub fn run_sequential(
         });
         prog.retention.extend(point);
         if let Some(p) = seq.state {
-            prog_save(p, model, &editor, &key, b + 1, &edited, &prog, t_all)?;
+            prog.seconds = seconds_before + t_all.elapsed().as_secs_f64();
+            resume::save(p, model, &editor, &key, b + 1, &edited, &prog)?;
         }
     }
     progress(SeqEvent::Scoring {
@@ -926,30 +931,13 @@ pub fn run_sequential(
         fluency_after,
         locality,
         norm_anchor: editor.norm_anchor().cloned(),
-        seconds_total: prog.seconds + t_all.elapsed().as_secs_f64(),
+        seconds_total: seconds_before + t_all.elapsed().as_secs_f64(),
         batch_seconds: prog.batch_seconds,
         weight_norms: prog.weight_norms,
         edited_tensors: edited,
         base_weight_norms: base_norms,
         resumed_at_batch: start,
     }))
-}
-
-/// Save a sequential run's state, with the wall time so far.
-#[allow(clippy::too_many_arguments)]
-fn prog_save(
-    path: &Path,
-    model: &Model,
-    editor: &Editor,
-    key: &RunKey,
-    batches_done: usize,
-    edited: &[String],
-    prog: &SeqProgress,
-    t_all: Instant,
-) -> Result<()> {
-    let mut p = prog.clone();
-    p.seconds += t_all.elapsed().as_secs_f64();
-    resume::save(path, model, editor, key, batches_done, edited, &p)
 }
 
 #[cfg(test)]
