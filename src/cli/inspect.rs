@@ -59,7 +59,7 @@ pub fn run(a: Args) -> Result<()> {
             engram::model::Arch::Gpt2 => format!("h.{l}."),
         };
         for (name, t) in m.weights.iter().filter(|(n, _)| n.starts_with(&prefix)) {
-            let norm = t.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64;
+            let norm = t.dense()?.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64;
             layer_tensors.push((name.clone(), t.dims().to_vec(), norm));
         }
     }

@@ -32,6 +32,11 @@ pub struct Cli {
     /// Log level (error, warn, info, debug, trace); also RUST_LOG.
     #[arg(long, global = true, default_value = "warn")]
     log: String,
+    /// How GGUF matrices are held: `f32` (every tensor dequantized; the reference path) or
+    /// `stored` (frozen matrices stay in their quantized blocks, only edited or trained ones
+    /// become f32). Also ENGRAM_WEIGHTS.
+    #[arg(long, global = true, value_enum)]
+    weights: Option<engram::model::WeightMode>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -76,6 +81,9 @@ pub fn run() -> Result<ExitCode> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    if let Some(w) = cli.weights {
+        engram::model::load::set_default_mode(w);
+    }
     match cli.cmd {
         Cmd::Model(a) => model_cmd::run(a),
         Cmd::Inspect(a) => inspect::run(a),

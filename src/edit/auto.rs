@@ -78,15 +78,15 @@ pub fn choose<S, K: PartialEq>(
         if ladders.iter().any(|(m, _)| m == n) {
             continue;
         }
-        let w = model.weights.get(n)?;
+        let w = model.weights.param(n)?;
         let Some(&input) = types.get(n) else { continue };
         if w.rank() != 2 || input == GgmlDType::F32 {
             continue;
         }
-        let input = fitting_type(input, w.dim(1)?);
+        let input = fitting_type(input, w.dims()[1]);
         let mut ladder = vec![input];
         for t in [GgmlDType::Q8_0, GgmlDType::F16] {
-            if fineness(t) > fineness(input) && fitting_type(t, w.dim(1)?) == t {
+            if fineness(t) > fineness(input) && fitting_type(t, w.dims()[1]) == t {
                 ladder.push(t);
             }
         }
@@ -94,7 +94,7 @@ pub fn choose<S, K: PartialEq>(
     }
     let originals: HashMap<String, candle_core::Tensor> = ladders
         .iter()
-        .map(|(n, _)| Ok((n.clone(), model.weights.get(n)?.clone())))
+        .map(|(n, _)| Ok((n.clone(), model.weights.dense(n)?)))
         .collect::<Result<_>>()?;
     if ladders.is_empty() {
         return Ok(Chosen {

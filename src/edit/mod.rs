@@ -81,7 +81,7 @@ pub struct Applied {
 /// # Errors
 /// A missing tensor, a shape mismatch, a non-finite result.
 pub fn apply(model: &mut Model, delta: &WeightDelta) -> Result<Applied> {
-    let previous = model.weights.get(&delta.name)?.clone();
+    let previous = model.weights.dense(&delta.name)?;
     let d = delta.dense()?;
     if d.dims() != previous.dims() {
         return Err(Error::ShapeMismatch {

@@ -167,7 +167,7 @@ pub fn short(fp: &str) -> String {
 /// replaced.
 fn check_fits(model: &Model, patch: &Patch, path: &Path) -> Result<()> {
     for (i, (d, prev)) in patch.deltas.iter().zip(&patch.previous).enumerate() {
-        let w = model.weights.get(&d.name).map_err(|_| Error::Patch {
+        let w = model.weights.param(&d.name).map_err(|_| Error::Patch {
             path: path.into(),
             reason: format!(
                 "delta {i} changes `{}`, which the model does not have",

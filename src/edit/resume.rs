@@ -87,7 +87,7 @@ pub fn save<P: serde::Serialize>(
     for n in edited {
         views.push((
             format!("weight/{n}"),
-            TensorView(model.weights.get(n)?.clone()),
+            TensorView(model.weights.dense(n)?),
         ));
     }
     for (i, p) in carried.past.iter().enumerate() {
@@ -215,7 +215,7 @@ pub fn load<P: serde::de::DeserializeOwned>(
     })?;
     let mut applied: Vec<Applied> = Vec::new();
     for (n, t) in weights {
-        let previous = model.weights.get(&n)?.clone();
+        let previous = model.weights.dense(&n)?;
         if let Err(e) = model.set_tensor(&n, t) {
             super::revert(model, &applied)?;
             return Err(e);

@@ -489,7 +489,7 @@ pub fn run_spec_resumable(
             Some(r) => {
                 progress(&format!("resumed after {} batches", r.batches_done));
                 for a in r.base {
-                    let now = model.weights.get(&a.name)?;
+                    let now = model.weights.dense(&a.name)?;
                     deltas.push(WeightDelta {
                         layer: (0..model.config.n_layers)
                             .find(|&l| {

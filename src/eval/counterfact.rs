@@ -603,7 +603,7 @@ pub fn requantize_edited(model: &mut Model, names: &[&str]) -> Result<Option<Vec
         if saved.iter().any(|a| a.name == n) {
             continue;
         }
-        let w = model.weights.get(n)?.clone();
+        let w = model.weights.dense(n)?;
         let ty = match types.get(n) {
             Some(&t) if w.rank() == 2 => fitting_type(t, w.dim(1)?),
             _ => continue,
@@ -752,7 +752,7 @@ pub fn run_sequential(
     editor.prepare(model, &mut |_, _| {})?;
     let base_suite = seq.suite.map(|s| run_suite(model, s)).transpose()?;
     let frobenius = |model: &Model, n: &str| -> Result<f64> {
-        let w = model.weights.get(n)?;
+        let w = model.weights.dense(n)?;
         Ok(w.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64)
     };
     let base_norms = editor

@@ -11,7 +11,7 @@
 //! The kernels cover contiguous f32 tensors on the CPU; anything else takes the composed path
 //! (see the `*_any` functions), so every device and dtype still works.
 
-use super::matmul::{g_w_any, x_wt_any};
+use super::param::{Mat, Param};
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
 };
@@ -480,9 +480,14 @@ struct Mlp {
     /// Kept for the backward pass, `[positions, d_mlp]`.
     gate: Tensor,
     up: Tensor,
-    wg: Tensor,
-    wu: Tensor,
-    wd: Tensor,
+    /// Dense or stored (`super::param`): frozen either way.
+    wg: Param,
+    wu: Param,
+    wd: Param,
+}
+
+fn wrap(e: crate::Error) -> candle_core::Error {
+    candle_core::Error::wrap(e)
 }
 
 impl CustomOp1 for Mlp {
@@ -498,37 +503,41 @@ impl CustomOp1 for Mlp {
     /// dkey = g Wd; (dgate, dup) = SwiGLU's backward; dh = dgate Wg + dup Wu.
     fn bwd(&self, h: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let n = self.gate.dim(0)?;
-        let g = g.contiguous()?.reshape((n, self.wd.dim(0)?))?;
-        let dkey = g_w_any(&g, &self.wd)?; // (n, d_mlp)
+        let g = g.contiguous()?.reshape((n, self.wd.dims()[0]))?;
+        let dkey = self.wd.g_w(&g).map_err(wrap)?; // (n, d_mlp)
         let both = self.gate.apply_op3_no_bwd(&self.up, &dkey, &SwiGluBwd)?; // [2, n, d_mlp]
-        let dh = (g_w_any(&both.get(0)?, &self.wg)? + g_w_any(&both.get(1)?, &self.wu)?)?;
+        let dh = (self.wg.g_w(&both.get(0)?).map_err(wrap)?
+            + self.wu.g_w(&both.get(1)?).map_err(wrap)?)?;
         Ok(Some(dh.reshape(h.shape())?))
     }
 }
 
 /// The SwiGLU MLP `down(silu(gate(h)) * up(h))` as one differentiable node in `h`; `None`
 /// where it does not apply (nothing to differentiate, weights that are trained, or not f32 on
-/// the CPU), and the caller composes it instead. Same numbers as the composed form.
+/// the CPU), and the caller composes it instead. Same numbers as the composed form. The
+/// matrices may be stored ones (`super::param`): the products then go through their blocks.
 ///
 /// # Shapes
 /// `h`: `[batch, seq, d_model]`; `wg`, `wu`: `[d_mlp, d_model]`; `wd`: `[d_model, d_mlp]`.
-pub fn mlp(h: &Tensor, wg: &Tensor, wu: &Tensor, wd: &Tensor) -> Result<Option<Tensor>> {
-    let trained = [wg, wu, wd].iter().any(|w| w.is_variable() || w.track_op());
-    if !h.track_op() || trained || !fusable(&[h, wg, wu, wd]) {
+pub fn mlp(h: &Tensor, wg: Mat<'_>, wu: Mat<'_>, wd: Mat<'_>) -> Result<Option<Tensor>> {
+    let dense: Vec<&Tensor> = [wg, wu, wd].iter().filter_map(|w| w.as_dense()).collect();
+    let trained = dense.iter().any(|w| w.is_variable() || w.track_op());
+    if !h.track_op() || trained || !fusable(&[&[h][..], &dense[..]].concat()) {
         return Ok(None);
     }
+    let (wg, wu, wd) = (wg.to_param(), wu.to_param(), wd.to_param());
     let (b, t, d) = h.dims3()?;
     let x = h.detach().contiguous()?.reshape((b * t, d))?;
-    let gate = x_wt_any(&x, wg)?;
-    let up = x_wt_any(&x, wu)?;
-    let y = x_wt_any(&swiglu(&gate, &up)?, wd)?;
+    let gate = wg.x_wt(&x).map_err(wrap)?;
+    let up = wu.x_wt(&x).map_err(wrap)?;
+    let y = wd.x_wt(&swiglu(&gate, &up)?).map_err(wrap)?;
     let node = Mlp {
-        y: y.reshape((b, t, wd.dim(0)?))?,
+        y: y.reshape((b, t, wd.dims()[0]))?,
         gate,
         up,
-        wg: wg.clone(),
-        wu: wu.clone(),
-        wd: wd.clone(),
+        wg,
+        wu,
+        wd,
     };
     Ok(Some(h.contiguous()?.apply_op1(node)?))
 }
@@ -1019,7 +1028,7 @@ mod tests {
         let (a, b, c) = (wg.clone(), wu.clone(), wd.clone());
         let (dy, dg) = compare(
             &[h],
-            move |t| Ok(mlp(&t[0], &wg, &wu, &wd)?.expect("fusable")),
+            move |t| Ok(mlp(&t[0], (&wg).into(), (&wu).into(), (&wd).into())?.expect("fusable")),
             move |t| {
                 let lin = |x: &Tensor, w: &Tensor| x.broadcast_matmul(&w.t()?);
                 lin(&swiglu(&lin(&t[0], &a)?, &lin(&t[0], &b)?)?, &c)

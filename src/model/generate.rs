@@ -195,6 +195,8 @@ fn decode(
             ids: next,
             mask: mask.clone(),
         };
+        // One new token per row over the cache: stored matrices may use the quantized kernel.
+        let _qkernel = super::param::QKernelScope::enter(true);
         logits = model.forward_cached(&step_batch, Some(&mut cache), &mut Trace::new())?;
     }
     if p.stop_at_eos {

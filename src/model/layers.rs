@@ -6,27 +6,38 @@
 //! `fused.rs` (RMSNorm, softmax), candle's composed form for LayerNorm. A test checks both
 //! give the same logits.
 
+use super::param::Mat;
 use crate::error::Result;
 use candle_core::{DType, Device, Tensor};
 
-/// `x @ w^T + b`.
+/// `x @ w^T + b`, for a dense or a stored `w` (see [`super::param`]).
 ///
 /// # Shapes
 /// `x`: `[batch, seq, in]`, `w`: `[out, in]`, `b`: `[out]`; returns `[batch, seq, out]`.
-pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+pub fn linear<'a>(x: &Tensor, w: impl Into<Mat<'a>>, b: Option<&Tensor>) -> Result<Tensor> {
+    let w = w.into();
     let (bs, t, d) = x.dims3()?;
-    let out = w.dim(0)?;
+    let out = w.out_dim()?;
     let x2 = x.reshape((bs * t, d))?;
-    // When gradients flow through x but w is a constant, candle's matmul backward would still
-    // compute (and allocate) a weight-sized gradient for w; the custom op below returns only
-    // the input's gradient. Same forward numbers; about a third less backward work.
-    let w_const = !w.is_variable() && !w.track_op();
-    let y = if x2.track_op() && w_const && x2.device().is_cpu() {
-        x2.contiguous()?.apply_op1(NoWeightGrad { w: w.clone() })?
-    } else if !x2.track_op() && w_const {
-        super::matmul::x_wt_any(&x2, w)?
-    } else {
-        x2.matmul(&w.t()?)?
+    let y = match w {
+        Mat::Stored(s) if x2.track_op() => x2
+            .contiguous()?
+            .apply_op1(super::param::StoredLinear(s.clone()))?,
+        Mat::Stored(s) => s.x_wt(&x2)?,
+        Mat::Dense(w) => {
+            // When gradients flow through x but w is a constant, candle's matmul backward
+            // would still compute (and allocate) a weight-sized gradient for w; the custom op
+            // below returns only the input's gradient. Same forward numbers; about a third
+            // less backward work.
+            let w_const = !w.is_variable() && !w.track_op();
+            if x2.track_op() && w_const && x2.device().is_cpu() {
+                x2.contiguous()?.apply_op1(NoWeightGrad { w: w.clone() })?
+            } else if !x2.track_op() && w_const {
+                super::matmul::x_wt_any(&x2, w)?
+            } else {
+                x2.matmul(&w.t()?)?
+            }
+        }
     };
     let y = match b {
         Some(b) => y.broadcast_add(b)?,

@@ -10,7 +10,7 @@ use super::config::Config;
 use super::fused::swiglu;
 use super::hooks::{HookPoint, Trace};
 use super::layers::{attend, hook, linear, rms_norm, BlockCtx, KvCache, Step};
-use super::Weights;
+use super::{Mat, Weights};
 use crate::error::Result;
 use candle_core::{Device, Tensor};
 
@@ -95,10 +95,12 @@ pub fn prepare(
 /// `ids`: `[batch, seq]` -> `[batch, seq, d_model]`.
 pub fn embed(cfg: &Config, w: &Weights, ids: &Tensor, _pos: &Tensor) -> Result<Tensor> {
     let (b, t) = ids.dims2()?;
-    let emb = w.get("model.embed_tokens.weight")?;
-    Ok(emb
-        .embedding(&ids.flatten_all()?)?
-        .reshape((b, t, cfg.d_model))?)
+    let ids = ids.flatten_all()?;
+    let rows = match w.mat("model.embed_tokens.weight")? {
+        Mat::Dense(emb) => emb.embedding(&ids)?,
+        Mat::Stored(emb) => emb.rows(&ids)?,
+    };
+    Ok(rows.reshape((b, t, cfg.d_model))?)
 }
 
 /// One decoder block: `x + attn(norm(x))`, then `x + mlp(norm(x))`, with its hook points.
@@ -124,6 +126,7 @@ pub fn block(
         .ok_or_else(|| crate::Error::invalid("rope", "missing tables"))?;
     let p = format!("model.layers.{l}");
     let g = |n: &str| w.get(&format!("{p}.{n}"));
+    let mat = |n: &str| w.mat(&format!("{p}.{n}"));
     let opt = |n: &str| if cfg.attn_bias { g(n).ok() } else { None };
     let x = hook!(trace, stop, HookPoint::ResidPre(l), x);
 
@@ -131,17 +134,17 @@ pub fn block(
     let h = rms_norm(&x, g("input_layernorm.weight")?, cfg.norm_eps, diff)?;
     let q = linear(
         &h,
-        g("self_attn.q_proj.weight")?,
+        mat("self_attn.q_proj.weight")?,
         opt("self_attn.q_proj.bias"),
     )?;
     let k = linear(
         &h,
-        g("self_attn.k_proj.weight")?,
+        mat("self_attn.k_proj.weight")?,
         opt("self_attn.k_proj.bias"),
     )?;
     let v = linear(
         &h,
-        g("self_attn.v_proj.weight")?,
+        mat("self_attn.v_proj.weight")?,
         opt("self_attn.v_proj.bias"),
     )?;
     let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?; // (b, nh, t, hd)
@@ -152,7 +155,7 @@ pub fn block(
     let (k, v) = KvCache::extend(cache, l, k, v)?; // (b, nkv, past + t, hd)
     let (q, x, bias) = ctx.trim(q, x)?; // t -> 1 when only the last position is wanted
     let y = attend(&q, &k, &v, bias.as_ref(), diff)?; // (b, t, nh * hd), grouped heads
-    let a = linear(&y, g("self_attn.o_proj.weight")?, None)?;
+    let a = linear(&y, mat("self_attn.o_proj.weight")?, None)?;
     let a = hook!(trace, stop, HookPoint::AttnOut(l), a);
     let x = (x + a)?;
 
@@ -165,9 +168,9 @@ pub fn block(
     )?;
     let h = hook!(trace, stop, HookPoint::MlpIn(l), h);
     let (wg, wu, wd) = (
-        g("mlp.gate_proj.weight")?,
-        g("mlp.up_proj.weight")?,
-        g("mlp.down_proj.weight")?,
+        mat("mlp.gate_proj.weight")?,
+        mat("mlp.up_proj.weight")?,
+        mat("mlp.down_proj.weight")?,
     );
     let key_seen = trace.touches(HookPoint::MlpKey(l));
     let fused = match (key_seen, diff) {
@@ -208,7 +211,7 @@ const MLP_ROW_BLOCK: usize = 512;
 ///
 /// # Shapes
 /// `h`: `[batch, seq, d_model]` -> `[batch, seq, d_model]`.
-fn mlp_in_row_blocks(h: &Tensor, wg: &Tensor, wu: &Tensor, wd: &Tensor) -> Result<Tensor> {
+fn mlp_in_row_blocks(h: &Tensor, wg: Mat<'_>, wu: Mat<'_>, wd: Mat<'_>) -> Result<Tensor> {
     let (b, t, d) = h.dims3()?;
     let n = b * t;
     let mlp = |x: &Tensor| -> Result<Tensor> {
@@ -233,9 +236,9 @@ fn mlp_in_row_blocks(h: &Tensor, wg: &Tensor, wu: &Tensor, wd: &Tensor) -> Resul
 pub fn head(cfg: &Config, w: &Weights, x: &Tensor, diff: bool) -> Result<Tensor> {
     let x = rms_norm(x, w.get("model.norm.weight")?, cfg.norm_eps, diff)?;
     let head = if cfg.tie_embeddings {
-        w.get("model.embed_tokens.weight")?
+        w.mat("model.embed_tokens.weight")?
     } else {
-        w.get("lm_head.weight")?
+        w.mat("lm_head.weight")?
     };
     linear(&x, head, None)
 }

@@ -1,5 +1,6 @@
 //! Loading checkpoints: Hugging Face directories (single or sharded safetensors), GGUF files
-//! (every tensor dequantized to f32), and aliases.
+//! (every tensor dequantized to f32, or in [`WeightMode::Stored`] frozen matrices kept in their
+//! blocks), and aliases.
 //!
 //! Every tensor is checked by name and shape against what the architecture needs before the
 //! model is returned, so a bad checkpoint fails here with the file's name, never in a forward.
@@ -7,6 +8,7 @@
 use super::config::{Arch, Config};
 use super::fetch;
 use super::tokenizer::Tok;
+use super::param::{keeps_stored, Param, Stored, WeightMode};
 use super::{gpt2, llama, Model, Weights};
 use crate::error::{Error, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -84,12 +86,42 @@ pub fn resolve(spec: Option<&str>) -> Result<PathBuf> {
 /// safetensors, impossible GGUF counts, unknown architectures, missing config fields, missing
 /// or misshapen tensors.
 pub fn load(spec: Option<&str>, device: &Device) -> Result<Model> {
+    load_with(spec, device, default_mode())
+}
+
+/// [`load`] with an explicit [`WeightMode`] (a safetensors directory is always dense f32).
+pub fn load_with(spec: Option<&str>, device: &Device, mode: WeightMode) -> Result<Model> {
     let path = resolve(spec)?;
     let spec = spec.unwrap_or(fetch::DEFAULT_MODEL).to_string();
     if path.is_dir() {
         load_hf_dir(&path, spec, device)
     } else {
-        load_gguf(&path, spec, device)
+        load_gguf_with(&path, spec, device, mode)
+    }
+}
+
+/// 0: unset, 1: f32, 2: stored.
+static DEFAULT_MODE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Set the mode [`load`] uses in this process (the CLI's `--weights`).
+pub fn set_default_mode(mode: WeightMode) {
+    let v = match mode {
+        WeightMode::F32 => 1,
+        WeightMode::Stored => 2,
+    };
+    DEFAULT_MODE.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The mode [`load`] uses: the one set by [`set_default_mode`], else `ENGRAM_WEIGHTS`
+/// (`f32` or `stored`), else f32.
+pub fn default_mode() -> WeightMode {
+    match DEFAULT_MODE.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => WeightMode::F32,
+        2 => WeightMode::Stored,
+        _ => match std::env::var("ENGRAM_WEIGHTS").as_deref() {
+            Ok("stored") => WeightMode::Stored,
+            _ => WeightMode::F32,
+        },
     }
 }
 
@@ -403,6 +435,25 @@ pub fn gguf_config(path: &Path, ct: &Content) -> Result<Config> {
 /// Load a GGUF file of the llama architecture, dequantizing every tensor to f32 and undoing
 /// llama.cpp's Q/K row permutation; the tokenizer is rebuilt from the metadata.
 pub fn load_gguf(path: &Path, spec: String, device: &Device) -> Result<Model> {
+    load_gguf_with(path, spec, device, WeightMode::F32)
+}
+
+/// The row order [`permute_qk`] gives: row `i` of the result is row `perm[i]` of the input.
+fn qk_row_order(rows: usize, n_heads: usize, inverse: bool) -> Result<Vec<usize>> {
+    let idx: Vec<f32> = (0..rows).map(|i| i as f32).collect();
+    let t = Tensor::from_vec(idx, (rows, 1), &Device::Cpu)?;
+    let p: Vec<f32> = permute_qk(&t, n_heads, inverse)?.flatten_all()?.to_vec1()?;
+    Ok(p.into_iter().map(|v| v as usize).collect())
+}
+
+/// Refuse a stored matrix holding NaN or Inf (checked a chunk of rows at a time).
+fn check_finite_stored(path: &Path, name: &str, s: &Stored) -> Result<()> {
+    s.for_each_chunk(|_, t| check_finite_weight(path, name, t))
+}
+
+/// [`load_gguf`] in the given [`WeightMode`]: in `Stored`, every 2-D tensor not stored as f32
+/// keeps its blocks (Q/K rows are reordered byte-wise, which is exact).
+pub fn load_gguf_with(path: &Path, spec: String, device: &Device, mode: WeightMode) -> Result<Model> {
     super::gguf_check::check(path)?;
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let ct = Content::read(&mut file).map_err(|e| Error::bad_checkpoint(path, e))?;
@@ -431,6 +482,22 @@ pub fn load_gguf(path: &Path, spec: String, device: &Device) -> Result<Model> {
             .tensor(&mut file, gname, device)
             .map_err(|e| Error::bad_checkpoint(path, format!("tensor `{gname}`: {e}")))?;
         tensors.push((gname.clone(), ours.clone(), q.dtype()));
+        if mode == WeightMode::Stored && keeps_stored(q.dtype(), q.rank()) && device.is_cpu() {
+            let mut st = Stored::new(q)?;
+            let heads = if ours.contains("self_attn.q_proj") {
+                Some(cfg.n_heads)
+            } else if ours.contains("self_attn.k_proj") {
+                Some(cfg.n_kv_heads)
+            } else {
+                None
+            };
+            if let Some(h) = heads {
+                st = st.permute_rows(&qk_row_order(st.dims()[0], h, true)?)?;
+            }
+            check_finite_stored(path, gname, &st)?;
+            map.insert(ours, Param::Stored(st));
+            continue;
+        }
         let mut t = q.dequantize(device)?;
         check_finite_weight(path, gname, &t)?;
         if ours.contains("self_attn.q_proj") {
@@ -438,9 +505,9 @@ pub fn load_gguf(path: &Path, spec: String, device: &Device) -> Result<Model> {
         } else if ours.contains("self_attn.k_proj") {
             t = permute_qk(&t, cfg.n_kv_heads, true)?;
         }
-        map.insert(ours, t);
+        map.insert(ours, Param::Dense(t));
     }
-    let weights = Weights::new(map);
+    let weights = Weights::from_params(map);
     let tokenizer = match Tok::from_gguf(path, &ct) {
         Ok(t) => Some(t),
         Err(e) => {

@@ -16,6 +16,7 @@ pub mod layers;
 pub mod llama;
 pub mod load;
 pub mod matmul;
+pub mod param;
 pub mod quant;
 pub mod save;
 pub mod tokenizer;
@@ -23,7 +24,8 @@ pub mod tokenizer;
 pub use config::{Arch, Config};
 pub use hooks::{HookPoint, Op, Positions, Trace};
 pub use layers::KvCache;
-pub use load::{load, Format, Source};
+pub use load::{load, load_with, Format, Source};
+pub use param::{Mat, Param, Stored, WeightMode};
 pub use tokenizer::Tok;
 
 use crate::error::{Error, Result};
@@ -31,37 +33,82 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::BTreeMap;
 
 /// The tensors of a model by checkpoint name (Hugging Face naming, linear weights stored
-/// `[out, in]`, all f32).
+/// `[out, in]`): f32 tensors, and in [`WeightMode::Stored`] frozen matrices in their checkpoint
+/// type (see [`param`]).
 #[derive(Debug, Clone, Default)]
 pub struct Weights {
-    map: BTreeMap<String, Tensor>,
+    map: BTreeMap<String, Param>,
 }
 
 impl Weights {
+    /// A map of f32 tensors.
     pub fn new(map: BTreeMap<String, Tensor>) -> Self {
+        Weights {
+            map: map.into_iter().map(|(n, t)| (n, Param::Dense(t))).collect(),
+        }
+    }
+
+    pub fn from_params(map: BTreeMap<String, Param>) -> Self {
         Weights { map }
     }
 
-    /// A tensor by name.
+    fn missing(name: &str) -> Error {
+        Error::MissingTensor {
+            path: "(model)".into(),
+            name: name.to_string(),
+        }
+    }
+
+    /// A weight by name, as held.
     ///
     /// # Errors
     /// [`Error::MissingTensor`] when absent (loading checks every name, so this is a bug).
-    pub fn get(&self, name: &str) -> Result<&Tensor> {
-        self.map.get(name).ok_or_else(|| Error::MissingTensor {
-            path: "(model)".into(),
-            name: name.to_string(),
-        })
+    pub fn param(&self, name: &str) -> Result<&Param> {
+        self.map.get(name).ok_or_else(|| Self::missing(name))
     }
 
+    /// A dense (f32) tensor by name: norms, biases, and every matrix not kept stored.
+    ///
+    /// # Errors
+    /// [`Error::MissingTensor`] when absent; [`Error::InvalidArgument`] for a stored matrix
+    /// (use [`Weights::dense`] or [`Weights::mat`]).
+    pub fn get(&self, name: &str) -> Result<&Tensor> {
+        match self.param(name)? {
+            Param::Dense(t) => Ok(t),
+            Param::Stored(s) => Err(Error::invalid(
+                "weights",
+                format!(
+                    "`{name}` is held in its stored type {:?}; this path needs it dense",
+                    s.dtype()
+                ),
+            )),
+        }
+    }
+
+    /// A tensor's values in f32, dequantizing a stored matrix (a copy; the map is unchanged).
+    pub fn dense(&self, name: &str) -> Result<Tensor> {
+        self.param(name)?.dense()
+    }
+
+    /// A matrix for the linear map, dense or stored.
+    pub fn mat(&self, name: &str) -> Result<Mat<'_>> {
+        Ok(self.param(name)?.mat())
+    }
+
+    /// Insert or replace a dense f32 tensor (a written matrix is dense from then on).
     pub fn insert(&mut self, name: String, t: Tensor) {
-        self.map.insert(name, t);
+        self.map.insert(name, Param::Dense(t));
+    }
+
+    pub fn insert_param(&mut self, name: String, p: Param) {
+        self.map.insert(name, p);
     }
 
     pub fn contains(&self, name: &str) -> bool {
         self.map.contains_key(name)
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &Tensor)> {
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Param)> {
         self.map.iter()
     }
 
@@ -76,6 +123,19 @@ impl Weights {
     /// Total number of scalar parameters.
     pub fn n_params(&self) -> usize {
         self.map.values().map(|t| t.elem_count()).sum()
+    }
+
+    /// Bytes the weights take in memory (stored blocks at their size, dense at 4 per value).
+    pub fn size_in_bytes(&self) -> usize {
+        self.map.values().map(|p| p.size_in_bytes()).sum()
+    }
+
+    /// Names of the matrices still held in their stored type.
+    pub fn stored_names(&self) -> impl Iterator<Item = &String> {
+        self.map
+            .iter()
+            .filter(|(_, p)| matches!(p, Param::Stored(_)))
+            .map(|(n, _)| n)
     }
 }
 
@@ -272,6 +332,7 @@ impl Model {
             }
         };
         let past = cache.as_ref().map(|c| c.len_at(start)).unwrap_or(0);
+
         let pos = layers::position_ids(b, t, past, key_mask);
         let mut ctx = layers::BlockCtx {
             bias: layers::attention_bias(b, t, past, key_mask, &self.device)?,
@@ -349,9 +410,10 @@ impl Model {
         })
     }
 
-    /// A layer's matrix, `[out, in]` (for `MlpOut`: `[d_model, d_mlp]`).
-    pub fn weight(&self, layer: usize, site: Site) -> Result<&Tensor> {
-        self.weights.get(&self.weight_name(layer, site)?)
+    /// A layer's matrix in f32, `[out, in]` (for `MlpOut`: `[d_model, d_mlp]`); a stored
+    /// matrix is dequantized into a copy.
+    pub fn weight(&self, layer: usize, site: Site) -> Result<Tensor> {
+        self.weights.dense(&self.weight_name(layer, site)?)
     }
 
     /// Replace a layer's matrix (shape and dtype must match).
@@ -365,7 +427,7 @@ impl Model {
 
     /// Replace a tensor by checkpoint name (shape must match; values must be finite).
     pub fn set_tensor(&mut self, name: &str, w: Tensor) -> Result<()> {
-        let old = self.weights.get(name)?;
+        let old = self.weights.param(name)?;
         if old.dims() != w.dims() {
             return Err(Error::ShapeMismatch {
                 name: name.into(),
@@ -390,16 +452,12 @@ impl Model {
     }
 
     /// SHA-256 over every tensor's name, shape and f32 bytes, in name order: identifies the
-    /// exact weights an edit was computed against.
+    /// exact weights an edit was computed against. A stored matrix hashes its dequantized
+    /// values, so the fingerprint is the same in both [`WeightMode`]s.
     pub fn fingerprint(&self) -> Result<String> {
         use sha2::{Digest, Sha256};
-        let mut h = Sha256::new();
-        for (name, t) in self.weights.iter() {
-            h.update(name.as_bytes());
-            for d in t.dims() {
-                h.update((*d as u64).to_le_bytes());
-            }
-            // In slices of about 1M values, so that hashing never copies a whole embedding.
+        // In slices of about 1M values, so that hashing never copies a whole embedding.
+        fn hash_f32(h: &mut Sha256, t: &Tensor) -> Result<()> {
             let flat = t.flatten_all()?;
             let n = flat.elem_count();
             let mut start = 0;
@@ -409,6 +467,18 @@ impl Model {
                 let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
                 h.update(&bytes);
                 start += len;
+            }
+            Ok(())
+        }
+        let mut h = Sha256::new();
+        for (name, p) in self.weights.iter() {
+            h.update(name.as_bytes());
+            for d in p.dims() {
+                h.update((*d as u64).to_le_bytes());
+            }
+            match p {
+                Param::Dense(t) => hash_f32(&mut h, t)?,
+                Param::Stored(s) => s.for_each_chunk(|_, t| hash_f32(&mut h, t))?,
             }
         }
         Ok(format!("{:x}", h.finalize()))

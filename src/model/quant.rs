@@ -159,7 +159,7 @@ pub fn grid(model: &Model, ty: DeployType) -> Result<HashMap<String, GgmlDType>>
         if t.rank() != 2 {
             continue;
         }
-        let cols = t.dim(1)?;
+        let cols = t.dims()[1];
         let want = match ty.ggml() {
             Some(g) => g,
             None => match input.as_ref().and_then(|m| m.get(name)) {
@@ -194,14 +194,20 @@ pub fn fake_quant(t: &Tensor, dtype: GgmlDType) -> Result<Tensor> {
 pub fn requantize(model: &Model, ty: DeployType) -> Result<Model> {
     let g = grid(model, ty)?;
     let mut m = model.clone();
-    let names: Vec<String> = g.keys().cloned().collect();
+    // A matrix still in its stored blocks, at the type it is written in, is what the file
+    // holds already (saving copies it byte for byte): it is kept, not re-quantized.
+    let names: Vec<String> = g
+        .keys()
+        .filter(|n| model.weights.param(n).ok().and_then(|p| p.stored_type()) != Some(g[*n]))
+        .cloned()
+        .collect();
     // Matrices are independent: quantize them on both cores.
     use rayon::prelude::*;
     let done: Vec<(String, Tensor)> = names
         .par_iter()
         .map(|n| -> Result<(String, Tensor)> {
-            let t = model.weights.get(n)?;
-            Ok((n.clone(), fake_quant(t, g[n])?))
+            let t = model.weights.dense(n)?;
+            Ok((n.clone(), fake_quant(&t, g[n])?))
         })
         .collect::<Result<_>>()?;
     for (n, t) in done {

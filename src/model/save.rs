@@ -6,7 +6,7 @@
 //! never overwritten, and a model holding NaN or Inf is refused.
 
 use super::load::{permute_qk, Format};
-use super::{check_finite, gpt2, Arch, Model};
+use super::{check_finite, gpt2, Arch, Model, Param};
 use crate::error::{Error, Result};
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Tensor};
@@ -44,8 +44,11 @@ fn guard_input(model: &Model, out: &Path) -> Result<()> {
 }
 
 fn check_all_finite(model: &Model) -> Result<()> {
-    for (name, t) in model.weights.iter() {
-        check_finite(name, t)?;
+    for (name, p) in model.weights.iter() {
+        // Stored matrices were checked when loaded, and nothing writes them in place.
+        if let Param::Dense(t) = p {
+            check_finite(name, t)?;
+        }
     }
     Ok(())
 }
@@ -88,8 +91,8 @@ pub fn save_hf_dir(model: &Model, out: &Path) -> Result<()> {
         .map_err(|e| Error::io(parent, e))?;
 
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    for (name, t) in model.weights.iter() {
-        let mut t = t.clone();
+    for (name, p) in model.weights.iter() {
+        let mut t = p.dense()?;
         if model.config.arch == Arch::Gpt2 && gpt2::is_conv1d(name) {
             t = t.t()?.contiguous()?; // [out, in] -> Conv1D [in, out]
         }
@@ -176,7 +179,21 @@ pub fn save_gguf(
         gguf_file::Content::read(&mut src).map_err(|e| Error::bad_checkpoint(src_path, e))?;
     let mut qtensors = Vec::with_capacity(tensors.len());
     for (gname, ours, orig) in tensors {
-        let mut t = model.weights.get(ours)?.clone();
+        let p = model.weights.param(ours)?;
+        let target0 = match (dtype, types.and_then(|m| m.get(ours))) {
+            (_, Some(&d)) => d,
+            (Some(d), None) if p.rank() >= 2 => d,
+            _ => *orig,
+        };
+        if p.stored_type().is_some() && target0 == *orig {
+            // Still the input's blocks: nothing wrote it.
+            let q = src_ct
+                .tensor(&mut src, gname, &model.device)
+                .map_err(|e| Error::bad_checkpoint(src_path, e))?;
+            qtensors.push((gname.clone(), q));
+            continue;
+        }
+        let mut t = p.dense()?;
         if ours.contains("self_attn.q_proj") {
             t = permute_qk(&t, cfg.n_heads, false)?;
         } else if ours.contains("self_attn.k_proj") {

@@ -192,7 +192,7 @@ impl Trainable {
         for (name, t) in model.weights.iter() {
             let Some(l) = layer_of(name) else { continue };
             if layers.contains(&l) && t.rank() == 2 {
-                let v = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+                let v = Var::from_tensor(&t.dense()?)?;
                 m.weights.insert(name.clone(), v.as_tensor().clone());
                 vars.push((name.clone(), v));
             }

@@ -15,5 +15,6 @@ mod mass_edit;
 mod model_core;
 mod parity;
 mod real_model;
+mod stored;
 mod tofu;
 mod unlearn;

@@ -300,7 +300,7 @@ fn safetensors_save_then_load_is_identical() {
         assert_eq!(back.weights.len(), m.weights.len());
         for (n, t) in m.weights.iter() {
             assert_eq!(
-                max_abs_diff(t, back.weights.get(n).unwrap()),
+                max_abs_diff(&t.dense().unwrap(), &back.weights.dense(n).unwrap()),
                 0.0,
                 "{name}: {n}"
             );

@@ -579,9 +579,9 @@ max_perplexity_ratio: 3.0
                 && ["layers.5.", "layers.6.", "layers.7."]
                     .iter()
                     .any(|l| name.contains(l));
-            let w0 = model.weights.get(name).unwrap();
+            let w0 = model.weights.dense(name).unwrap();
             let d = crate::common::max_abs_diff(
-                &w.to_dtype(candle_core::DType::F32).unwrap(),
+                &w.dense().unwrap(),
                 &w0.to_dtype(candle_core::DType::F32).unwrap(),
             );
             assert_eq!(d > 0.0, moved, "{name}: max change {d}");
@@ -632,7 +632,7 @@ fn a_rewrite_is_one_rank_one_update_that_moves_its_answers_and_little_else() {
     // Only that tensor changed, by a rank-one matrix: every row of ΔW is a multiple of one
     // vector (here u = k*, as C = I).
     for (name, w) in before.weights.iter() {
-        let same = crate::common::max_abs(&(w - m.weights.get(name).unwrap()).unwrap()) == 0.0;
+        let same = crate::common::max_abs(&(w.dense().unwrap() - m.weights.dense(name).unwrap()).unwrap()) == 0.0;
         assert_eq!(same, name != &applied.name, "{name}");
     }
     let dw: Vec<Vec<f32>> = (m.weights.get(&applied.name).unwrap() - &applied.previous)

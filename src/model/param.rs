@@ -1,0 +1,490 @@
+//! A weight as the model holds it: an f32 tensor, or a frozen matrix kept in the type the
+//! checkpoint stores it in (GGUF quantized blocks or f16), with the linear map over either.
+//!
+//! Why: loading used to dequantize every tensor to f32, so memory was 4 bytes per parameter
+//! whatever the file's size (an 8B-parameter Q4_K_M file of 4.7 GB would need 32 GB). With
+//! [`WeightMode::Stored`] only the matrices an edit or a training run writes become f32
+//! ([`super::Model::set_tensor`] stores a dense tensor); every other matrix stays in its blocks.
+//!
+//! How a stored matrix multiplies (`x · Wᵀ`, `x` `[m, k]`, `W` `[n, k]`):
+//! - incremental decoding (a pass over a KV cache with `m ≤ QMATMUL_ROWS` new rows and no
+//!   gradient, see [`QKernelScope`]): candle's quantized kernel, which quantizes `x` to 8 bits
+//!   and takes integer dot products with the blocks (llama.cpp's arithmetic; close to the f32
+//!   product, not bit-identical). Dequantizing a whole model per generated token would cost
+//!   more than the token.
+//! - everything else (prefill, scoring, the value search, training): the matrix is dequantized
+//!   `CHUNK_BYTES` of f32 at a time, and each slice multiplied by f32 gemm. The values are the
+//!   f32 path's (dequantization is the same function the f32 loader applies), up to f32
+//!   rounding where gemm splits the product differently, and memory stays bounded whatever the
+//!   matrix's size.
+//! - The input's gradient (`g · W`, the value search and unlearning through frozen layers) is
+//!   taken the same chunked way. A stored matrix never has a gradient of its own: a matrix that
+//!   trains is made dense first.
+
+use crate::error::{Error, Result};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::{DType, Device, Tensor};
+use std::borrow::Cow;
+use std::sync::Arc;
+
+/// How a checkpoint's matrices are held after loading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum WeightMode {
+    /// Every tensor dequantized to f32 (the reference path; every earlier number used it).
+    #[default]
+    F32,
+    /// Frozen matrices stay in their stored GGUF type; only written ones become f32.
+    Stored,
+}
+
+impl WeightMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightMode::F32 => "f32",
+            WeightMode::Stored => "stored",
+        }
+    }
+}
+
+/// At most this many rows of `x` use the quantized kernel; more use chunked dequantization
+/// and f32 gemm (`examples/stored_matmul.rs` measures both on the default model's shapes).
+pub const QMATMUL_ROWS: usize = 8;
+
+/// f32 bytes dequantized at a time by the chunked products (256 MB). A matrix under this
+/// size is multiplied whole, by the same gemm call as the f32 path, so its products are
+/// bit-identical to it (every matrix of the default model, its 113 MB embedding included); a
+/// larger one (an 8B model's 2.1 GB output head) is split into row chunks, which changes the
+/// order of the sums in `g · W` and so its rounding.
+const CHUNK_BYTES: usize = 256 << 20;
+
+thread_local! {
+    static QKERNEL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// While alive, small products on this thread may use the quantized kernel (see the module
+/// header); dropping it restores the previous setting.
+pub(crate) struct QKernelScope(bool);
+
+impl QKernelScope {
+    pub(crate) fn enter(on: bool) -> QKernelScope {
+        QKernelScope(QKERNEL.with(|q| q.replace(on)))
+    }
+}
+
+impl Drop for QKernelScope {
+    fn drop(&mut self) {
+        QKERNEL.with(|q| q.set(self.0));
+    }
+}
+
+/// A frozen matrix in its checkpoint type, `[rows, cols]` (`[out, in]` for a linear map).
+#[derive(Debug, Clone)]
+pub struct Stored {
+    q: Arc<QTensor>,
+}
+
+impl Stored {
+    /// Wrap a 2-D quantized tensor.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when it is not 2-D.
+    pub fn new(q: QTensor) -> Result<Stored> {
+        if q.rank() != 2 {
+            return Err(Error::invalid(
+                "stored weight",
+                format!("a stored matrix must be 2-D, got {:?}", q.shape().dims()),
+            ));
+        }
+        Ok(Stored { q: Arc::new(q) })
+    }
+
+    pub fn dtype(&self) -> GgmlDType {
+        self.q.dtype()
+    }
+
+    pub fn dims(&self) -> &[usize] {
+        self.q.shape().dims()
+    }
+
+    fn rows_cols(&self) -> (usize, usize) {
+        let d = self.dims();
+        (d[0], d[1])
+    }
+
+    /// Bytes of the stored blocks.
+    pub fn size_in_bytes(&self) -> usize {
+        self.q.storage_size_in_bytes()
+    }
+
+    /// The blocks, as the GGUF file holds them (row-major; each row a whole number of blocks).
+    pub fn data(&self) -> Result<Cow<'_, [u8]>> {
+        Ok(self.q.data()?)
+    }
+
+    pub fn qtensor(&self) -> &QTensor {
+        &self.q
+    }
+
+    /// Bytes per row (every row of a GGUF matrix is a whole number of blocks).
+    fn row_bytes(&self) -> usize {
+        let (_, cols) = self.rows_cols();
+        cols / self.dtype().block_size() * self.dtype().type_size()
+    }
+
+    /// The whole matrix in f32 (the values the f32 loader holds).
+    pub fn dequantize(&self) -> Result<Tensor> {
+        Ok(self.q.dequantize(&self.q.device())?)
+    }
+
+    /// Rows `start..start + len` in f32, `[len, cols]`.
+    pub fn dequantize_rows(&self, start: usize, len: usize) -> Result<Tensor> {
+        let (_, cols) = self.rows_cols();
+        let rb = self.row_bytes();
+        let data = self.data()?;
+        let slice = &data[start * rb..(start + len) * rb];
+        let dev = self.q.device();
+        let s = QStorage::from_data(Cow::Borrowed(slice), &dev, self.dtype())?;
+        Ok(QTensor::new(s, (len, cols))?.dequantize(&dev)?)
+    }
+
+    /// The same matrix with its rows reordered: row `i` of the result is row `perm[i]`.
+    /// Blocks never span rows, so this moves whole byte ranges and is exact.
+    pub fn permute_rows(&self, perm: &[usize]) -> Result<Stored> {
+        let (rows, cols) = self.rows_cols();
+        if perm.len() != rows {
+            return Err(Error::invalid(
+                "stored weight",
+                format!("permutation of {} rows for a matrix of {rows}", perm.len()),
+            ));
+        }
+        let rb = self.row_bytes();
+        let data = self.data()?;
+        let mut out = Vec::with_capacity(data.len());
+        for &r in perm {
+            out.extend_from_slice(&data[r * rb..(r + 1) * rb]);
+        }
+        let dev = self.q.device();
+        let s = QStorage::from_data(Cow::Owned(out), &dev, self.dtype())?;
+        Stored::new(QTensor::new(s, (rows, cols))?)
+    }
+
+    /// Rows per dequantized chunk.
+    fn chunk_rows(&self) -> usize {
+        let (rows, cols) = self.rows_cols();
+        (CHUNK_BYTES / (4 * cols.max(1))).clamp(1, rows.max(1))
+    }
+
+    /// Calls `f(start, rows_f32)` on every chunk of rows, in order.
+    pub fn for_each_chunk(&self, mut f: impl FnMut(usize, &Tensor) -> Result<()>) -> Result<()> {
+        let (rows, _) = self.rows_cols();
+        let step = self.chunk_rows();
+        let mut start = 0;
+        while start < rows {
+            let len = step.min(rows - start);
+            f(start, &self.dequantize_rows(start, len)?)?;
+            start += len;
+        }
+        Ok(())
+    }
+
+    /// Whether candle's quantized kernel takes this type (f16/bf16/f32 blocks always go
+    /// through dequantization).
+    fn has_qkernel(&self) -> bool {
+        !matches!(self.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+    }
+
+    /// `x · Wᵀ` over the last dimension.
+    ///
+    /// # Shapes
+    /// `x`: `[m, k]` (contiguous f32) -> `[m, n]`.
+    pub fn x_wt(&self, x: &Tensor) -> Result<Tensor> {
+        let (m, _) = x.dims2()?;
+        let qkernel = QKERNEL.with(|q| q.get());
+        if qkernel && m <= QMATMUL_ROWS && self.has_qkernel() && x.device().is_cpu() {
+            return Ok(x.contiguous()?.apply_op1_no_bwd(self.q.as_ref())?);
+        }
+        let (rows, _) = self.rows_cols();
+        if rows <= self.chunk_rows() {
+            return Ok(super::matmul::x_wt_any(x, &self.dequantize()?)?);
+        }
+        let mut parts = Vec::new();
+        self.for_each_chunk(|_, w| {
+            parts.push(super::matmul::x_wt_any(x, w)?);
+            Ok(())
+        })?;
+        Ok(Tensor::cat(&parts, 1)?)
+    }
+
+    /// `g · W`, the gradient of `x · Wᵀ` with respect to `x`.
+    ///
+    /// # Shapes
+    /// `g`: `[m, n]` -> `[m, k]`.
+    pub fn g_w(&self, g: &Tensor) -> Result<Tensor> {
+        let (rows, _) = self.rows_cols();
+        if rows <= self.chunk_rows() {
+            return Ok(super::matmul::g_w_any(g, &self.dequantize()?)?);
+        }
+        let mut acc: Option<Tensor> = None;
+        self.for_each_chunk(|start, w| {
+            let gs = g.narrow(1, start, w.dim(0)?)?.contiguous()?;
+            let part = super::matmul::g_w_any(&gs, w)?;
+            acc = Some(match acc.take() {
+                Some(a) => (a + part)?,
+                None => part,
+            });
+            Ok(())
+        })?;
+        acc.ok_or_else(|| Error::invalid("stored weight", "empty matrix"))
+    }
+
+    /// Rows of the matrix by index (an embedding lookup), f32.
+    ///
+    /// # Shapes
+    /// `ids`: `[n]` u32 -> `[n, cols]`.
+    pub fn rows(&self, ids: &Tensor) -> Result<Tensor> {
+        if self.has_qkernel() {
+            return Ok(self.q.embedding(ids)?);
+        }
+        // f16 blocks: gather one row at a time (the table itself stays f16).
+        let ids: Vec<u32> = ids.to_vec1()?;
+        let parts = ids
+            .iter()
+            .map(|&i| self.dequantize_rows(i as usize, 1))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+}
+
+/// One weight of a [`super::Weights`] map.
+#[derive(Debug, Clone)]
+pub enum Param {
+    /// An f32 tensor (norms, biases, every matrix in [`WeightMode::F32`], written matrices).
+    Dense(Tensor),
+    /// A frozen matrix in its checkpoint type.
+    Stored(Stored),
+}
+
+impl Param {
+    pub fn dims(&self) -> &[usize] {
+        match self {
+            Param::Dense(t) => t.dims(),
+            Param::Stored(s) => s.dims(),
+        }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.dims().len()
+    }
+
+    pub fn elem_count(&self) -> usize {
+        self.dims().iter().product()
+    }
+
+    /// The values in f32: the tensor itself (a cheap clone), or a dequantized copy.
+    pub fn dense(&self) -> Result<Tensor> {
+        match self {
+            Param::Dense(t) => Ok(t.clone()),
+            Param::Stored(s) => s.dequantize(),
+        }
+    }
+
+    /// The stored type, for a matrix still in its checkpoint blocks.
+    pub fn stored_type(&self) -> Option<GgmlDType> {
+        match self {
+            Param::Stored(s) => Some(s.dtype()),
+            Param::Dense(_) => None,
+        }
+    }
+
+    /// Bytes this weight takes in memory.
+    pub fn size_in_bytes(&self) -> usize {
+        match self {
+            Param::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Param::Stored(s) => s.size_in_bytes(),
+        }
+    }
+
+    /// `x · Wᵀ` for a matrix outside the autograd graph (dense: [`super::matmul::x_wt_any`]).
+    ///
+    /// # Shapes
+    /// `x`: `[m, k]` -> `[m, n]`.
+    pub fn x_wt(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Param::Dense(w) => Ok(super::matmul::x_wt_any(x, w)?),
+            Param::Stored(s) => s.x_wt(x),
+        }
+    }
+
+    /// `g · W`.
+    ///
+    /// # Shapes
+    /// `g`: `[m, n]` -> `[m, k]`.
+    pub fn g_w(&self, g: &Tensor) -> Result<Tensor> {
+        match self {
+            Param::Dense(w) => Ok(super::matmul::g_w_any(g, w)?),
+            Param::Stored(s) => s.g_w(g),
+        }
+    }
+
+    /// A borrowed view for the linear map.
+    pub fn mat(&self) -> Mat<'_> {
+        match self {
+            Param::Dense(t) => Mat::Dense(t),
+            Param::Stored(s) => Mat::Stored(s),
+        }
+    }
+}
+
+/// A matrix for [`super::layers::linear`]: dense, or stored.
+#[derive(Debug, Clone, Copy)]
+pub enum Mat<'a> {
+    Dense(&'a Tensor),
+    Stored(&'a Stored),
+}
+
+impl<'a> From<&'a Tensor> for Mat<'a> {
+    fn from(t: &'a Tensor) -> Self {
+        Mat::Dense(t)
+    }
+}
+
+impl<'a> Mat<'a> {
+    /// Output size (rows of `[out, in]`).
+    pub fn out_dim(&self) -> Result<usize> {
+        Ok(match self {
+            Mat::Dense(t) => t.dim(0)?,
+            Mat::Stored(s) => s.dims()[0],
+        })
+    }
+
+    pub fn as_dense(&self) -> Option<&'a Tensor> {
+        match self {
+            Mat::Dense(t) => Some(t),
+            Mat::Stored(_) => None,
+        }
+    }
+
+    /// An owned handle (tensors and blocks are reference-counted: no copy).
+    pub fn to_param(&self) -> Param {
+        match self {
+            Mat::Dense(t) => Param::Dense((*t).clone()),
+            Mat::Stored(s) => Param::Stored((*s).clone()),
+        }
+    }
+}
+
+/// `x · Wᵀ` for a stored `W` whose backward returns only the input's gradient, `g · W`.
+pub(crate) struct StoredLinear(pub Stored);
+
+impl candle_core::CustomOp1 for StoredLinear {
+    fn name(&self) -> &'static str {
+        "stored-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (start, end) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("stored-linear: input not contiguous".into()))?;
+        let x = Tensor::from_slice(&s.as_slice::<f32>()?[start..end], l.shape(), &Device::Cpu)?;
+        let y = self.0.x_wt(&x).map_err(candle_core::Error::wrap)?;
+        let y = y.contiguous()?;
+        let shape = y.shape().clone();
+        let (storage, layout) = y.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cpu(c) if layout.start_offset() == 0 => Ok((c.clone(), shape)),
+            _ => Err(candle_core::Error::Msg(
+                "stored-linear: unexpected storage".into(),
+            )),
+        }
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let g = grad.contiguous()?;
+        Ok(Some(self.0.g_w(&g).map_err(candle_core::Error::wrap)?))
+    }
+}
+
+/// Whether a GGUF tensor of this type and rank is kept stored in [`WeightMode::Stored`].
+pub fn keeps_stored(dtype: GgmlDType, rank: usize) -> bool {
+    rank == 2 && dtype != GgmlDType::F32
+}
+
+/// f32 for a dense tensor of another dtype (the map holds f32 only).
+pub fn to_f32(t: Tensor) -> Result<Tensor> {
+    Ok(if t.dtype() == DType::F32 {
+        t
+    } else {
+        t.to_dtype(DType::F32)?
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn chunked_products_equal_the_dequantized_f32_products() {
+        let dev = Device::Cpu;
+        // Wide rows, so that the matrix crosses chunks: 256 MB / (4 * 2^20) = 64 rows each.
+        let (n, k) = (150, 1 << 20);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let s = Stored::new(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()).unwrap();
+        assert!(s.chunk_rows() < n, "the test must cross chunks");
+        let wd = s.dequantize().unwrap();
+        let x = Tensor::randn(0f32, 1.0, (3, k), &dev).unwrap();
+        let y = s.x_wt(&x).unwrap();
+        let want = x.matmul(&wd.t().unwrap()).unwrap();
+        assert!(max_diff(&y, &want) < 0.5, "{}", max_diff(&y, &want));
+        let g = Tensor::randn(0f32, 1.0, (3, n), &dev).unwrap();
+        let dx = s.g_w(&g).unwrap();
+        let want = g.matmul(&wd).unwrap();
+        assert!(max_diff(&dx, &want) < 1e-3, "{}", max_diff(&dx, &want));
+        // Decoding rows go through the quantized kernel: close, not identical.
+        let x1 = x.narrow(0, 0, 2).unwrap();
+        let _q = QKernelScope::enter(true);
+        let y1 = s.x_wt(&x1).unwrap();
+        let want1 = x1.matmul(&wd.t().unwrap()).unwrap();
+        let scale = want1.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(max_diff(&y1, &want1) < 0.02 * scale);
+    }
+
+    #[test]
+    fn row_permutation_and_lookup_match_the_dense_matrix() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (6, 64), &dev).unwrap();
+        let s = Stored::new(QTensor::quantize(&w, GgmlDType::Q4_1).unwrap()).unwrap();
+        let wd = s.dequantize().unwrap();
+        let perm = [5usize, 0, 3, 1, 4, 2];
+        let p = s.permute_rows(&perm).unwrap().dequantize().unwrap();
+        let idx = Tensor::new(&[5u32, 0, 3, 1, 4, 2], &dev).unwrap();
+        assert_eq!(max_diff(&p, &wd.index_select(&idx, 0).unwrap()), 0.0);
+        let r = s.rows(&Tensor::new(&[2u32, 2, 0], &dev).unwrap()).unwrap();
+        let idx = Tensor::new(&[2u32, 2, 0], &dev).unwrap();
+        assert_eq!(max_diff(&r, &wd.index_select(&idx, 0).unwrap()), 0.0);
+        let h = Stored::new(QTensor::quantize(&w, GgmlDType::F16).unwrap()).unwrap();
+        let r = h.rows(&Tensor::new(&[1u32, 4], &dev).unwrap()).unwrap();
+        let hd = h.dequantize().unwrap();
+        let idx = Tensor::new(&[1u32, 4], &dev).unwrap();
+        assert_eq!(max_diff(&r, &hd.index_select(&idx, 0).unwrap()), 0.0);
+    }
+}
