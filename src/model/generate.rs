@@ -147,6 +147,9 @@ fn decode(
     let batch = Batch::padded(prompts, PadSide::Left, 0);
     let mut mask = batch.mask.clone();
     let mut cache = KvCache::new(model.config.n_layers);
+    // Generation may multiply stored matrices with the quantized kernel (a prompt or step of
+    // at most `QMATMUL_ROWS` rows; `super::param`).
+    let _qkernel = super::param::QKernelScope::enter(true);
     let mut logits = model.forward_cached(&batch, Some(&mut cache), &mut Trace::new())?;
     let b = prompts.len();
     let mut out = vec![Vec::new(); b];
@@ -195,8 +198,6 @@ fn decode(
             ids: next,
             mask: mask.clone(),
         };
-        // One new token per row over the cache: stored matrices may use the quantized kernel.
-        let _qkernel = super::param::QKernelScope::enter(true);
         logits = model.forward_cached(&step_batch, Some(&mut cache), &mut Trace::new())?;
     }
     if p.stop_at_eos {

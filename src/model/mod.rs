@@ -19,6 +19,7 @@ pub mod matmul;
 pub mod param;
 pub mod quant;
 pub mod save;
+pub mod synth;
 pub mod tokenizer;
 
 pub use config::{Arch, Config};

@@ -7,11 +7,11 @@
 //! ([`super::Model::set_tensor`] stores a dense tensor); every other matrix stays in its blocks.
 //!
 //! How a stored matrix multiplies (`x · Wᵀ`, `x` `[m, k]`, `W` `[n, k]`):
-//! - incremental decoding (a pass over a KV cache with `m ≤ QMATMUL_ROWS` new rows and no
-//!   gradient, see [`QKernelScope`]): candle's quantized kernel, which quantizes `x` to 8 bits
-//!   and takes integer dot products with the blocks (llama.cpp's arithmetic; close to the f32
-//!   product, not bit-identical). Dequantizing a whole model per generated token would cost
-//!   more than the token.
+//! - generation (`model::generate`, see [`QKernelScope`]), for a product of at most
+//!   `QMATMUL_ROWS` rows (a short prompt, each decoding step): candle's quantized kernel, which
+//!   quantizes `x` to 8 bits and takes integer dot products with the blocks (llama.cpp's
+//!   arithmetic; close to the f32 product, not bit-identical). Dequantizing a whole model per
+//!   generated token would cost more than the token.
 //! - everything else (prefill, scoring, the value search, training): the matrix is dequantized
 //!   `CHUNK_BYTES` of f32 at a time, and each slice multiplied by f32 gemm. The values are the
 //!   f32 path's (dequantization is the same function the f32 loader applies), up to f32
@@ -187,6 +187,52 @@ impl Stored {
         Ok(())
     }
 
+    /// `x · Wᵀ` by candle's generic quantized kernel (`k_quants::matmul`: `x` quantized to the
+    /// block type's 8-bit partner, integer dot products), for the block types it has; `None`
+    /// for others.
+    ///
+    /// Why not `QMatMul` / the `QTensor` custom op: on x86 those first repack Q4_K (and, for
+    /// more than one row, Q6_K) matrices into wider tiles and keep the tiles beside the blocks
+    /// for the tensor's lifetime, so every matrix a decoding step touches is held twice: an
+    /// 8B-shaped Q4_K_M file of 4.5 GB peaked at 8.8 GB in `generate`.
+    fn qmatmul(&self, x: &[f32], m: usize, k: usize, n: usize) -> Result<Option<Vec<f32>>> {
+        use candle_core::quantized::k_quants::{self as kq, GgmlType};
+        fn run<T: GgmlType>(
+            data: &[u8],
+            mkn: (usize, usize, usize),
+            x: &[f32],
+        ) -> Result<Vec<f32>> {
+            let size = std::mem::size_of::<T>();
+            assert!(
+                data.len().is_multiple_of(size)
+                    && (data.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()),
+                "stored blocks are whole and aligned"
+            );
+            // SAFETY: the bytes are the QTensor's own storage, a Vec of `T` blocks (checked
+            // above for size and alignment); blocks are plain old data.
+            let blocks: &[T] =
+                unsafe { std::slice::from_raw_parts(data.as_ptr() as *const T, data.len() / size) };
+            let mut dst = vec![0f32; mkn.0 * mkn.2];
+            kq::matmul::<T>(mkn, x, blocks, &mut dst)?;
+            Ok(dst)
+        }
+        let data = self.data()?;
+        let mkn = (m, k, n);
+        Ok(Some(match self.dtype() {
+            GgmlDType::Q4_0 => run::<kq::BlockQ4_0>(&data, mkn, x)?,
+            GgmlDType::Q4_1 => run::<kq::BlockQ4_1>(&data, mkn, x)?,
+            GgmlDType::Q5_0 => run::<kq::BlockQ5_0>(&data, mkn, x)?,
+            GgmlDType::Q5_1 => run::<kq::BlockQ5_1>(&data, mkn, x)?,
+            GgmlDType::Q8_0 => run::<kq::BlockQ8_0>(&data, mkn, x)?,
+            GgmlDType::Q2K => run::<kq::BlockQ2K>(&data, mkn, x)?,
+            GgmlDType::Q3K => run::<kq::BlockQ3K>(&data, mkn, x)?,
+            GgmlDType::Q4K => run::<kq::BlockQ4K>(&data, mkn, x)?,
+            GgmlDType::Q5K => run::<kq::BlockQ5K>(&data, mkn, x)?,
+            GgmlDType::Q6K => run::<kq::BlockQ6K>(&data, mkn, x)?,
+            _ => return Ok(None),
+        }))
+    }
+
     /// Whether candle's quantized kernel takes this type (f16/bf16/f32 blocks always go
     /// through dequantization).
     fn has_qkernel(&self) -> bool {
@@ -200,8 +246,12 @@ impl Stored {
     pub fn x_wt(&self, x: &Tensor) -> Result<Tensor> {
         let (m, _) = x.dims2()?;
         let qkernel = QKERNEL.with(|q| q.get());
-        if qkernel && m <= QMATMUL_ROWS && self.has_qkernel() && x.device().is_cpu() {
-            return Ok(x.contiguous()?.apply_op1_no_bwd(self.q.as_ref())?);
+        if qkernel && m <= QMATMUL_ROWS && x.device().is_cpu() {
+            let (n, k) = self.rows_cols();
+            let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+            if let Some(y) = self.qmatmul(&xs, m, k, n)? {
+                return Ok(Tensor::from_vec(y, (m, n), x.device())?);
+            }
         }
         let (rows, _) = self.rows_cols();
         if rows <= self.chunk_rows() {
