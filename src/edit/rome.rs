@@ -77,6 +77,11 @@ pub struct RomeParams {
     pub stats_samples: usize,
     #[serde(default = "d_seq")]
     pub stats_seq_len: usize,
+    /// Key statistics from a text file, one document per line (cut to `stats_seq_len`
+    /// tokens, at most `stats_samples` documents), instead of self-sampled text; relative
+    /// paths are from the working directory. See `stats::Corpus::Documents`.
+    #[serde(default)]
+    pub stats_corpus: Option<std::path::PathBuf>,
     #[serde(default)]
     pub seed: u64,
 }

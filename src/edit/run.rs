@@ -167,32 +167,25 @@ impl Editor {
         for &l in &layers {
             model.config.check_layer(l)?;
         }
-        let (samples, seq_len, seed, ctx) = match &self.method {
-            Method::Rome(p) => (
-                p.stats_samples,
-                p.stats_seq_len,
-                p.seed,
-                &p.context_templates,
-            ),
-            Method::Memit(p) => (
-                p.stats_samples,
-                p.stats_seq_len,
-                p.seed,
-                &p.context_templates,
-            ),
-            Method::Alphaedit(p) => (
-                p.stats_samples,
-                p.stats_seq_len,
-                p.seed,
-                &p.context_templates,
-            ),
+        let seed = match &self.method {
+            Method::Rome(p) => p.seed,
+            Method::Memit(p) => p.seed,
+            Method::Alphaedit(p) => p.seed,
             Method::Ft(_) => return Ok(()),
         };
+        let Some(ps) = self.method.prefixes_and_stats() else {
+            return Ok(());
+        };
+        let ctx = ps.context_templates.to_vec();
         if self.stats.is_empty() {
             let spec = StatsSpec {
-                samples,
-                seq_len,
+                samples: ps.samples,
+                seq_len: ps.seq_len,
                 seed,
+                corpus: match ps.corpus {
+                    Some(c) => stats::Corpus::Documents(c.to_path_buf()),
+                    None => stats::Corpus::SelfSampled,
+                },
                 ..Default::default()
             };
             self.stats = stats::load_or_compute_layers(
@@ -210,7 +203,7 @@ impl Editor {
             }
         }
         if self.prefixes.is_none() {
-            self.prefixes = Some(rome::context_prefixes(model, ctx, seed)?);
+            self.prefixes = Some(rome::context_prefixes(model, &ctx, seed)?);
         }
         Ok(())
     }

@@ -114,6 +114,7 @@ impl Method {
             context_templates: ctx,
             samples,
             seq_len: seq,
+            ..
         }) = self.prefixes_and_stats()
         else {
             return Ok(());
@@ -145,16 +146,17 @@ impl Method {
     /// The context-prefix templates and key-statistics settings of the methods that have them
     /// (ROME, MEMIT, AlphaEdit; `None` for FT-L).
     pub fn prefixes_and_stats(&self) -> Option<PrefixesAndStats<'_>> {
-        let (context_templates, samples, seq_len) = match self {
-            Method::Rome(p) => (&p.context_templates, p.stats_samples, p.stats_seq_len),
-            Method::Memit(p) => (&p.context_templates, p.stats_samples, p.stats_seq_len),
-            Method::Alphaedit(p) => (&p.context_templates, p.stats_samples, p.stats_seq_len),
+        let (context_templates, samples, seq_len, corpus) = match self {
+            Method::Rome(p) => (&p.context_templates, p.stats_samples, p.stats_seq_len, &p.stats_corpus),
+            Method::Memit(p) => (&p.context_templates, p.stats_samples, p.stats_seq_len, &p.stats_corpus),
+            Method::Alphaedit(p) => (&p.context_templates, p.stats_samples, p.stats_seq_len, &p.stats_corpus),
             Method::Ft(_) => return None,
         };
         Some(PrefixesAndStats {
             context_templates,
             samples,
             seq_len,
+            corpus: corpus.as_deref(),
         })
     }
 
@@ -194,6 +196,8 @@ pub struct PrefixesAndStats<'a> {
     /// Self-sampled statistics sequences and their length.
     pub samples: usize,
     pub seq_len: usize,
+    /// `stats_corpus`: documents to take the keys from instead.
+    pub corpus: Option<&'a Path>,
 }
 
 /// Sequential editing: batches applied one after another to the same model.
@@ -456,10 +460,14 @@ impl EditSpec {
                 )));
             }
         }
-        let (prefix_tokens, samples, seq) = match self.method.prefixes_and_stats() {
-            Some(p) => (max_prefix(p.context_templates), p.samples, p.seq_len),
-            None => (0, usize::MAX, 2),
+        let (prefix_tokens, samples, seq, corpus) = match self.method.prefixes_and_stats() {
+            Some(p) => (max_prefix(p.context_templates), p.samples, p.seq_len, p.corpus),
+            None => (0, usize::MAX, 2, None),
         };
+        if let Some(c) = corpus {
+            crate::edit::stats::check_documents(c)
+                .map_err(|e| bad(format!("method.stats_corpus: {e}")))?;
+        }
         if seq > ctx {
             return Err(bad(format!(
                 "method.stats_seq_len: {seq} exceeds the model's context of {ctx} tokens"
@@ -467,7 +475,8 @@ impl EditSpec {
         }
         // The key covariance is d_mlp x d_mlp: fewer keys than d_mlp cannot make it invertible.
         let d = model.config.d_mlp;
-        if samples.saturating_mul(seq) < d {
+        // (A corpus may give fewer: the covariance is then ridge-regularised, see `stats`.)
+        if corpus.is_none() && samples.saturating_mul(seq) < d {
             return Err(bad(format!(
                 "method.stats_samples: {samples} sequences of {seq} tokens give fewer keys than the {d} a {d} x {d} covariance needs; use at least {}",
                 d.div_ceil(seq)

@@ -25,6 +25,53 @@ pub enum Corpus {
     SelfSampled,
     /// A user text file, cut into sequences.
     File(PathBuf),
+    /// A text file of documents, one per line (blank lines skipped): each document is one
+    /// sequence, cut to `seq_len` tokens, in file order, at most `samples` of them (the spec's
+    /// `stats_corpus`).
+    Documents(PathBuf),
+}
+
+/// Below this many keys per dimension (`count < d_mlp`) C is singular, and
+/// [`ridge_if_deficient`] adds `RIDGE * mean(diag C) * I`.
+///
+/// MEMIT (Meng et al. 2023, eq. 14 and the reference's `mom2_update_weight`) weighs C against
+/// the edited keys' outer products instead, with C from 100k Wikipedia samples, so it never
+/// meets a rank-deficient C. With a small corpus on a large model (2,000 keys for a d_mlp of
+/// 14,336) some regulariser is needed: the ridge keeps the update in the span the corpus saw
+/// (directions it saw are damped by C as before) and shrinks it evenly in the others.
+pub const RIDGE: f64 = 0.1;
+
+/// Add the ridge to a second moment estimated from fewer than `d` keys.
+///
+/// Returns the ridge added (0 when `count >= d`).
+pub fn ridge_if_deficient(mom2: Tensor, count: usize) -> Result<(Tensor, f64)> {
+    let d = mom2.dim(0)?;
+    if count >= d {
+        return Ok((mom2, 0.0));
+    }
+    let mean_diag = mom2
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?
+        .iter()
+        .step_by(d + 1)
+        .sum::<f64>()
+        / d as f64;
+    let lambda = RIDGE * mean_diag.max(f64::MIN_POSITIVE);
+    let eye = Tensor::eye(d, mom2.dtype(), mom2.device())?;
+    Ok(((mom2 + (eye * lambda)?)?, lambda))
+}
+
+/// Check a documents file before any work: readable, with at least one non-blank line.
+///
+/// # Errors
+/// A message naming the file.
+pub fn check_documents(path: &std::path::Path) -> std::result::Result<(), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if text.lines().all(|l| l.trim().is_empty()) {
+        return Err(format!("{} has no documents (one per line)", path.display()));
+    }
+    Ok(())
 }
 
 /// What to compute.
@@ -220,6 +267,7 @@ fn cache_path(fp: &str, spec: &StatsSpec) -> Result<PathBuf> {
     let corpus = match &spec.corpus {
         Corpus::SelfSampled => "self".to_string(),
         Corpus::File(p) => format!("file-{}", &fetch::sha256_file(p)?[..16]),
+        Corpus::Documents(p) => format!("docs-{}", &fetch::sha256_file(p)?[..16]),
     };
     let name = format!(
         "layer{}-{corpus}-{}x{}-seed{}.safetensors",
@@ -342,6 +390,26 @@ pub fn corpus_sequences(
             }
             Ok(out)
         }
+        Corpus::Documents(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+            let mut out = Vec::new();
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                if out.len() == spec.samples {
+                    break;
+                }
+                let mut s = vec![start];
+                let ids = tok.encode(line)?;
+                s.extend(ids.iter().take(spec.seq_len.saturating_sub(1)));
+                out.push(s);
+            }
+            if out.is_empty() {
+                return Err(Error::invalid(
+                    "method.stats_corpus",
+                    format!("{} has no documents (one per line)", path.display()),
+                ));
+            }
+            Ok(out)
+        }
     }
 }
 
@@ -393,9 +461,14 @@ fn accumulate(model: &Model, seqs: &[Vec<u32>], layers: &[usize]) -> Result<Vec<
         .iter()
         .zip(acc)
         .map(|(&l, a)| {
+            // Fewer keys than dimensions (a small corpus): ridge-regularised.
+            let (mom2, ridge) = ridge_if_deficient((a / count as f64)?, count)?;
+            if ridge > 0.0 {
+                tracing::info!("layer {l}: {count} keys < d_mlp {d}: ridge {ridge:e} added to C");
+            }
             Ok(KeyStats {
                 layer: l,
-                mom2: (a / count as f64)?,
+                mom2,
                 count,
                 cache_path: None,
             })
@@ -431,5 +504,25 @@ mod tests {
         assert!(check_usable(&stats(zeros, 10)).is_err());
         let nan = (eye * f64::NAN).unwrap();
         assert!(check_usable(&stats(nan, 10)).is_err());
+    }
+}
+
+#[cfg(test)]
+mod ridge_tests {
+    use super::*;
+
+    #[test]
+    fn the_ridge_is_added_only_below_d_keys() {
+        let dev = candle_core::Device::Cpu;
+        // Rank one: k = (1, 2, 0), mean diag = 5/3.
+        let k = Tensor::new(&[[1f64, 2.0, 0.0]], &dev).unwrap();
+        let c = k.t().unwrap().matmul(&k).unwrap();
+        let (r, lambda) = ridge_if_deficient(c.clone(), 1).unwrap();
+        assert!((lambda - RIDGE * 5.0 / 3.0).abs() < 1e-12);
+        let r: Vec<Vec<f64>> = r.to_vec2().unwrap();
+        assert!((r[2][2] - lambda).abs() < 1e-12 && (r[0][1] - 2.0).abs() < 1e-12);
+        let (same, none) = ridge_if_deficient(c, 3).unwrap();
+        assert_eq!(none, 0.0);
+        assert_eq!(same.to_vec2::<f64>().unwrap()[2][2], 0.0);
     }
 }

@@ -318,3 +318,58 @@ fn key_statistics_are_cached_under_target() {
         "{dir:?} holds {cached:?}"
     );
 }
+
+/// `stats_corpus`: key statistics from a documents file. 40 short documents give fewer keys
+/// than d_mlp (1,536), so C is ridge-regularised; the edit still holds, and the statistics are
+/// cached under the corpus's hash. A missing corpus is refused before any work, naming the field.
+#[test]
+fn stats_corpus_takes_keys_from_documents_with_a_ridge() {
+    let d = tempfile::tempdir().unwrap();
+    let corpus = d.path().join("docs.txt");
+    let docs: Vec<String> = (0..40)
+        .map(|i| format!("Document {i}: the river town kept {} boats and a stone bridge.", i * 3))
+        .collect();
+    std::fs::write(&corpus, docs.join("\n\n")).unwrap();
+    let spec_src = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/edits/eiffel-rome.yaml"
+    ))
+    .unwrap();
+    let with = |c: &str| {
+        spec_src.replace(
+            "  layer: 5",
+            &format!("  layer: 5\n  stats_corpus: {c}\n  stats_samples: 100\n  stats_seq_len: 32"),
+        )
+    };
+    let spec = d.path().join("spec.yaml");
+    std::fs::write(&spec, with(corpus.to_str().unwrap())).unwrap();
+    let j = d.path().join("r.json");
+    let o = crate::common::engram()
+        .args(["edit", spec.to_str().unwrap(), "--no-locality", "--json", j.to_str().unwrap()])
+        .args(["--out", d.path().join("o.gguf").to_str().unwrap()])
+        .current_dir(d.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(json(&j)["rewrites"][0]["post"]["es"], 1.0);
+    assert!(stdout.contains("-docs-"), "{stdout}");
+    let keys: usize = stdout
+        .split("key statistics: ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(keys < 1536, "{keys} keys: the test must take the ridge path");
+
+    let missing = d.path().join("missing.yaml");
+    std::fs::write(&missing, with("no-such-corpus.txt")).unwrap();
+    let o = crate::common::engram()
+        .args(["edit", missing.to_str().unwrap()])
+        .current_dir(d.path())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("method.stats_corpus") && err.contains("no-such-corpus.txt"), "{err}");
+}
