@@ -88,9 +88,10 @@ pub fn print_report(r: &EditReport) {
         );
         if let Some(t) = &w.search {
             println!(
-                "    {} search: {} steps, target P {:.3}, NLL {:.3}, KL {:.4}, |delta| {:.2}",
+                "    {} search: {} steps in {:.1} s, target P {:.3}, NLL {:.3}, KL {:.4}, |delta| {:.2}",
                 if r.method == "rome" { "v*" } else { "z" },
                 t.steps,
+                t.seconds,
                 t.target_prob,
                 t.nll,
                 t.kl,
@@ -143,7 +144,10 @@ pub fn print_report(r: &EditReport) {
         );
     }
     if let Some(s) = &r.stats {
-        println!("key statistics: {s}");
+        println!(
+            "key statistics: {s} (statistics and context prefixes: {:.1} s)",
+            r.prepare_seconds
+        );
     }
     if !r.out_types.is_empty() {
         let mut t = Table::new();

@@ -98,6 +98,10 @@ pub struct EditReport {
     pub rewrites: Vec<RewriteReport>,
     pub locality: Option<Locality>,
     pub stats: Option<String>,
+    /// Wall time of the method's preparation: key statistics (computed or read from the
+    /// cache) and context prefixes.
+    #[serde(default)]
+    pub prepare_seconds: f64,
     pub edit_seconds_mean: f64,
     /// Per batch (MEMIT, AlphaEdit): the z searches and each layer's residual and update norms.
     pub batches: Vec<BatchTrace>,
@@ -459,7 +463,9 @@ pub fn run_spec_resumable(
         crate::peak_rss_mb()
     );
     progress("key statistics");
+    let t_prep = std::time::Instant::now();
     editor.prepare(model, &mut |_, _| {})?;
+    let prepare_seconds = t_prep.elapsed().as_secs_f64();
     tracing::debug!(
         "statistics loaded: RSS {:.0} MB (peak {:.0} MB)",
         crate::rss_mb(),
@@ -593,6 +599,7 @@ pub fn run_spec_resumable(
         rewrites: reports,
         locality: loc,
         stats: editor.stats_description(),
+        prepare_seconds,
         batches,
         retention,
         base_fingerprint: editor.base_fingerprint.clone(),

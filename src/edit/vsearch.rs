@@ -79,6 +79,10 @@ pub struct SearchTrace {
     pub kl: f64,
     pub delta_norm: f64,
     pub n_prompts: usize,
+    /// Wall time of the search, from its clean pass to its last step (requests searched
+    /// together share it).
+    #[serde(default)]
+    pub seconds: f64,
 }
 
 /// The result for one request.
@@ -611,6 +615,7 @@ fn search_chunk(
     at: Where,
     params: &SearchParams,
 ) -> Result<Vec<Found>> {
+    let t0 = std::time::Instant::now();
     let cfg = &model.config;
     let dev = &model.device;
     let per_req = prefixes.len() + 1; // prompt rows, then the KL row
@@ -692,6 +697,7 @@ fn search_chunk(
             kl: 0.0,
             delta_norm: 0.0,
             n_prompts,
+            seconds: 0.0,
         })
         .collect();
     let mut done = vec![false; nq];
@@ -767,6 +773,7 @@ fn search_chunk(
         }
         for (a, &q) in active.iter().enumerate() {
             let t = &mut traces[q];
+            t.seconds = t0.elapsed().as_secs_f64();
             t.steps = step + 1;
             t.nll = nll_q[q];
             t.kl = kls[a] as f64;

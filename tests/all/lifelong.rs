@@ -244,6 +244,7 @@ fn nas_rescales_value_vectors_to_the_reference_norm() {
                 kl: 0.0,
                 delta_norm: 0.0,
                 n_prompts: 1,
+                seconds: 0.0,
             },
         }
     };
