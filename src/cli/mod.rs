@@ -32,9 +32,10 @@ pub struct Cli {
     /// Log level (error, warn, info, debug, trace); also RUST_LOG.
     #[arg(long, global = true, default_value = "warn")]
     log: String,
-    /// How GGUF matrices are held: `f32` (every tensor dequantized; the reference path) or
+    /// How GGUF matrices are held: `f32` (every tensor dequantized; the reference path),
     /// `stored` (frozen matrices stay in their quantized blocks, only edited or trained ones
-    /// become f32). Also ENGRAM_WEIGHTS.
+    /// become f32; same numbers as f32) or `stored-kernel` (as stored, and generation uses
+    /// llama.cpp's integer kernel: faster, not bit-identical). Also ENGRAM_WEIGHTS.
     #[arg(long, global = true, value_enum)]
     weights: Option<engram::model::WeightMode>,
     #[command(subcommand)]

@@ -100,7 +100,7 @@ pub fn load_with(spec: Option<&str>, device: &Device, mode: WeightMode) -> Resul
     }
 }
 
-/// 0: unset, 1: f32, 2: stored.
+/// 0: unset, 1: f32, 2: stored, 3: stored-kernel.
 static DEFAULT_MODE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 /// Set the mode [`load`] uses in this process (the CLI's `--weights`).
@@ -108,18 +108,21 @@ pub fn set_default_mode(mode: WeightMode) {
     let v = match mode {
         WeightMode::F32 => 1,
         WeightMode::Stored => 2,
+        WeightMode::StoredKernel => 3,
     };
     DEFAULT_MODE.store(v, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// The mode [`load`] uses: the one set by [`set_default_mode`], else `ENGRAM_WEIGHTS`
-/// (`f32` or `stored`), else f32.
+/// (`f32`, `stored` or `stored-kernel`), else f32.
 pub fn default_mode() -> WeightMode {
     match DEFAULT_MODE.load(std::sync::atomic::Ordering::Relaxed) {
         1 => WeightMode::F32,
         2 => WeightMode::Stored,
+        3 => WeightMode::StoredKernel,
         _ => match std::env::var("ENGRAM_WEIGHTS").as_deref() {
             Ok("stored") => WeightMode::Stored,
+            Ok("stored-kernel") => WeightMode::StoredKernel,
             _ => WeightMode::F32,
         },
     }
@@ -482,8 +485,8 @@ pub fn load_gguf_with(path: &Path, spec: String, device: &Device, mode: WeightMo
             .tensor(&mut file, gname, device)
             .map_err(|e| Error::bad_checkpoint(path, format!("tensor `{gname}`: {e}")))?;
         tensors.push((gname.clone(), ours.clone(), q.dtype()));
-        if mode == WeightMode::Stored && keeps_stored(q.dtype(), q.rank()) && device.is_cpu() {
-            let mut st = Stored::new(q)?;
+        if mode.keeps_blocks() && keeps_stored(q.dtype(), q.rank()) && device.is_cpu() {
+            let mut st = Stored::new(q)?.with_kernel(mode == WeightMode::StoredKernel);
             let heads = if ours.contains("self_attn.q_proj") {
                 Some(cfg.n_heads)
             } else if ours.contains("self_attn.k_proj") {

@@ -7,7 +7,8 @@
 //! ([`super::Model::set_tensor`] stores a dense tensor); every other matrix stays in its blocks.
 //!
 //! How a stored matrix multiplies (`x · Wᵀ`, `x` `[m, k]`, `W` `[n, k]`):
-//! - generation (`model::generate`, see [`QKernelScope`]), for a product of at most
+//! - with [`WeightMode::StoredKernel`] only, generation (`model::generate`, see
+//!   [`QKernelScope`]), for a product of at most
 //!   `QMATMUL_ROWS` rows (a short prompt, each decoding step): candle's quantized kernel, which
 //!   quantizes `x` to 8 bits and takes integer dot products with the blocks (llama.cpp's
 //!   arithmetic; close to the f32 product, not bit-identical). Dequantizing a whole model per
@@ -33,8 +34,13 @@ pub enum WeightMode {
     /// Every tensor dequantized to f32 (the reference path; every earlier number used it).
     #[default]
     F32,
-    /// Frozen matrices stay in their stored GGUF type; only written ones become f32.
+    /// Frozen matrices stay in their stored GGUF type; only written ones become f32. Every
+    /// product dequantizes, so numbers are the f32 path's.
     Stored,
+    /// As `Stored`, and generation multiplies small products with llama.cpp's integer kernel
+    /// (8-bit activations): much faster decoding, not bit-identical.
+    #[value(name = "stored-kernel")]
+    StoredKernel,
 }
 
 impl WeightMode {
@@ -42,7 +48,13 @@ impl WeightMode {
         match self {
             WeightMode::F32 => "f32",
             WeightMode::Stored => "stored",
+            WeightMode::StoredKernel => "stored-kernel",
         }
+    }
+
+    /// Whether matrices stay in their blocks.
+    pub fn keeps_blocks(self) -> bool {
+        self != WeightMode::F32
     }
 }
 
@@ -81,6 +93,8 @@ impl Drop for QKernelScope {
 #[derive(Debug, Clone)]
 pub struct Stored {
     q: Arc<QTensor>,
+    /// Whether generation may use the integer kernel ([`WeightMode::StoredKernel`]).
+    kernel: bool,
 }
 
 impl Stored {
@@ -95,7 +109,16 @@ impl Stored {
                 format!("a stored matrix must be 2-D, got {:?}", q.shape().dims()),
             ));
         }
-        Ok(Stored { q: Arc::new(q) })
+        Ok(Stored {
+            q: Arc::new(q),
+            kernel: false,
+        })
+    }
+
+    /// The same matrix, allowed (or not) to use the integer kernel in generation.
+    pub fn with_kernel(mut self, kernel: bool) -> Stored {
+        self.kernel = kernel;
+        self
     }
 
     pub fn dtype(&self) -> GgmlDType {
@@ -165,7 +188,7 @@ impl Stored {
         }
         let dev = self.q.device();
         let s = QStorage::from_data(Cow::Owned(out), &dev, self.dtype())?;
-        Stored::new(QTensor::new(s, (rows, cols))?)
+        Ok(Stored::new(QTensor::new(s, (rows, cols))?)?.with_kernel(self.kernel))
     }
 
     /// Rows per dequantized chunk.
@@ -246,7 +269,7 @@ impl Stored {
     pub fn x_wt(&self, x: &Tensor) -> Result<Tensor> {
         let (m, _) = x.dims2()?;
         let qkernel = QKERNEL.with(|q| q.get());
-        if qkernel && m <= QMATMUL_ROWS && x.device().is_cpu() {
+        if self.kernel && qkernel && m <= QMATMUL_ROWS && x.device().is_cpu() {
             let (n, k) = self.rows_cols();
             let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
             if let Some(y) = self.qmatmul(&xs, m, k, n)? {
@@ -512,6 +535,7 @@ mod tests {
         // Decoding rows go through the quantized kernel: close, not identical.
         let x1 = x.narrow(0, 0, 2).unwrap();
         let _q = QKernelScope::enter(true);
+        let s = s.with_kernel(true);
         let y1 = s.x_wt(&x1).unwrap();
         let want1 = x1.matmul(&wd.t().unwrap()).unwrap();
         let scale = want1.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();

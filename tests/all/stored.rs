@@ -68,24 +68,36 @@ fn full_passes_and_gradients_are_bit_identical_to_f32() {
     assert_eq!(max_diff(&grads[0], &grads[1]), 0.0);
 }
 
-/// Decoding steps use candle's quantized kernel (8-bit activations, llama.cpp's arithmetic):
-/// the greedy continuations of the 20 fixture prompts are token for token those of the f32
-/// path.
+/// In `stored` mode generation dequantizes too: the greedy continuations of the 20 fixture
+/// prompts, each generated alone, are token for token those of the f32 path. In
+/// `stored-kernel` mode, products of at most 8 rows (each decoding step, short prompts) take
+/// llama.cpp's integer kernel (8-bit activations) instead: the continuations stay close but not
+/// identical (measured: 10 of 20 identical over 20 tokens, 19 of 20 first tokens equal), so the
+/// test asserts only that most first tokens agree.
 #[test]
 fn greedy_continuations_match_f32_on_the_fixture_prompts() {
     let (f, s) = (real(), stored());
+    let k = load_with(None, &Device::Cpu, WeightMode::StoredKernel).unwrap();
     let prompts = fixture_prompts();
     let p = GenParams {
         max_new_tokens: 20,
         ..GenParams::default()
     };
-    let (a, b) = (
-        generate(f, &prompts, &p).unwrap(),
-        generate(s, &prompts, &p).unwrap(),
-    );
-    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-        assert_eq!(x, y, "prompt {i}");
+    // One prompt at a time: every decoding step (and each prompt of at most 8 tokens) is then
+    // a product of at most 8 rows, which is what takes the integer kernel.
+    let short = prompts.iter().filter(|p| p.len() <= 8).count();
+    assert!(short >= 10, "{short} short prompts");
+    let (mut same, mut first_same) = (0, 0);
+    for (i, ids) in prompts.iter().enumerate() {
+        let one = std::slice::from_ref(ids);
+        let x = generate(f, one, &p).unwrap();
+        assert_eq!(x, generate(s, one, &p).unwrap(), "prompt {i}");
+        let y = generate(&k, one, &p).unwrap();
+        same += (x == y) as usize;
+        first_same += (x[0].first() == y[0].first()) as usize;
     }
+    println!("stored-kernel: {same} of 20 continuations identical, {first_same} first tokens");
+    assert!(first_same >= 15, "{first_same} of 20 first tokens agree");
 }
 
 /// An edit in stored mode writes only the edited matrix: the output GGUF carries every other
