@@ -94,7 +94,8 @@ pub fn run(a: Args) -> Result<()> {
                 let text = serde_json::to_string_pretty(&w)?;
                 engram::model::save::write_atomic(&j, |f| {
                     use std::io::Write;
-                    f.write_all(text.as_bytes()).map_err(|e| engram::Error::io(&j, e))
+                    f.write_all(text.as_bytes())
+                        .map_err(|e| engram::Error::io(&j, e))
                 })?;
             }
         }

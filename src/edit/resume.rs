@@ -85,10 +85,7 @@ pub fn save<P: serde::Serialize>(
     let carried = editor.carried();
     let mut views: Vec<(String, TensorView)> = Vec::new();
     for n in edited {
-        views.push((
-            format!("weight/{n}"),
-            TensorView(model.weights.dense(n)?),
-        ));
+        views.push((format!("weight/{n}"), TensorView(model.weights.dense(n)?)));
     }
     for (i, p) in carried.past.iter().enumerate() {
         if let Some(p) = p {

@@ -147,9 +147,24 @@ impl Method {
     /// (ROME, MEMIT, AlphaEdit; `None` for FT-L).
     pub fn prefixes_and_stats(&self) -> Option<PrefixesAndStats<'_>> {
         let (context_templates, samples, seq_len, corpus) = match self {
-            Method::Rome(p) => (&p.context_templates, p.stats_samples, p.stats_seq_len, &p.stats_corpus),
-            Method::Memit(p) => (&p.context_templates, p.stats_samples, p.stats_seq_len, &p.stats_corpus),
-            Method::Alphaedit(p) => (&p.context_templates, p.stats_samples, p.stats_seq_len, &p.stats_corpus),
+            Method::Rome(p) => (
+                &p.context_templates,
+                p.stats_samples,
+                p.stats_seq_len,
+                &p.stats_corpus,
+            ),
+            Method::Memit(p) => (
+                &p.context_templates,
+                p.stats_samples,
+                p.stats_seq_len,
+                &p.stats_corpus,
+            ),
+            Method::Alphaedit(p) => (
+                &p.context_templates,
+                p.stats_samples,
+                p.stats_seq_len,
+                &p.stats_corpus,
+            ),
             Method::Ft(_) => return None,
         };
         Some(PrefixesAndStats {
@@ -461,7 +476,12 @@ impl EditSpec {
             }
         }
         let (prefix_tokens, samples, seq, corpus) = match self.method.prefixes_and_stats() {
-            Some(p) => (max_prefix(p.context_templates), p.samples, p.seq_len, p.corpus),
+            Some(p) => (
+                max_prefix(p.context_templates),
+                p.samples,
+                p.seq_len,
+                p.corpus,
+            ),
             None => (0, usize::MAX, 2, None),
         };
         if let Some(c) = corpus {

@@ -69,7 +69,10 @@ pub fn ridge_if_deficient(mom2: Tensor, count: usize) -> Result<(Tensor, f64)> {
 pub fn check_documents(path: &std::path::Path) -> std::result::Result<(), String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     if text.lines().all(|l| l.trim().is_empty()) {
-        return Err(format!("{} has no documents (one per line)", path.display()));
+        return Err(format!(
+            "{} has no documents (one per line)",
+            path.display()
+        ));
     }
     Ok(())
 }

@@ -408,6 +408,20 @@ pub enum Step {
     Stop(Tensor),
 }
 
+/// A custom op's result handed back as CPU storage (contiguous, from offset 0).
+pub(crate) fn cpu_output(
+    y: Tensor,
+    op: &str,
+) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    let y = y.contiguous()?;
+    let shape = y.shape().clone();
+    let (storage, layout) = y.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(c) if layout.start_offset() == 0 => Ok((c.clone(), shape)),
+        _ => Err(candle_core::Error::Msg(format!("{op}: unexpected storage"))),
+    }
+}
+
 /// `x @ w^T` whose backward returns only `grad @ w` (w is a constant).
 struct NoWeightGrad {
     w: Tensor,
@@ -435,15 +449,7 @@ impl candle_core::CustomOp1 for NoWeightGrad {
             return Ok((candle_core::CpuStorage::F32(y), dims.into()));
         }
         let x = Tensor::from_slice(data, l.shape(), &Device::Cpu)?;
-        let y = x.matmul(&self.w.t()?)?.contiguous()?;
-        let shape = y.shape().clone();
-        let (storage, layout) = y.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cpu(c) if layout.start_offset() == 0 => Ok((c.clone(), shape)),
-            _ => Err(candle_core::Error::Msg(
-                "linear-no-weight-grad: unexpected storage".into(),
-            )),
-        }
+        cpu_output(x.matmul(&self.w.t()?)?, "linear-no-weight-grad")
     }
 
     fn bwd(

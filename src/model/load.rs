@@ -7,8 +7,8 @@
 
 use super::config::{Arch, Config};
 use super::fetch;
-use super::tokenizer::Tok;
 use super::param::{keeps_stored, Param, Stored, WeightMode};
+use super::tokenizer::Tok;
 use super::{gpt2, llama, Model, Weights};
 use crate::error::{Error, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -456,7 +456,12 @@ fn check_finite_stored(path: &Path, name: &str, s: &Stored) -> Result<()> {
 
 /// [`load_gguf`] in the given [`WeightMode`]: in `Stored`, every 2-D tensor not stored as f32
 /// keeps its blocks (Q/K rows are reordered byte-wise, which is exact).
-pub fn load_gguf_with(path: &Path, spec: String, device: &Device, mode: WeightMode) -> Result<Model> {
+pub fn load_gguf_with(
+    path: &Path,
+    spec: String,
+    device: &Device,
+    mode: WeightMode,
+) -> Result<Model> {
     super::gguf_check::check(path)?;
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let ct = Content::read(&mut file).map_err(|e| Error::bad_checkpoint(path, e))?;

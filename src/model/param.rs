@@ -24,7 +24,7 @@
 
 use crate::error::{Error, Result};
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use std::borrow::Cow;
 use std::sync::Arc;
 
@@ -259,7 +259,10 @@ impl Stored {
     /// Whether candle's quantized kernel takes this type (f16/bf16/f32 blocks always go
     /// through dequantization).
     fn has_qkernel(&self) -> bool {
-        !matches!(self.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+        !matches!(
+            self.dtype(),
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+        )
     }
 
     /// `x · Wᵀ` over the last dimension.
@@ -464,15 +467,7 @@ impl candle_core::CustomOp1 for StoredLinear {
             .ok_or_else(|| candle_core::Error::Msg("stored-linear: input not contiguous".into()))?;
         let x = Tensor::from_slice(&s.as_slice::<f32>()?[start..end], l.shape(), &Device::Cpu)?;
         let y = self.0.x_wt(&x).map_err(candle_core::Error::wrap)?;
-        let y = y.contiguous()?;
-        let shape = y.shape().clone();
-        let (storage, layout) = y.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cpu(c) if layout.start_offset() == 0 => Ok((c.clone(), shape)),
-            _ => Err(candle_core::Error::Msg(
-                "stored-linear: unexpected storage".into(),
-            )),
-        }
+        super::layers::cpu_output(y, "stored-linear")
     }
 
     fn bwd(
@@ -489,15 +484,6 @@ impl candle_core::CustomOp1 for StoredLinear {
 /// Whether a GGUF tensor of this type and rank is kept stored in [`WeightMode::Stored`].
 pub fn keeps_stored(dtype: GgmlDType, rank: usize) -> bool {
     rank == 2 && dtype != GgmlDType::F32
-}
-
-/// f32 for a dense tensor of another dtype (the map holds f32 only).
-pub fn to_f32(t: Tensor) -> Result<Tensor> {
-    Ok(if t.dtype() == DType::F32 {
-        t
-    } else {
-        t.to_dtype(DType::F32)?
-    })
 }
 
 #[cfg(test)]
@@ -538,7 +524,13 @@ mod tests {
         let s = s.with_kernel(true);
         let y1 = s.x_wt(&x1).unwrap();
         let want1 = x1.matmul(&wd.t().unwrap()).unwrap();
-        let scale = want1.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let scale = want1
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(max_diff(&y1, &want1) < 0.02 * scale);
     }
 

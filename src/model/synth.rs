@@ -105,10 +105,17 @@ pub const SHAPES: [Shape; 3] = [
 /// # Errors
 /// [`Error::InvalidArgument`] naming the known shapes.
 pub fn shape(name: &str) -> Result<Shape> {
-    SHAPES.iter().find(|s| s.name == name).copied().ok_or_else(|| {
-        let known: Vec<&str> = SHAPES.iter().map(|s| s.name).collect();
-        Error::invalid("--like", format!("unknown shape `{name}`; known: {}", known.join(", ")))
-    })
+    SHAPES
+        .iter()
+        .find(|s| s.name == name)
+        .copied()
+        .ok_or_else(|| {
+            let known: Vec<&str> = SHAPES.iter().map(|s| s.name).collect();
+            Error::invalid(
+                "--like",
+                format!("unknown shape `{name}`; known: {}", known.join(", ")),
+            )
+        })
 }
 
 /// The file types `engram model synth --type` writes.
@@ -142,7 +149,10 @@ impl Shape {
     /// vectors), in llama.cpp's order.
     pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
         let (d, m) = (self.d_model, self.d_mlp);
-        let (q, kv) = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim);
+        let (q, kv) = (
+            self.n_heads * self.head_dim,
+            self.n_kv_heads * self.head_dim,
+        );
         let mut v = vec![("token_embd.weight".to_string(), vec![SYNTH_VOCAB, d])];
         for l in 0..self.n_layers {
             let b = format!("blk.{l}");
@@ -170,7 +180,10 @@ impl Shape {
 
     /// Parameters of the synthetic file (with [`SYNTH_VOCAB`] embedding rows).
     pub fn n_params(&self) -> usize {
-        self.tensors().iter().map(|(_, d)| d.iter().product::<usize>()).sum()
+        self.tensors()
+            .iter()
+            .map(|(_, d)| d.iter().product::<usize>())
+            .sum()
     }
 
     /// Parameters of the real model (its own vocabulary).
@@ -194,7 +207,8 @@ impl Shape {
                     .and_then(|l| l.parse::<usize>().ok());
                 let more = layer.is_some_and(|l| use_more_bits(l, self.n_layers));
                 if name == "output.weight"
-                    || (more && (name.ends_with("attn_v.weight") || name.ends_with("ffn_down.weight")))
+                    || (more
+                        && (name.ends_with("attn_v.weight") || name.ends_with("ffn_down.weight")))
                 {
                     GgmlDType::Q6K
                 } else {
@@ -224,7 +238,13 @@ pub struct Written {
 ///
 /// # Errors
 /// I/O errors naming the file; a `tok_from` that is not a GGUF with a tokenizer.
-pub fn write(shape: &Shape, ty: SynthType, seed: u64, tok_from: &Path, out: &Path) -> Result<Written> {
+pub fn write(
+    shape: &Shape,
+    ty: SynthType,
+    seed: u64,
+    tok_from: &Path,
+    out: &Path,
+) -> Result<Written> {
     let mut src = std::fs::File::open(tok_from).map_err(|e| Error::io(tok_from, e))?;
     let ct = gguf_file::Content::read(&mut src).map_err(|e| Error::bad_checkpoint(tok_from, e))?;
     let mut md: Vec<(String, Value)> = ct
@@ -234,12 +254,18 @@ pub fn write(shape: &Shape, ty: SynthType, seed: u64, tok_from: &Path, out: &Pat
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     if md.is_empty() {
-        return Err(Error::bad_checkpoint(tok_from, "no tokenizer metadata to copy"));
+        return Err(Error::bad_checkpoint(
+            tok_from,
+            "no tokenizer metadata to copy",
+        ));
     }
     let u = |v: usize| Value::U32(v as u32);
     md.extend([
         ("general.architecture".into(), Value::String("llama".into())),
-        ("general.name".into(), Value::String(format!("engram synthetic {}", shape.name))),
+        (
+            "general.name".into(),
+            Value::String(format!("engram synthetic {}", shape.name)),
+        ),
         ("llama.block_count".into(), u(shape.n_layers)),
         ("llama.context_length".into(), u(8192)),
         ("llama.embedding_length".into(), u(shape.d_model)),
@@ -248,7 +274,10 @@ pub fn write(shape: &Shape, ty: SynthType, seed: u64, tok_from: &Path, out: &Pat
         ("llama.attention.head_count_kv".into(), u(shape.n_kv_heads)),
         ("llama.rope.dimension_count".into(), u(shape.head_dim)),
         ("llama.rope.freq_base".into(), Value::F32(shape.rope_theta)),
-        ("llama.attention.layer_norm_rms_epsilon".into(), Value::F32(shape.norm_eps)),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            Value::F32(shape.norm_eps),
+        ),
         ("llama.vocab_size".into(), u(SYNTH_VOCAB)),
     ]);
     md.sort_by(|a, b| a.0.cmp(&b.0));
@@ -283,7 +312,8 @@ pub fn write(shape: &Shape, ty: SynthType, seed: u64, tok_from: &Path, out: &Pat
     let md_ref: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let ts: Vec<(&str, &QTensor)> = order.iter().map(|(n, k)| (n.as_str(), &drawn[k])).collect();
     super::save::write_atomic(out, |f| {
-        gguf_file::write(f, &md_ref, &ts).map_err(|e| Error::io(out, std::io::Error::other(e.to_string())))
+        gguf_file::write(f, &md_ref, &ts)
+            .map_err(|e| Error::io(out, std::io::Error::other(e.to_string())))
     })?;
     let file_bytes = std::fs::metadata(out).map_err(|e| Error::io(out, e))?.len();
     Ok(Written {

@@ -292,7 +292,11 @@ fn out_type_auto_keeps_the_input_type_when_it_holds_the_edit() {
     let q = engram::model::load(Some(out.to_str().unwrap()), &candle_core::Device::Cpu).unwrap();
     for (name, w) in real().weights.iter() {
         if name != "model.layers.5.mlp.down_proj.weight" {
-            assert_eq!(max_abs_diff(&w.dense().unwrap(), &q.weights.dense(name).unwrap()), 0.0, "{name}");
+            assert_eq!(
+                max_abs_diff(&w.dense().unwrap(), &q.weights.dense(name).unwrap()),
+                0.0,
+                "{name}"
+            );
         }
     }
 }
@@ -327,7 +331,12 @@ fn stats_corpus_takes_keys_from_documents_with_a_ridge() {
     let d = tempfile::tempdir().unwrap();
     let corpus = d.path().join("docs.txt");
     let docs: Vec<String> = (0..40)
-        .map(|i| format!("Document {i}: the river town kept {} boats and a stone bridge.", i * 3))
+        .map(|i| {
+            format!(
+                "Document {i}: the river town kept {} boats and a stone bridge.",
+                i * 3
+            )
+        })
         .collect();
     std::fs::write(&corpus, docs.join("\n\n")).unwrap();
     let spec_src = std::fs::read_to_string(concat!(
@@ -345,7 +354,13 @@ fn stats_corpus_takes_keys_from_documents_with_a_ridge() {
     std::fs::write(&spec, with(corpus.to_str().unwrap())).unwrap();
     let j = d.path().join("r.json");
     let o = crate::common::engram()
-        .args(["edit", spec.to_str().unwrap(), "--no-locality", "--json", j.to_str().unwrap()])
+        .args([
+            "edit",
+            spec.to_str().unwrap(),
+            "--no-locality",
+            "--json",
+            j.to_str().unwrap(),
+        ])
         .args(["--out", d.path().join("o.gguf").to_str().unwrap()])
         .current_dir(d.path())
         .output()
@@ -360,7 +375,10 @@ fn stats_corpus_takes_keys_from_documents_with_a_ridge() {
         .and_then(|s| s.split(' ').next())
         .and_then(|n| n.parse().ok())
         .unwrap();
-    assert!(keys < 1536, "{keys} keys: the test must take the ridge path");
+    assert!(
+        keys < 1536,
+        "{keys} keys: the test must take the ridge path"
+    );
 
     let missing = d.path().join("missing.yaml");
     std::fs::write(&missing, with("no-such-corpus.txt")).unwrap();
@@ -371,5 +389,8 @@ fn stats_corpus_takes_keys_from_documents_with_a_ridge() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("method.stats_corpus") && err.contains("no-such-corpus.txt"), "{err}");
+    assert!(
+        err.contains("method.stats_corpus") && err.contains("no-such-corpus.txt"),
+        "{err}"
+    );
 }

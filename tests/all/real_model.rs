@@ -114,7 +114,11 @@ fn gguf_save_then_load_keeps_types() {
             );
             assert!(d > 0.0 && d / scale <= 0.14, "{d}");
         } else {
-            assert_eq!(max_abs_diff(&t.dense().unwrap(), &back2.weights.dense(n).unwrap()), 0.0, "{n}");
+            assert_eq!(
+                max_abs_diff(&t.dense().unwrap(), &back2.weights.dense(n).unwrap()),
+                0.0,
+                "{n}"
+            );
         }
     }
 }

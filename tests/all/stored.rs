@@ -14,7 +14,14 @@ fn stored() -> &'static Model {
 }
 
 fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn fixture_prompts() -> Vec<Vec<u32>> {
@@ -33,7 +40,11 @@ fn fixture_prompts() -> Vec<Vec<u32>> {
 fn stored_weights_are_smaller_and_fingerprint_the_same() {
     let (f, s) = (real(), stored());
     let (fb, sb) = (f.weights.size_in_bytes(), s.weights.size_in_bytes());
-    println!("weights in memory: f32 {} MB, stored {} MB", fb >> 20, sb >> 20);
+    println!(
+        "weights in memory: f32 {} MB, stored {} MB",
+        fb >> 20,
+        sb >> 20
+    );
     assert!(sb * 3 < fb, "{sb} vs {fb}");
     assert_eq!(s.weights.stored_names().count(), 30 * 7 + 1);
     assert_eq!(f.fingerprint().unwrap(), s.fingerprint().unwrap());
@@ -60,7 +71,9 @@ fn full_passes_and_gradients_are_bit_identical_to_f32() {
         .map(|m| {
             let v = candle_core::Var::from_tensor(&r).unwrap();
             let mut tr = Trace::new().differentiable();
-            let y = m.forward_from(5, v.as_tensor(), None, None, &mut tr, false).unwrap();
+            let y = m
+                .forward_from(5, v.as_tensor(), None, None, &mut tr, false)
+                .unwrap();
             let g = y.sqr().unwrap().mean_all().unwrap().backward().unwrap();
             g.get(v.as_tensor()).unwrap().clone()
         })
@@ -101,23 +114,54 @@ fn greedy_continuations_match_f32_on_the_fixture_prompts() {
 }
 
 /// An edit in stored mode writes only the edited matrix: the output GGUF carries every other
-/// tensor byte for byte, and the edit holds (efficacy 100% after, and re-quantized).
+/// tensor byte for byte, the edit holds (efficacy 100% after, and re-quantized), and the file
+/// is byte for byte the one the f32 path writes for the same spec.
 #[test]
 fn a_stored_mode_edit_changes_only_the_edited_matrix() {
     let d = tempfile::tempdir().unwrap();
-    let (out, j) = (d.path().join("e.gguf"), d.path().join("e.json"));
     let spec = concat!(env!("CARGO_MANIFEST_DIR"), "/edits/eiffel-rome.yaml");
-    let o = crate::common::engram()
-        .args(["--weights", "stored", "edit", spec, "--no-locality"])
-        .args(["--out", out.to_str().unwrap(), "--json", j.to_str().unwrap()])
-        .current_dir(d.path())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let edit = |mode: &str| {
+        let (out, j) = (
+            d.path().join(format!("{mode}.gguf")),
+            d.path().join(format!("{mode}.json")),
+        );
+        let o = crate::common::engram()
+            .args(["--weights", mode, "edit", spec, "--no-locality"])
+            .args([
+                "--out",
+                out.to_str().unwrap(),
+                "--json",
+                j.to_str().unwrap(),
+            ])
+            .args([
+                "--patch",
+                d.path().join(format!("{mode}.patch")).to_str().unwrap(),
+            ])
+            .current_dir(d.path())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        (out, j)
+    };
+    let (out, j) = edit("stored");
+    let (f32_out, _) = edit("f32");
+    assert!(
+        std::fs::read(&out).unwrap() == std::fs::read(&f32_out).unwrap(),
+        "the stored-mode edit wrote another file than the f32 path"
+    );
     let r = json(&j);
-    assert_eq!(r["rewrites"][0]["post"]["es"], 1.0, "{}", r["rewrites"][0]["post"]);
+    assert_eq!(
+        r["rewrites"][0]["post"]["es"], 1.0,
+        "{}",
+        r["rewrites"][0]["post"]
+    );
     assert_eq!(r["rewrites"][0]["requantized"]["es"], 1.0);
-    let q = load_with(Some(out.to_str().unwrap()), &Device::Cpu, WeightMode::Stored).unwrap();
+    let q = load_with(
+        Some(out.to_str().unwrap()),
+        &Device::Cpu,
+        WeightMode::Stored,
+    )
+    .unwrap();
     let s = stored();
     let mut changed = vec![];
     for (name, p) in s.weights.iter() {
@@ -128,4 +172,36 @@ fn a_stored_mode_edit_changes_only_the_edited_matrix() {
         }
     }
     assert_eq!(changed, ["model.layers.5.mlp.down_proj.weight"]);
+}
+
+/// `learn` trains layer 5 with its gradients flowing back through the frozen layers above it
+/// (`dX = dY W` with W in its Q4_1 blocks): the written file is byte for byte the f32 path's.
+#[test]
+fn learning_through_stored_layers_writes_the_f32_paths_file() {
+    let d = tempfile::tempdir().unwrap();
+    let data = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/forget-sets/mara-quillfeather-data.yaml"
+    );
+    let learn = |mode: &str| {
+        let out = d.path().join(format!("{mode}.gguf"));
+        let o = crate::common::engram()
+            .args([
+                "--weights",
+                mode,
+                "learn",
+                data,
+                "--layers",
+                "5",
+                "--steps",
+                "2",
+            ])
+            .args(["--out", out.to_str().unwrap()])
+            .current_dir(d.path())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read(out).unwrap()
+    };
+    assert!(learn("stored") == learn("f32"));
 }

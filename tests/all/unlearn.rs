@@ -632,7 +632,9 @@ fn a_rewrite_is_one_rank_one_update_that_moves_its_answers_and_little_else() {
     // Only that tensor changed, by a rank-one matrix: every row of ΔW is a multiple of one
     // vector (here u = k*, as C = I).
     for (name, w) in before.weights.iter() {
-        let same = crate::common::max_abs(&(w.dense().unwrap() - m.weights.dense(name).unwrap()).unwrap()) == 0.0;
+        let same =
+            crate::common::max_abs(&(w.dense().unwrap() - m.weights.dense(name).unwrap()).unwrap())
+                == 0.0;
         assert_eq!(same, name != &applied.name, "{name}");
     }
     let dw: Vec<Vec<f32>> = (m.weights.get(&applied.name).unwrap() - &applied.previous)
