@@ -141,7 +141,7 @@ impl SynthType {
 
 /// llama.cpp's `use_more_bits(i_layer, n_layers)`.
 fn use_more_bits(i: usize, n: usize) -> bool {
-    i < n / 8 || i >= 7 * n / 8 || (i >= n / 8 && (i - n / 8) % 3 == 2)
+    i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2
 }
 
 impl Shape {
