@@ -189,7 +189,7 @@ pub fn load<P: serde::de::DeserializeOwned>(
         let t = get(&format!("weight/{n}"))?;
         let cur = model
             .weights
-            .get(n)
+            .param(n)
             .map_err(|_| bad(format!("the model has no tensor `{n}`")))?;
         if t.dims() != cur.dims() {
             return Err(bad(format!(

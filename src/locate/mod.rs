@@ -137,9 +137,10 @@ pub fn embedding_std(model: &Model) -> Result<f64> {
         crate::model::Arch::Llama => "model.embed_tokens.weight",
         crate::model::Arch::Gpt2 => "wte.weight",
     };
+    // A copy in f32 (a stored embedding is dequantized), then f64.
     let e = model
         .weights
-        .get(name)?
+        .dense(name)?
         .flatten_all()?
         .to_dtype(DType::F64)?;
     let n = e.elem_count() as f64;
