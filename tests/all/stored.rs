@@ -205,3 +205,15 @@ fn learning_through_stored_layers_writes_the_f32_paths_file() {
     };
     assert!(learn("stored") == learn("f32"));
 }
+
+/// Paths that read a whole matrix take it dequantized: causal tracing's noise scale (the
+/// embedding's standard deviation) is the f32 path's.
+#[test]
+fn whole_matrix_reads_see_the_dequantized_values() {
+    let (a, b) = (
+        engram::locate::embedding_std(real()).unwrap(),
+        engram::locate::embedding_std(stored()).unwrap(),
+    );
+    assert_eq!(a, b);
+    assert!(stored().weights.get("model.embed_tokens.weight").is_err());
+}
