@@ -100,32 +100,24 @@ pub fn load_with(spec: Option<&str>, device: &Device, mode: WeightMode) -> Resul
     }
 }
 
-/// 0: unset, 1: f32, 2: stored, 3: stored-kernel.
-static DEFAULT_MODE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+/// The mode set by [`set_default_mode`], if any.
+static DEFAULT_MODE: std::sync::Mutex<Option<WeightMode>> = std::sync::Mutex::new(None);
 
 /// Set the mode [`load`] uses in this process (the CLI's `--weights`).
 pub fn set_default_mode(mode: WeightMode) {
-    let v = match mode {
-        WeightMode::F32 => 1,
-        WeightMode::Stored => 2,
-        WeightMode::StoredKernel => 3,
-    };
-    DEFAULT_MODE.store(v, std::sync::atomic::Ordering::Relaxed);
+    *DEFAULT_MODE.lock().unwrap_or_else(|e| e.into_inner()) = Some(mode);
 }
 
 /// The mode [`load`] uses: the one set by [`set_default_mode`], else `ENGRAM_WEIGHTS`
-/// (`f32`, `stored` or `stored-kernel`), else f32.
+/// (`f32`, `stored` or `stored-kernel`, the `--weights` names), else f32.
 pub fn default_mode() -> WeightMode {
-    match DEFAULT_MODE.load(std::sync::atomic::Ordering::Relaxed) {
-        1 => WeightMode::F32,
-        2 => WeightMode::Stored,
-        3 => WeightMode::StoredKernel,
-        _ => match std::env::var("ENGRAM_WEIGHTS").as_deref() {
-            Ok("stored") => WeightMode::Stored,
-            Ok("stored-kernel") => WeightMode::StoredKernel,
-            _ => WeightMode::F32,
-        },
+    if let Some(m) = *DEFAULT_MODE.lock().unwrap_or_else(|e| e.into_inner()) {
+        return m;
     }
+    std::env::var("ENGRAM_WEIGHTS")
+        .ok()
+        .and_then(|v| <WeightMode as clap::ValueEnum>::from_str(&v, false).ok())
+        .unwrap_or_default()
 }
 
 /// Check every tensor the architecture needs against `shape_of` (our name -> dims), before
@@ -441,6 +433,18 @@ pub fn load_gguf(path: &Path, spec: String, device: &Device) -> Result<Model> {
     load_gguf_with(path, spec, device, WeightMode::F32)
 }
 
+/// The head count [`permute_qk`] needs for a tensor llama.cpp permutes (Q and K weights and
+/// biases, by our name), `None` for every other tensor.
+pub fn qk_heads(cfg: &Config, name: &str) -> Option<usize> {
+    if name.contains("self_attn.q_proj") {
+        Some(cfg.n_heads)
+    } else if name.contains("self_attn.k_proj") {
+        Some(cfg.n_kv_heads)
+    } else {
+        None
+    }
+}
+
 /// The row order [`permute_qk`] gives: row `i` of the result is row `perm[i]` of the input.
 fn qk_row_order(rows: usize, n_heads: usize, inverse: bool) -> Result<Vec<usize>> {
     let idx: Vec<f32> = (0..rows).map(|i| i as f32).collect();
@@ -492,14 +496,7 @@ pub fn load_gguf_with(
         tensors.push((gname.clone(), ours.clone(), q.dtype()));
         if mode.keeps_blocks() && keeps_stored(q.dtype(), q.rank()) && device.is_cpu() {
             let mut st = Stored::new(q)?.with_kernel(mode == WeightMode::StoredKernel);
-            let heads = if ours.contains("self_attn.q_proj") {
-                Some(cfg.n_heads)
-            } else if ours.contains("self_attn.k_proj") {
-                Some(cfg.n_kv_heads)
-            } else {
-                None
-            };
-            if let Some(h) = heads {
+            if let Some(h) = qk_heads(&cfg, &ours) {
                 st = st.permute_rows(&qk_row_order(st.dims()[0], h, true)?)?;
             }
             check_finite_stored(path, gname, &st)?;
@@ -508,10 +505,8 @@ pub fn load_gguf_with(
         }
         let mut t = q.dequantize(device)?;
         check_finite_weight(path, gname, &t)?;
-        if ours.contains("self_attn.q_proj") {
-            t = permute_qk(&t, cfg.n_heads, true)?;
-        } else if ours.contains("self_attn.k_proj") {
-            t = permute_qk(&t, cfg.n_kv_heads, true)?;
+        if let Some(h) = qk_heads(&cfg, &ours) {
+            t = permute_qk(&t, h, true)?;
         }
         map.insert(ours, Param::Dense(t));
     }

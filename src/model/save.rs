@@ -5,7 +5,7 @@
 //! place only once complete, so a failure leaves nothing half-written. The input checkpoint is
 //! never overwritten, and a model holding NaN or Inf is refused.
 
-use super::load::{permute_qk, Format};
+use super::load::{permute_qk, qk_heads, Format};
 use super::{check_finite, gpt2, Arch, Model, Param};
 use crate::error::{Error, Result};
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
@@ -180,12 +180,12 @@ pub fn save_gguf(
     let mut qtensors = Vec::with_capacity(tensors.len());
     for (gname, ours, orig) in tensors {
         let p = model.weights.param(ours)?;
-        let target0 = match (dtype, types.and_then(|m| m.get(ours))) {
+        let target = match (dtype, types.and_then(|m| m.get(ours))) {
             (_, Some(&d)) => d,
             (Some(d), None) if p.rank() >= 2 => d,
             _ => *orig,
         };
-        if p.stored_type().is_some() && target0 == *orig {
+        if p.stored_type().is_some() && target == *orig {
             // Still the input's blocks: nothing wrote it.
             let q = src_ct
                 .tensor(&mut src, gname, &model.device)
@@ -194,16 +194,9 @@ pub fn save_gguf(
             continue;
         }
         let mut t = p.dense()?;
-        if ours.contains("self_attn.q_proj") {
-            t = permute_qk(&t, cfg.n_heads, false)?;
-        } else if ours.contains("self_attn.k_proj") {
-            t = permute_qk(&t, cfg.n_kv_heads, false)?;
+        if let Some(h) = qk_heads(cfg, ours) {
+            t = permute_qk(&t, h, false)?;
         }
-        let target = match (dtype, types.and_then(|m| m.get(ours))) {
-            (_, Some(&d)) => d,
-            (Some(d), None) if t.rank() >= 2 => d,
-            _ => *orig,
-        };
         if target == *orig {
             let q = src_ct
                 .tensor(&mut src, gname, &t.device().clone())
