@@ -101,10 +101,6 @@ impl Weights {
         self.map.insert(name, Param::Dense(t));
     }
 
-    pub fn insert_param(&mut self, name: String, p: Param) {
-        self.map.insert(name, p);
-    }
-
     pub fn contains(&self, name: &str) -> bool {
         self.map.contains_key(name)
     }
@@ -333,7 +329,6 @@ impl Model {
             }
         };
         let past = cache.as_ref().map(|c| c.len_at(start)).unwrap_or(0);
-
         let pos = layers::position_ids(b, t, past, key_mask);
         let mut ctx = layers::BlockCtx {
             bias: layers::attention_bias(b, t, past, key_mask, &self.device)?,

@@ -44,22 +44,14 @@ pub enum WeightMode {
 }
 
 impl WeightMode {
-    pub fn name(self) -> &'static str {
-        match self {
-            WeightMode::F32 => "f32",
-            WeightMode::Stored => "stored",
-            WeightMode::StoredKernel => "stored-kernel",
-        }
-    }
-
     /// Whether matrices stay in their blocks.
     pub fn keeps_blocks(self) -> bool {
         self != WeightMode::F32
     }
 }
 
-/// At most this many rows of `x` use the quantized kernel; more use chunked dequantization
-/// and f32 gemm (`examples/stored_matmul.rs` measures both on the default model's shapes).
+/// At most this many rows of `x` use the quantized kernel (in [`WeightMode::StoredKernel`]
+/// generation); more use dequantization and f32 gemm.
 pub const QMATMUL_ROWS: usize = 8;
 
 /// f32 bytes dequantized at a time by the chunked products (256 MB). A matrix under this
@@ -144,10 +136,6 @@ impl Stored {
         Ok(self.q.data()?)
     }
 
-    pub fn qtensor(&self) -> &QTensor {
-        &self.q
-    }
-
     /// Bytes per row (every row of a GGUF matrix is a whole number of blocks).
     fn row_bytes(&self) -> usize {
         let (_, cols) = self.rows_cols();
@@ -197,10 +185,14 @@ impl Stored {
         (CHUNK_BYTES / (4 * cols.max(1))).clamp(1, rows.max(1))
     }
 
-    /// Calls `f(start, rows_f32)` on every chunk of rows, in order.
+    /// Calls `f(start, rows_f32)` on every chunk of rows, in order: once, on the whole matrix,
+    /// when it fits in one chunk.
     pub fn for_each_chunk(&self, mut f: impl FnMut(usize, &Tensor) -> Result<()>) -> Result<()> {
         let (rows, _) = self.rows_cols();
         let step = self.chunk_rows();
+        if rows <= step {
+            return f(0, &self.dequantize()?);
+        }
         let mut start = 0;
         while start < rows {
             let len = step.min(rows - start);
@@ -279,16 +271,15 @@ impl Stored {
                 return Ok(Tensor::from_vec(y, (m, n), x.device())?);
             }
         }
-        let (rows, _) = self.rows_cols();
-        if rows <= self.chunk_rows() {
-            return Ok(super::matmul::x_wt_any(x, &self.dequantize()?)?);
-        }
         let mut parts = Vec::new();
         self.for_each_chunk(|_, w| {
             parts.push(super::matmul::x_wt_any(x, w)?);
             Ok(())
         })?;
-        Ok(Tensor::cat(&parts, 1)?)
+        Ok(match parts.len() {
+            1 => parts.pop().expect("one part"),
+            _ => Tensor::cat(&parts, 1)?,
+        })
     }
 
     /// `g · W`, the gradient of `x · Wᵀ` with respect to `x`.
@@ -297,13 +288,14 @@ impl Stored {
     /// `g`: `[m, n]` -> `[m, k]`.
     pub fn g_w(&self, g: &Tensor) -> Result<Tensor> {
         let (rows, _) = self.rows_cols();
-        if rows <= self.chunk_rows() {
-            return Ok(super::matmul::g_w_any(g, &self.dequantize()?)?);
-        }
         let mut acc: Option<Tensor> = None;
         self.for_each_chunk(|start, w| {
-            let gs = g.narrow(1, start, w.dim(0)?)?.contiguous()?;
-            let part = super::matmul::g_w_any(&gs, w)?;
+            let len = w.dim(0)?;
+            let part = if len == rows {
+                super::matmul::g_w_any(g, w)?
+            } else {
+                super::matmul::g_w_any(&g.narrow(1, start, len)?.contiguous()?, w)?
+            };
             acc = Some(match acc.take() {
                 Some(a) => (a + part)?,
                 None => part,
