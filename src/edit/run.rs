@@ -171,16 +171,11 @@ impl Editor {
         for &l in &layers {
             model.config.check_layer(l)?;
         }
-        let seed = match &self.method {
-            Method::Rome(p) => p.seed,
-            Method::Memit(p) => p.seed,
-            Method::Alphaedit(p) => p.seed,
-            Method::Ft(_) => return Ok(()),
-        };
+        // FT-L has neither statistics nor prefixes.
         let Some(ps) = self.method.prefixes_and_stats() else {
             return Ok(());
         };
-        let ctx = ps.context_templates.to_vec();
+        let (ctx, seed) = (ps.context_templates.to_vec(), ps.seed);
         if self.stats.is_empty() {
             let spec = StatsSpec {
                 samples: ps.samples,

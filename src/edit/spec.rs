@@ -146,24 +146,27 @@ impl Method {
     /// The context-prefix templates and key-statistics settings of the methods that have them
     /// (ROME, MEMIT, AlphaEdit; `None` for FT-L).
     pub fn prefixes_and_stats(&self) -> Option<PrefixesAndStats<'_>> {
-        let (context_templates, samples, seq_len, corpus) = match self {
+        let (context_templates, samples, seq_len, corpus, seed) = match self {
             Method::Rome(p) => (
                 &p.context_templates,
                 p.stats_samples,
                 p.stats_seq_len,
                 &p.stats_corpus,
+                p.seed,
             ),
             Method::Memit(p) => (
                 &p.context_templates,
                 p.stats_samples,
                 p.stats_seq_len,
                 &p.stats_corpus,
+                p.seed,
             ),
             Method::Alphaedit(p) => (
                 &p.context_templates,
                 p.stats_samples,
                 p.stats_seq_len,
                 &p.stats_corpus,
+                p.seed,
             ),
             Method::Ft(_) => return None,
         };
@@ -172,6 +175,7 @@ impl Method {
             samples,
             seq_len,
             corpus: corpus.as_deref(),
+            seed,
         })
     }
 
@@ -213,6 +217,8 @@ pub struct PrefixesAndStats<'a> {
     pub seq_len: usize,
     /// `stats_corpus`: documents to take the keys from instead.
     pub corpus: Option<&'a Path>,
+    /// Seeds the self-sampled statistics and the context prefixes.
+    pub seed: u64,
 }
 
 /// Sequential editing: batches applied one after another to the same model.
