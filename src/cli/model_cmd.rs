@@ -91,12 +91,7 @@ pub fn run(a: Args) -> Result<()> {
             let types: Vec<String> = w.types.iter().map(|(t, n)| format!("{t} x{n}")).collect();
             println!("tensor types: {}", types.join(", "));
             if let Some(j) = json {
-                let text = serde_json::to_string_pretty(&w)?;
-                engram::model::save::write_atomic(&j, |f| {
-                    use std::io::Write;
-                    f.write_all(text.as_bytes())
-                        .map_err(|e| engram::Error::io(&j, e))
-                })?;
+                super::write_json(&j, &w)?;
             }
         }
         ModelCmd::List => {

@@ -25,8 +25,7 @@ use super::quant::fitting_type;
 use crate::error::{Error, Result};
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
-use rand::{Rng, SeedableRng};
+use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -282,7 +281,6 @@ pub fn write(
     ]);
     md.sort_by(|a, b| a.0.cmp(&b.0));
 
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut drawn: HashMap<(Vec<usize>, GgmlDType, bool), QTensor> = HashMap::new();
     let mut order = Vec::new();
     let mut types = std::collections::BTreeMap::new();
@@ -292,19 +290,13 @@ pub fn write(
         let norm = name.contains("norm");
         let key = (dims.clone(), dt, norm);
         if !drawn.contains_key(&key) {
-            let n: usize = dims.iter().product();
-            let vals: Vec<f32> = if norm {
-                vec![1.0; n]
+            // Each drawn matrix from its own stream: seed + how many were drawn before it.
+            let t = if norm {
+                Tensor::ones(dims.as_slice(), DType::F32, &Device::Cpu)?
             } else {
-                // Box-Muller from two uniforms.
-                (0..n)
-                    .map(|_| {
-                        let (a, b): (f32, f32) = (rng.random::<f32>().max(1e-12), rng.random());
-                        0.02 * (-2.0 * a.ln()).sqrt() * (std::f32::consts::TAU * b).cos()
-                    })
-                    .collect()
+                let k = seed.wrapping_add(drawn.len() as u64);
+                super::hooks::gaussian(&dims, 0.02, k, &Device::Cpu)?
             };
-            let t = Tensor::from_vec(vals, dims.as_slice(), &Device::Cpu)?;
             drawn.insert(key.clone(), QTensor::quantize(&t, dt)?);
         }
         order.push((name, key));

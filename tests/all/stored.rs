@@ -1,7 +1,7 @@
 //! Frozen weights kept in their stored GGUF type (`--weights stored`, `src/model/param.rs`)
 //! against the f32 path on the real model.
 
-use crate::common::{fixture, isolate_stats, json, real};
+use crate::common::{fixture, isolate_stats, json, max_abs_diff, real};
 use candle_core::Device;
 use engram::model::generate::{generate, GenParams};
 use engram::model::{load_with, Batch, HookPoint, Model, Trace, WeightMode};
@@ -11,17 +11,6 @@ fn stored() -> &'static Model {
     isolate_stats();
     static M: OnceLock<Model> = OnceLock::new();
     M.get_or_init(|| load_with(None, &Device::Cpu, WeightMode::Stored).expect("smollm2-135m"))
-}
-
-fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn fixture_prompts() -> Vec<Vec<u32>> {
@@ -59,7 +48,7 @@ fn full_passes_and_gradients_are_bit_identical_to_f32() {
     for ids in fixture_prompts() {
         let a = f.forward(&Batch::single(&ids), &mut Trace::new()).unwrap();
         let b = s.forward(&Batch::single(&ids), &mut Trace::new()).unwrap();
-        assert_eq!(max_diff(&a, &b), 0.0, "{ids:?}");
+        assert_eq!(max_abs_diff(&a, &b), 0.0, "{ids:?}");
     }
     let ids = &fixture_prompts()[0];
     let mut cap = Trace::new();
@@ -78,7 +67,7 @@ fn full_passes_and_gradients_are_bit_identical_to_f32() {
             g.get(v.as_tensor()).unwrap().clone()
         })
         .collect();
-    assert_eq!(max_diff(&grads[0], &grads[1]), 0.0);
+    assert_eq!(max_abs_diff(&grads[0], &grads[1]), 0.0);
 }
 
 /// In `stored` mode generation dequantizes too: the greedy continuations of the 20 fixture
@@ -167,7 +156,7 @@ fn a_stored_mode_edit_changes_only_the_edited_matrix() {
     for (name, p) in s.weights.iter() {
         let a = p.dense().unwrap();
         let b = q.weights.dense(name).unwrap();
-        if max_diff(&a, &b) != 0.0 {
+        if max_abs_diff(&a, &b) != 0.0 {
             changed.push(name.clone());
         }
     }
