@@ -35,8 +35,8 @@ pub struct Cli {
     /// How GGUF matrices are held: `f32` (every tensor dequantized; the reference path),
     /// `stored` (frozen matrices stay in their quantized blocks, only edited or trained ones
     /// become f32; same numbers as f32) or `stored-kernel` (as stored, and generation uses
-    /// llama.cpp's integer kernel: faster, not bit-identical). Also ENGRAM_WEIGHTS.
-    #[arg(long, global = true, value_enum)]
+    /// llama.cpp's integer kernel: faster, not bit-identical).
+    #[arg(long, global = true, value_enum, env = "ENGRAM_WEIGHTS")]
     weights: Option<engram::model::WeightMode>,
     #[command(subcommand)]
     cmd: Cmd,

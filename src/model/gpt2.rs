@@ -73,12 +73,12 @@ pub fn embed(cfg: &Config, w: &Weights, ids: &Tensor, pos: &Tensor) -> Result<Te
         });
     }
     let tok = w
-        .get("wte.weight")?
-        .embedding(&ids.flatten_all()?)?
+        .mat("wte.weight")?
+        .rows(&ids.flatten_all()?)?
         .reshape((b, t, d))?;
     let pe = w
-        .get("wpe.weight")?
-        .embedding(&pos.flatten_all()?)?
+        .mat("wpe.weight")?
+        .rows(&pos.flatten_all()?)?
         .reshape((b, t, d))?;
     Ok((tok + pe)?)
 }
@@ -102,11 +102,12 @@ pub fn block(
     let (nh, hd, d) = (cfg.n_heads, cfg.head_dim, cfg.d_model);
     let p = format!("h.{l}");
     let g = |n: &str| w.get(&format!("{p}.{n}"));
+    let mat = |n: &str| w.mat(&format!("{p}.{n}"));
     let x = hook!(trace, stop, HookPoint::ResidPre(l), x);
 
     // Attention.
     let h = layer_norm(&x, g("ln_1.weight")?, g("ln_1.bias")?, cfg.norm_eps, diff)?;
-    let qkv = linear(&h, g("attn.c_attn.weight")?, Some(g("attn.c_attn.bias")?))?; // (b, t, 3d)
+    let qkv = linear(&h, mat("attn.c_attn.weight")?, Some(g("attn.c_attn.bias")?))?; // (b, t, 3d)
     let split = |i: usize| -> Result<Tensor> {
         Ok(qkv
             .narrow(2, i * d, d)?
@@ -117,16 +118,16 @@ pub fn block(
     let (k, v) = KvCache::extend(cache, l, k, v)?; // (b, nh, past + t, hd)
     let (q, x, bias) = ctx.trim(q, x)?; // t -> 1 when only the last position is wanted
     let y = attend(&q, &k, &v, bias.as_ref(), diff)?; // (b, t, d)
-    let a = linear(&y, g("attn.c_proj.weight")?, Some(g("attn.c_proj.bias")?))?;
+    let a = linear(&y, mat("attn.c_proj.weight")?, Some(g("attn.c_proj.bias")?))?;
     let a = hook!(trace, stop, HookPoint::AttnOut(l), a);
     let x = (x + a)?;
 
     // MLP.
     let h = layer_norm(&x, g("ln_2.weight")?, g("ln_2.bias")?, cfg.norm_eps, diff)?;
     let h = hook!(trace, stop, HookPoint::MlpIn(l), h);
-    let key = linear(&h, g("mlp.c_fc.weight")?, Some(g("mlp.c_fc.bias")?))?.gelu()?;
+    let key = linear(&h, mat("mlp.c_fc.weight")?, Some(g("mlp.c_fc.bias")?))?.gelu()?;
     let key = hook!(trace, stop, HookPoint::MlpKey(l), key); // (b, t, d_mlp)
-    let m = linear(&key, g("mlp.c_proj.weight")?, Some(g("mlp.c_proj.bias")?))?;
+    let m = linear(&key, mat("mlp.c_proj.weight")?, Some(g("mlp.c_proj.bias")?))?;
     let m = hook!(trace, stop, HookPoint::MlpOut(l), m);
     let x = (x + m)?;
     Ok(Step::Continue(hook!(
@@ -149,5 +150,5 @@ pub fn head(cfg: &Config, w: &Weights, x: &Tensor, diff: bool) -> Result<Tensor>
         cfg.norm_eps,
         diff,
     )?;
-    linear(&x, w.get("wte.weight")?, None)
+    linear(&x, w.mat("wte.weight")?, None)
 }

@@ -96,10 +96,7 @@ pub fn prepare(
 pub fn embed(cfg: &Config, w: &Weights, ids: &Tensor, _pos: &Tensor) -> Result<Tensor> {
     let (b, t) = ids.dims2()?;
     let ids = ids.flatten_all()?;
-    let rows = match w.mat("model.embed_tokens.weight")? {
-        Mat::Dense(emb) => emb.embedding(&ids)?,
-        Mat::Stored(emb) => emb.rows(&ids)?,
-    };
+    let rows = w.mat("model.embed_tokens.weight")?.rows(&ids)?;
     Ok(rows.reshape((b, t, cfg.d_model))?)
 }
 

@@ -89,12 +89,12 @@ pub fn load(spec: Option<&str>, device: &Device) -> Result<Model> {
     load_with(spec, device, default_mode())
 }
 
-/// [`load`] with an explicit [`WeightMode`] (a safetensors directory is always dense f32).
+/// [`load`] with an explicit [`WeightMode`].
 pub fn load_with(spec: Option<&str>, device: &Device, mode: WeightMode) -> Result<Model> {
     let path = resolve(spec)?;
     let spec = spec.unwrap_or(fetch::DEFAULT_MODEL).to_string();
     if path.is_dir() {
-        load_hf_dir(&path, spec, device)
+        load_hf_dir_with(&path, spec, device, mode)
     } else {
         load_gguf_with(&path, spec, device, mode)
     }
@@ -114,10 +114,15 @@ pub fn default_mode() -> WeightMode {
     if let Some(m) = *DEFAULT_MODE.lock().unwrap_or_else(|e| e.into_inner()) {
         return m;
     }
-    std::env::var("ENGRAM_WEIGHTS")
-        .ok()
-        .and_then(|v| <WeightMode as clap::ValueEnum>::from_str(&v, false).ok())
-        .unwrap_or_default()
+    match std::env::var("ENGRAM_WEIGHTS") {
+        Ok(v) => <WeightMode as clap::ValueEnum>::from_str(&v, false).unwrap_or_else(|_| {
+            // The CLI refuses such a value before it gets here (clap reads the variable too);
+            // a library caller is told, not silently switched.
+            tracing::warn!("ENGRAM_WEIGHTS={v:?} is not f32, stored or stored-kernel: using f32");
+            WeightMode::default()
+        }),
+        Err(_) => WeightMode::default(),
+    }
 }
 
 /// Check every tensor the architecture needs against `shape_of` (our name -> dims), before
@@ -184,6 +189,18 @@ const WEIGHT_DTYPES: [DType; 4] = [DType::F32, DType::F16, DType::BF16, DType::F
 /// Load a Hugging Face directory: `config.json`, `model.safetensors` (or the shards named by
 /// `model.safetensors.index.json`, or every `*.safetensors`), and `tokenizer.json` if present.
 pub fn load_hf_dir(dir: &Path, spec: String, device: &Device) -> Result<Model> {
+    load_hf_dir_with(dir, spec, device, WeightMode::F32)
+}
+
+/// [`load_hf_dir`] with an explicit [`WeightMode`]: when it keeps blocks, f16 and bf16
+/// matrices stay in their half-precision bytes ([`Stored::from_half`]); f32 and f64 tensors,
+/// and every vector, become f32 as before.
+pub fn load_hf_dir_with(
+    dir: &Path,
+    spec: String,
+    device: &Device,
+    mode: WeightMode,
+) -> Result<Model> {
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
     let cfg = Config::from_hf_json(&cfg_path, &text)?;
@@ -254,13 +271,22 @@ pub fn load_hf_dir(dir: &Path, spec: String, device: &Device) -> Result<Model> {
             }
         }
         dtypes.insert(name.clone(), t.dtype());
-        let mut t = t.to_dtype(DType::F32)?;
+        let half = matches!(t.dtype(), DType::F16 | DType::BF16);
+        let mut t = if half && mode.keeps_blocks() && t.rank() == 2 && device.is_cpu() {
+            t
+        } else {
+            t.to_dtype(DType::F32)?
+        };
         if cfg.arch == Arch::Gpt2 && gpt2::is_conv1d(&name) {
             t = t.t()?.contiguous()?; // Conv1D [in, out] -> [out, in]
         }
-        map.insert(name, t);
+        let p = match t.dtype() {
+            DType::F32 => Param::Dense(t),
+            _ => Param::Stored(Stored::from_half(&t)?),
+        };
+        map.insert(name, p);
     }
-    let weights = Weights::new(map);
+    let weights = Weights::from_params(map);
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = if tok_path.exists() {
         Some(Tok::from_file(&tok_path)?)
@@ -503,7 +529,12 @@ pub fn load_gguf_with(
             map.insert(ours, Param::Stored(st));
             continue;
         }
-        let mut t = q.dequantize(device)?;
+        // Rank-2 tensors dequantize on every core (`Stored::dequantize`, the same values).
+        let mut t = if device.is_cpu() && q.rank() == 2 {
+            Stored::new(q)?.dequantize()?
+        } else {
+            q.dequantize(device)?
+        };
         check_finite_weight(path, gname, &t)?;
         if let Some(h) = qk_heads(&cfg, &ours) {
             t = permute_qk(&t, h, true)?;

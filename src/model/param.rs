@@ -81,6 +81,94 @@ impl Drop for QKernelScope {
     }
 }
 
+use candle_core::quantized::k_quants::{self as kq, GgmlType};
+
+/// Runs `$body` with `$t` bound to the block type of `$dtype` (every GGUF type candle's
+/// `k_quants` implements), else `$other`.
+macro_rules! with_blocks {
+    ($dtype:expr, $t:ident => $body:expr, $other:block) => {
+        match $dtype {
+            GgmlDType::F32 => {
+                type $t = f32;
+                $body
+            }
+            GgmlDType::F16 => {
+                type $t = half::f16;
+                $body
+            }
+            GgmlDType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+            GgmlDType::Q4_0 => {
+                type $t = kq::BlockQ4_0;
+                $body
+            }
+            GgmlDType::Q4_1 => {
+                type $t = kq::BlockQ4_1;
+                $body
+            }
+            GgmlDType::Q5_0 => {
+                type $t = kq::BlockQ5_0;
+                $body
+            }
+            GgmlDType::Q5_1 => {
+                type $t = kq::BlockQ5_1;
+                $body
+            }
+            GgmlDType::Q8_0 => {
+                type $t = kq::BlockQ8_0;
+                $body
+            }
+            GgmlDType::Q2K => {
+                type $t = kq::BlockQ2K;
+                $body
+            }
+            GgmlDType::Q3K => {
+                type $t = kq::BlockQ3K;
+                $body
+            }
+            GgmlDType::Q4K => {
+                type $t = kq::BlockQ4K;
+                $body
+            }
+            GgmlDType::Q5K => {
+                type $t = kq::BlockQ5K;
+                $body
+            }
+            GgmlDType::Q6K => {
+                type $t = kq::BlockQ6K;
+                $body
+            }
+            _ => $other,
+        }
+    };
+}
+
+/// The stored bytes as blocks of `T`.
+fn as_blocks<T: GgmlType>(data: &[u8]) -> &[T] {
+    let size = std::mem::size_of::<T>();
+    assert!(
+        data.len().is_multiple_of(size)
+            && (data.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()),
+        "stored blocks are whole and aligned"
+    );
+    // SAFETY: the bytes are a QTensor's own storage, a Vec of `T` blocks, or a whole-row
+    // slice of it (checked above for size and alignment); blocks are plain old data.
+    unsafe { std::slice::from_raw_parts(data.as_ptr() as *const T, data.len() / size) }
+}
+
+/// Dequantize whole rows of `cols` values from `data` into `out`, a few rows per rayon task.
+fn to_f32<T: GgmlType>(data: &[u8], out: &mut [f32], cols: usize) {
+    use rayon::prelude::*;
+    const ROWS_PER_TASK: usize = 32;
+    let blocks = as_blocks::<T>(data);
+    let per_row = cols / T::BLCK_SIZE;
+    out.par_chunks_mut(cols * ROWS_PER_TASK)
+        .zip(blocks.par_chunks(per_row * ROWS_PER_TASK))
+        .for_each(|(ys, xs)| T::to_float(xs, ys));
+}
+
 /// A frozen matrix in its checkpoint type, `[rows, cols]` (`[out, in]` for a linear map).
 #[derive(Debug, Clone)]
 pub struct Stored {
@@ -105,6 +193,39 @@ impl Stored {
             q: Arc::new(q),
             kernel: false,
         })
+    }
+
+    /// Keep a 2-D f16 or bf16 tensor (a safetensors matrix) in its half-precision bytes.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for another dtype or rank.
+    pub fn from_half(t: &Tensor) -> Result<Stored> {
+        let flat = t.flatten_all()?;
+        let (ty, bytes): (GgmlDType, Vec<u8>) = match t.dtype() {
+            candle_core::DType::F16 => (
+                GgmlDType::F16,
+                flat.to_vec1::<half::f16>()?
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+            ),
+            candle_core::DType::BF16 => (
+                GgmlDType::BF16,
+                flat.to_vec1::<half::bf16>()?
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+            ),
+            other => {
+                return Err(Error::invalid(
+                    "stored weight",
+                    format!("only f16 and bf16 tensors are kept as they are, not {other:?}"),
+                ))
+            }
+        };
+        let dev = t.device();
+        let s = QStorage::from_data(Cow::Owned(bytes), dev, ty)?;
+        Stored::new(QTensor::new(s, t.dims())?)
     }
 
     /// The same matrix, allowed (or not) to use the integer kernel in generation.
@@ -144,18 +265,32 @@ impl Stored {
 
     /// The whole matrix in f32 (the values the f32 loader holds).
     pub fn dequantize(&self) -> Result<Tensor> {
-        Ok(self.q.dequantize(&self.q.device())?)
+        self.dequantize_rows(0, self.rows_cols().0)
     }
 
-    /// Rows `start..start + len` in f32, `[len, cols]`.
+    /// Rows `start..start + len` in f32, `[len, cols]`: the block type's own `to_float` (the
+    /// function candle's `QTensor::dequantize` calls, so the same values), rows split over
+    /// rayon's threads. candle's runs on one thread, and dequantization was most of a value
+    /// search step on stored weights (1B shape, Q4_K_M).
     pub fn dequantize_rows(&self, start: usize, len: usize) -> Result<Tensor> {
-        let (_, cols) = self.rows_cols();
+        let (rows, cols) = self.rows_cols();
+        if start + len > rows {
+            return Err(Error::invalid(
+                "stored weight",
+                format!("rows {start}..{} of a matrix of {rows}", start + len),
+            ));
+        }
         let rb = self.row_bytes();
         let data = self.data()?;
         let slice = &data[start * rb..(start + len) * rb];
-        let dev = self.q.device();
-        let s = QStorage::from_data(Cow::Borrowed(slice), &dev, self.dtype())?;
-        Ok(QTensor::new(s, (len, cols))?.dequantize(&dev)?)
+        let mut out = vec![0f32; len * cols];
+        with_blocks!(self.dtype(), T => to_f32::<T>(slice, &mut out, cols), {
+            // Types without a k_quants block (none in a GGUF we load): candle's own path.
+            let dev = self.q.device();
+            let s = QStorage::from_data(Cow::Borrowed(slice), &dev, self.dtype())?;
+            return Ok(QTensor::new(s, (len, cols))?.dequantize(&dev)?);
+        });
+        Ok(Tensor::from_vec(out, (len, cols), &self.q.device())?)
     }
 
     /// The same matrix with its rows reordered: row `i` of the result is row `perm[i]`.
@@ -211,41 +346,15 @@ impl Stored {
     /// for the tensor's lifetime, so every matrix a decoding step touches is held twice: an
     /// 8B-shaped Q4_K_M file of 4.5 GB peaked at 8.8 GB in `generate`.
     fn qmatmul(&self, x: &[f32], m: usize, k: usize, n: usize) -> Result<Option<Vec<f32>>> {
-        use candle_core::quantized::k_quants::{self as kq, GgmlType};
-        fn run<T: GgmlType>(
-            data: &[u8],
-            mkn: (usize, usize, usize),
-            x: &[f32],
-        ) -> Result<Vec<f32>> {
-            let size = std::mem::size_of::<T>();
-            assert!(
-                data.len().is_multiple_of(size)
-                    && (data.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()),
-                "stored blocks are whole and aligned"
-            );
-            // SAFETY: the bytes are the QTensor's own storage, a Vec of `T` blocks (checked
-            // above for size and alignment); blocks are plain old data.
-            let blocks: &[T] =
-                unsafe { std::slice::from_raw_parts(data.as_ptr() as *const T, data.len() / size) };
-            let mut dst = vec![0f32; mkn.0 * mkn.2];
-            kq::matmul::<T>(mkn, x, blocks, &mut dst)?;
-            Ok(dst)
+        if !self.has_qkernel() {
+            return Ok(None);
         }
         let data = self.data()?;
-        let mkn = (m, k, n);
-        Ok(Some(match self.dtype() {
-            GgmlDType::Q4_0 => run::<kq::BlockQ4_0>(&data, mkn, x)?,
-            GgmlDType::Q4_1 => run::<kq::BlockQ4_1>(&data, mkn, x)?,
-            GgmlDType::Q5_0 => run::<kq::BlockQ5_0>(&data, mkn, x)?,
-            GgmlDType::Q5_1 => run::<kq::BlockQ5_1>(&data, mkn, x)?,
-            GgmlDType::Q8_0 => run::<kq::BlockQ8_0>(&data, mkn, x)?,
-            GgmlDType::Q2K => run::<kq::BlockQ2K>(&data, mkn, x)?,
-            GgmlDType::Q3K => run::<kq::BlockQ3K>(&data, mkn, x)?,
-            GgmlDType::Q4K => run::<kq::BlockQ4K>(&data, mkn, x)?,
-            GgmlDType::Q5K => run::<kq::BlockQ5K>(&data, mkn, x)?,
-            GgmlDType::Q6K => run::<kq::BlockQ6K>(&data, mkn, x)?,
-            _ => return Ok(None),
-        }))
+        let mut dst = vec![0f32; m * n];
+        with_blocks!(self.dtype(), T => kq::matmul::<T>((m, k, n), x, as_blocks::<T>(&data), &mut dst)?, {
+            return Ok(None);
+        });
+        Ok(Some(dst))
     }
 
     /// Whether candle's quantized kernel takes this type (f16/bf16/f32 blocks always go
@@ -425,6 +534,17 @@ impl<'a> Mat<'a> {
         })
     }
 
+    /// Rows by index (an embedding lookup), f32.
+    ///
+    /// # Shapes
+    /// `ids`: `[n]` u32 -> `[n, cols]`.
+    pub fn rows(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            Mat::Dense(t) => Ok(t.embedding(ids)?),
+            Mat::Stored(s) => s.rows(ids),
+        }
+    }
+
     pub fn as_dense(&self) -> Option<&'a Tensor> {
         match self {
             Mat::Dense(t) => Some(t),
@@ -544,5 +664,35 @@ mod tests {
         let hd = h.dequantize().unwrap();
         let idx = Tensor::new(&[1u32, 4], &dev).unwrap();
         assert_eq!(max_diff(&r, &hd.index_select(&idx, 0).unwrap()), 0.0);
+    }
+
+    #[test]
+    fn parallel_dequantization_equals_candles() {
+        let dev = Device::Cpu;
+        // 100 rows: several rayon tasks of 32 rows and a short last one.
+        let w = Tensor::randn(0f32, 1.0, (100, 512), &dev).unwrap();
+        for ty in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+            GgmlDType::F16,
+            GgmlDType::BF16,
+        ] {
+            let q = QTensor::quantize(&w, ty).unwrap();
+            let want = q.dequantize(&dev).unwrap();
+            let s = Stored::new(q).unwrap();
+            assert_eq!(max_diff(&s.dequantize().unwrap(), &want), 0.0, "{ty:?}");
+            let part = s.dequantize_rows(37, 41).unwrap();
+            assert_eq!(
+                max_diff(&part, &want.narrow(0, 37, 41).unwrap()),
+                0.0,
+                "{ty:?}"
+            );
+        }
+        let s = Stored::new(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()).unwrap();
+        assert!(s.dequantize_rows(90, 11).is_err());
     }
 }

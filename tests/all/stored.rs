@@ -206,3 +206,64 @@ fn whole_matrix_reads_see_the_dequantized_values() {
     assert_eq!(a, b);
     assert!(stored().weights.get("model.embed_tokens.weight").is_err());
 }
+
+/// f16 and bf16 safetensors matrices stay in their half-precision bytes in stored mode: the
+/// tiny fixtures, written in each, give logits bit-identical to their f32-mode loads, hold
+/// fewer bytes, fingerprint the same, and save back exactly the bytes they were read from.
+#[test]
+fn half_precision_safetensors_stay_half_in_stored_mode() {
+    use candle_core::{DType, Tensor};
+    use std::collections::HashMap;
+    for name in ["tiny-llama", "tiny-gpt2", "tiny-qwen2"] {
+        let src = fixture(name);
+        let all =
+            candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+        for dt in [DType::F16, DType::BF16] {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+            let half: HashMap<String, Tensor> = all
+                .iter()
+                .map(|(n, t)| {
+                    let t = match t.dtype() {
+                        DType::F32 => t.to_dtype(dt).unwrap(),
+                        _ => t.clone(),
+                    };
+                    (n.clone(), t)
+                })
+                .collect();
+            candle_core::safetensors::save(&half, dir.path().join("model.safetensors")).unwrap();
+            let spec = dir.path().to_str().unwrap();
+            let f = load_with(Some(spec), &Device::Cpu, WeightMode::F32).unwrap();
+            let s = load_with(Some(spec), &Device::Cpu, WeightMode::Stored).unwrap();
+            let what = format!("{name} {dt:?}");
+            assert!(
+                s.weights.stored_names().count() >= 4 * f.config.n_layers,
+                "{what}"
+            );
+            assert!(
+                s.weights.size_in_bytes() * 10 < f.weights.size_in_bytes() * 7,
+                "{what}: {} vs {} bytes",
+                s.weights.size_in_bytes(),
+                f.weights.size_in_bytes()
+            );
+            assert_eq!(f.fingerprint().unwrap(), s.fingerprint().unwrap(), "{what}");
+            let ids = [1u32, 5, 9, 2, 7, 3];
+            let a = f.forward(&Batch::single(&ids), &mut Trace::new()).unwrap();
+            let b = s.forward(&Batch::single(&ids), &mut Trace::new()).unwrap();
+            assert_eq!(max_abs_diff(&a, &b), 0.0, "{what}");
+            let out = dir.path().join("copy");
+            engram::model::save::save(&s, &out, engram::model::save::SaveAs::HfDir).unwrap();
+            let back = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu)
+                .unwrap();
+            for (n, t) in &back {
+                let want = &half[n];
+                assert_eq!(t.dtype(), want.dtype(), "{what}: {n}");
+                let d = max_abs_diff(
+                    &t.to_dtype(DType::F32).unwrap(),
+                    &want.to_dtype(DType::F32).unwrap(),
+                );
+                assert_eq!(d, 0.0, "{what}: {n}");
+            }
+        }
+    }
+}
