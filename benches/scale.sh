@@ -5,7 +5,7 @@
 # an idle machine; it takes hours for the 8B shape (see README "Models people run").
 #
 # Per model and mode it records (out/scale/*.log, *.json):
-#   load time and peak RSS (`inspect`), prefill tokens/s and the fraction of the matmul peak
+#   load time and peak RSS (`inspect`; the synthetic file is written first, by `model synth`), prefill tokens/s and the fraction of the matmul peak
 #   measured in the same process (`bench`), `generate` peak RSS, one ROME edit and one MEMIT
 #   batch of 10 with key statistics from a corpus (`benches/scale-*.yaml`), time and peak RSS.
 # FLOPs of a forward pass: about 2 x parameters x tokens (`inspect` prints the parameters).
@@ -39,11 +39,13 @@ run() { # name mode model
   rm -f "$DIR/$tag-rome.gguf" "$DIR/$tag-memit.gguf"
   tail -qn1 out/scale/$tag-{inspect,generate,rome,memit}.log
 }
-for mode in f32 stored; do run smollm2-135m $mode "$Q41"; done
+for mode in f32 stored stored-kernel; do run smollm2-135m $mode "$Q41"; done
 for s in $SHAPES; do
   like=${s%%:*} ty=${s##*:} f="$DIR/$like-$ty.gguf"
   [ -f "$f" ] || $E model synth --like "$like" --type "$ty" --out "$f" --json "out/scale/$like-$ty-synth.json"
-  run "$like-$ty" stored "$f"
+  # stored-kernel: generation (and so ROME's context prefixes) takes the integer kernel;
+  # every other product dequantizes, as in `stored`.
+  run "$like-$ty" stored-kernel "$f"
   # The f32 path needs 4 bytes per parameter: only where that fits in memory.
   case "$like" in llama-3.2-1b) run "$like-$ty" f32 "$f" ;; esac
 done

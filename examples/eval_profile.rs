@@ -2,7 +2,8 @@
 //! comparisons (ES/PS/NS) against the generation scores, one case at a time as after an edit.
 //!
 //! cargo run --release --example eval_profile -- DATA [n] [reps]
-use engram::eval::{counterfact, generation, metrics};
+use engram::bench::counterfact;
+use engram::eval::{generation, metrics};
 use std::time::Instant;
 
 fn main() -> engram::Result<()> {

@@ -10,8 +10,8 @@
 //! prefixes instead of our default 10.
 use candle_core::{DType, IndexOp};
 use engram::edit::rome::RomeParams;
-use engram::edit::stats::{self, StatsSpec};
 use engram::model::{Batch, HookPoint, Trace};
+use engram::stats::{self, StatsSpec};
 
 fn main() -> engram::Result<()> {
     engram::tune_allocator();
@@ -42,13 +42,13 @@ fn main() -> engram::Result<()> {
         let (ids, s, e) = if concat {
             let mut ids = tok.encode(pr.trim_end())?;
             let bare = tok.encode(prompt)?;
-            let (s, e) = engram::locate::subject_span_from(&m, prompt, subject, &bare, 0)?;
+            let (s, e) = m.tok()?.subject_span(prompt, subject, &bare, 0)?;
             let off = ids.len();
             ids.extend_from_slice(&bare);
             (ids, s + off, e + off)
         } else {
             let ids = tok.encode(&text)?;
-            let (s, e) = engram::locate::subject_span_from(&m, &text, subject, &ids, pr.len())?;
+            let (s, e) = m.tok()?.subject_span(&text, subject, &ids, pr.len())?;
             (ids, s, e)
         };
         let mut tr = Trace::new();

@@ -8,10 +8,11 @@ use engram::edit::alphaedit::{AlphaEdit, AlphaEditParams};
 use engram::edit::apply;
 use engram::edit::batch::{spread_targets, LayerSolver};
 use engram::edit::memit::{Memit, MemitParams};
-use engram::edit::spec::{continuation, EditSpec};
-use engram::edit::stats::{load_or_compute_layers, StatsSpec};
+use engram::edit::spec::EditSpec;
 use engram::edit::vsearch::{search, Request, Where};
 use engram::eval::metrics::{locality, run_suite, score_rewrite, Suite};
+use engram::fact::continuation;
+use engram::stats::{load_or_compute_layers, StatsSpec};
 use std::path::Path;
 
 fn main() -> engram::Result<()> {
@@ -23,7 +24,7 @@ fn main() -> engram::Result<()> {
     let p = MemitParams::default();
     let stats = load_or_compute_layers(&m, &fp, &StatsSpec::default(), &layers, &mut |_, _| {})?;
     for s in &stats {
-        let (vals, _) = engram::edit::linalg::symmetric_eigen(&s.mom2)?;
+        let (vals, _) = engram::linalg::symmetric_eigen(&s.mom2)?;
         let n = vals.len();
         println!(
             "layer {}: eigenvalues of C min {:.2e}, median {:.2e}, max {:.2e}; below 2e-2: {}, 1e-2: {}, 5e-3: {}",
@@ -46,7 +47,7 @@ fn main() -> engram::Result<()> {
         .rewrites
         .iter()
         .zip(&targets)
-        .map(|(r, t)| r.request(t))
+        .map(|(r, t)| engram::edit::vsearch::Request::of(r, t))
         .collect();
     let found = search(
         &m,

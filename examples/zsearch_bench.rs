@@ -6,8 +6,8 @@
 //! PARAMS is a YAML map of the method's spec parameters to change, e.g. `'{v_lr: 1.0}'`.
 use engram::edit::memit::MemitParams;
 use engram::edit::rome::RomeParams;
-use engram::edit::spec::continuation;
 use engram::edit::vsearch::{search, Request, Where};
+use engram::fact::continuation;
 use std::path::Path;
 use std::time::Instant;
 
@@ -22,7 +22,7 @@ fn main() -> engram::Result<()> {
     let method = args.first().map(String::as_str).unwrap_or("memit");
     let n: usize = args.get(1).and_then(|x| x.parse().ok()).unwrap_or(16);
     let m = engram::model::load(None, &candle_core::Device::Cpu)?;
-    let cases = engram::eval::counterfact::load(
+    let cases = engram::bench::counterfact::load(
         Path::new("../shared/data/counterfact/dev-2000.jsonl"),
         0,
         n,
@@ -34,7 +34,7 @@ fn main() -> engram::Result<()> {
     let reqs: Vec<Request> = cases
         .iter()
         .zip(&targets)
-        .map(|(c, t)| c.rewrite.request(t))
+        .map(|(c, t)| engram::edit::vsearch::Request::of(&c.rewrite, t))
         .collect();
     let overrides = args.get(3).map(String::as_str).unwrap_or("{}");
     let bad = |e: serde_yaml::Error| engram::Error::invalid("PARAMS", e.to_string());

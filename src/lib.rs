@@ -6,13 +6,17 @@
 //! [`model::Trace`].
 
 pub mod bench;
+pub mod data;
 pub mod edit;
 pub mod error;
 pub mod eval;
+pub mod fact;
 pub mod limits;
+pub mod linalg;
 pub mod locate;
 pub mod model;
 pub mod output;
+pub mod stats;
 pub mod unlearn;
 
 pub use error::{Error, Result};

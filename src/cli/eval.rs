@@ -3,8 +3,8 @@
 use anyhow::Result;
 use clap::Subcommand;
 use comfy_table::Table;
+use engram::bench::counterfact::{self, SeqEvent};
 use engram::edit::spec::{EditSpec, Method};
-use engram::eval::counterfact::{self, SeqEvent};
 use engram::eval::metrics::{fluency, locality, run_suite, Suite};
 use std::path::PathBuf;
 

@@ -249,18 +249,8 @@ fn run_batch(
     params: &LocateParams,
 ) -> Result<()> {
     let text = std::fs::read_to_string(data).map_err(|e| engram::Error::io(data, e))?;
-    let mut records = Vec::new();
-    for (i, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .take(a.n)
-    {
-        let r: Record = serde_json::from_str(line).map_err(|e| {
-            engram::Error::invalid(format!("{}:{}", data.display(), i + 1), e.to_string())
-        })?;
-        records.push(r);
-    }
+    let mut records: Vec<Record> = engram::data::from_jsonl(data, &text)?;
+    records.truncate(a.n);
     let pb = bar(records.len() as u64, "facts");
     let mut sums: Vec<Vec<Vec<f64>>> = vec![vec![vec![0.0; m.config.n_layers]; BUCKETS.len()]; 3];
     let mut counts = vec![vec![0usize; BUCKETS.len()]; 3];

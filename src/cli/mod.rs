@@ -203,7 +203,7 @@ pub fn write_retention_plot(
     path: &Path,
     method: &str,
     points: &[engram::edit::run::RetentionPoint],
-    first_batch: &[engram::eval::counterfact::FirstBatchPoint],
+    first_batch: &[engram::bench::counterfact::FirstBatchPoint],
 ) -> Result<()> {
     let pts: Vec<(f64, f64)> = points
         .iter()

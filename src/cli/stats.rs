@@ -1,7 +1,7 @@
 //! `engram stats [--model M] --layer L [--corpus FILE | --self-samples N] [--seq-len T]`.
 
 use anyhow::Result;
-use engram::edit::stats::{self, Corpus, StatsSpec};
+use engram::stats::{self, Corpus, StatsSpec};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]

@@ -4,11 +4,11 @@
 
 use anyhow::Result;
 use comfy_table::Table;
+use engram::bench::tofu::{run, MethodRun, Progress, Scores, SetSpec, TofuParams};
 use engram::eval::metrics::Suite;
 use engram::limits::parse_layers;
 use engram::unlearn::learn::LearnParams;
 use engram::unlearn::request::{Method, MethodName};
-use engram::unlearn::tofu::{run, MethodRun, Progress, Scores, SetSpec, TofuParams};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]

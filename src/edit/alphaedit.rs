@@ -14,11 +14,11 @@
 //! solution already lies in the range of P (X = P X).
 
 use super::batch::LayerSolver;
-use super::linalg::{symmetric_eigen, Cholesky};
 use super::memit;
-use super::stats::KeyStats;
 use super::vsearch::SearchParams;
 use crate::error::{Error, Result};
+use crate::linalg::{symmetric_eigen, Cholesky};
+use crate::stats::KeyStats;
 use candle_core::{DType, Tensor};
 
 /// AlphaEdit's hyper-parameters. The search and statistics defaults are MEMIT's (the

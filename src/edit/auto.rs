@@ -7,9 +7,9 @@
 //! at a time while the scores still hold. Every other tensor is copied byte for byte by the
 //! GGUF writer, as always.
 
-use crate::edit::spec::Rewrite;
 use crate::error::Result;
 use crate::eval::metrics::{score_rewrites, RewriteScores};
+use crate::fact::Rewrite;
 use crate::model::quant::{fake_quant, fitting_type, input_types};
 use crate::model::Model;
 use candle_core::quantized::GgmlDType;

@@ -17,7 +17,6 @@ use super::nas::NormAnchor;
 use super::vsearch::{self, Found, Request, SearchParams, SearchTrace, Where};
 use super::{apply, revert, Applied, DeltaKind, WeightDelta};
 use crate::error::{Error, Result};
-use crate::locate::subject_span_from;
 use crate::model::{Batch, HookPoint, Model, PadSide, Site, Trace};
 use candle_core::{DType, IndexOp, Tensor};
 
@@ -296,7 +295,9 @@ impl KeyPrompts {
             for pre in prefixes {
                 let text = format!("{pre}{}", req.prompt);
                 let mut ids = tok.encode(&text)?;
-                let (_, end) = subject_span_from(model, &text, req.subject, &ids, pre.len())?;
+                let (_, end) = model
+                    .tok()?
+                    .subject_span(&text, req.subject, &ids, pre.len())?;
                 ids.truncate(end);
                 seqs.push(ids);
             }

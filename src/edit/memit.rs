@@ -7,10 +7,10 @@
 //! `ΔW = R K^T (λ C + K K^T)^-1`, with λ = `mom2_update_weight`.
 
 use super::batch::LayerSolver;
-use super::linalg::Cholesky;
-use super::stats::KeyStats;
 use super::vsearch::SearchParams;
 use crate::error::{Error, Result};
+use crate::linalg::Cholesky;
+use crate::stats::KeyStats;
 use candle_core::Tensor;
 
 /// MEMIT's hyper-parameters. Defaults are the reference's `hparams/MEMIT/EleutherAI_gpt-j-6B.json`

@@ -21,13 +21,13 @@
 //!   starts the text has a key unlike its prefixed variants', and the plain mean gave such a
 //!   prompt a third of the edit (`examples/key_ratio.rs`); ES is measured on that prompt.
 
-use super::linalg::Cholesky;
-use super::stats::KeyStats;
 use super::vsearch::{self, SearchParams, Where};
 use super::WeightDelta;
 use crate::error::{Error, Result};
+use crate::linalg::Cholesky;
 use crate::model::generate::{generate, GenParams};
 use crate::model::{Model, Site};
+use crate::stats::KeyStats;
 use candle_core::{DType, Tensor};
 
 /// ROME's hyper-parameters. Defaults are the reference's `hparams/ROME/gpt2-xl.json` unless

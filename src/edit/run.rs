@@ -8,15 +8,16 @@ use super::batch::{self, BatchTrace};
 use super::memit::Memit;
 use super::nas::NormAnchor;
 use super::rome;
-use super::spec::{continuation, EditSpec, Method, Rewrite};
-use super::stats::{self, KeyStats, StatsSpec};
+use super::spec::{EditSpec, Method};
 use super::vsearch::{Request, SearchTrace};
 use super::{apply, ft, Applied, WeightDelta};
 use crate::error::{Error, Result};
 use crate::eval::metrics::{
     efficacy, locality, run_suite, score_rewrites, Locality, RewriteScores, Suite,
 };
+use crate::fact::{continuation, Rewrite};
 use crate::model::Model;
+use crate::stats::{self, KeyStats, StatsSpec};
 use std::time::Instant;
 
 /// Per-rewrite results.
@@ -131,7 +132,7 @@ pub struct Editor {
     pub method: Method,
     pub base_fingerprint: String,
     stats: Vec<KeyStats>,
-    chol: Option<super::linalg::Cholesky>,
+    chol: Option<crate::linalg::Cholesky>,
     prefixes: Option<Vec<String>>,
     alpha: Option<AlphaEdit>,
     /// NAS's reference norm (AlphaEdit with `norm_anchor`), set by the first batch.
@@ -305,7 +306,7 @@ impl Editor {
         let target = continuation(&r.target_new);
         match &self.method {
             Method::Rome(p) => {
-                let req = r.request(&target);
+                let req = Request::of(r, &target);
                 let chol = self
                     .chol
                     .as_ref()
@@ -368,7 +369,11 @@ impl Editor {
     ) -> Result<(Vec<WeightDelta>, BatchTrace)> {
         self.prepare(model, &mut |_, _| {})?;
         let targets: Vec<String> = rs.iter().map(|r| continuation(&r.target_new)).collect();
-        let reqs: Vec<Request<'_>> = rs.iter().zip(&targets).map(|(r, t)| r.request(t)).collect();
+        let reqs: Vec<Request<'_>> = rs
+            .iter()
+            .zip(&targets)
+            .map(|(r, t)| Request::of(r, t))
+            .collect();
         let prefixes = self.prefixes.clone().unwrap_or_default();
         match &self.method {
             Method::Memit(p) => {

@@ -6,7 +6,9 @@ use super::alphaedit::AlphaEditParams;
 use super::ft::FtParams;
 use super::memit::MemitParams;
 use super::rome::RomeParams;
+use crate::data::from_yaml;
 use crate::error::{Error, Result};
+use crate::fact::{continuation, Rewrite};
 use std::path::Path;
 
 /// The editing method and its hyper-parameters (`method: rome`, `ft`, `memit` or `alphaedit`).
@@ -229,96 +231,6 @@ pub struct Sequential {
     pub batch_size: usize,
 }
 
-/// A neighbourhood prompt: about another subject, whose answer must not move.
-#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Neighbor {
-    pub prompt: String,
-    /// The expected answer; defaults to the rewrite's `target_true`.
-    #[serde(default)]
-    pub answer: Option<String>,
-}
-
-/// One requested rewrite.
-#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Rewrite {
-    /// The prompt, containing the subject.
-    pub prompt: String,
-    pub subject: String,
-    /// The new object (no leading space needed: " " is added, as in CounterFact).
-    pub target_new: String,
-    /// The true object, for efficacy comparisons.
-    #[serde(default)]
-    pub target_true: Option<String>,
-    #[serde(default)]
-    pub paraphrases: Vec<String>,
-    #[serde(default)]
-    pub neighborhood: Vec<Neighbor>,
-}
-
-impl Rewrite {
-    /// The checks that need no model; `at` names the rewrite in errors (`rewrites[3]`,
-    /// `line 12`).
-    pub fn check(&self, at: &str) -> crate::limits::Check {
-        use crate::limits::{count, text, Bad};
-        let r = self;
-        for (field, t) in [
-            ("prompt", Some(&r.prompt)),
-            ("subject", Some(&r.subject)),
-            ("target_new", Some(&r.target_new)),
-            ("target_true", r.target_true.as_ref()),
-        ] {
-            if let Some(t) = t {
-                text(&format!("{at}.{field}"), t)?;
-                if t.trim().is_empty() {
-                    return Err(Bad::new(format!("{at}.{field}"), "must not be empty"));
-                }
-            }
-        }
-        if !r.prompt.contains(&r.subject) {
-            return Err(Bad::new(
-                format!("{at}.subject"),
-                format!(
-                    "`{}` does not occur in the prompt `{}`",
-                    r.subject, r.prompt
-                ),
-            ));
-        }
-        count(&format!("{at}.paraphrases"), r.paraphrases.len(), 256)?;
-        count(&format!("{at}.neighborhood"), r.neighborhood.len(), 256)?;
-        for (j, p) in r.paraphrases.iter().enumerate() {
-            text(&format!("{at}.paraphrases[{j}]"), p)?;
-        }
-        for (j, n) in r.neighborhood.iter().enumerate() {
-            text(&format!("{at}.neighborhood[{j}].prompt"), &n.prompt)?;
-            if let Some(a) = &n.answer {
-                text(&format!("{at}.neighborhood[{j}].answer"), a)?;
-            }
-        }
-        if !r.neighborhood.is_empty()
-            && r.target_true.is_none()
-            && r.neighborhood.iter().any(|n| n.answer.is_none())
-        {
-            return Err(Bad::new(
-                format!("{at}.neighborhood"),
-                "needs an `answer` or the rewrite's `target_true`",
-            ));
-        }
-        Ok(())
-    }
-
-    /// This rewrite as a value-search request for `target` (usually
-    /// [`continuation`]`(&self.target_new)`, which the caller keeps alive).
-    pub fn request<'a>(&'a self, target: &'a str) -> super::vsearch::Request<'a> {
-        super::vsearch::Request {
-            prompt: &self.prompt,
-            subject: &self.subject,
-            target,
-        }
-    }
-}
-
 /// An edit spec.
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
@@ -332,60 +244,6 @@ pub struct EditSpec {
     #[serde(default)]
     pub sequential: Option<Sequential>,
     pub rewrites: Vec<Rewrite>,
-}
-
-/// A target as a continuation: a leading space unless it already starts with whitespace.
-pub fn continuation(target: &str) -> String {
-    if target.starts_with(char::is_whitespace) {
-        target.to_string()
-    } else {
-        format!(" {target}")
-    }
-}
-
-/// serde_yaml's message, with a line and column added where it has none: errors inside the
-/// tagged `method` map come from buffered content that has lost its position, so we point
-/// at the first occurrence of the offending name instead.
-pub fn with_location(e: &serde_yaml::Error, text: &str) -> String {
-    let msg = e.to_string();
-    if msg.contains(" line ") {
-        return msg;
-    }
-    let name = msg.split('`').nth(1).unwrap_or("");
-    if name.is_empty() {
-        return msg;
-    }
-    for (i, line) in text.lines().enumerate() {
-        if let Some(col) = line.find(name) {
-            return format!("line {} column {}: {msg}", i + 1, col + 1);
-        }
-    }
-    msg
-}
-
-/// Deserialize a YAML file's `text`; errors are [`Error::Spec`] with the file and a location
-/// ([`with_location`]).
-pub fn from_yaml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T> {
-    serde_yaml::from_str(text).map_err(|e| Error::Spec {
-        path: path.into(),
-        message: with_location(&e, text),
-    })
-}
-
-/// Deserialize JSON lines (blank lines skipped); errors are [`Error::Spec`] with the file and
-/// the line.
-pub fn from_jsonl<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<Vec<T>> {
-    let mut v = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        v.push(serde_json::from_str(line).map_err(|e| Error::Spec {
-            path: path.into(),
-            message: format!("line {}: {e}", i + 1),
-        })?);
-    }
-    Ok(v)
 }
 
 impl EditSpec {
@@ -491,7 +349,7 @@ impl EditSpec {
             None => (0, usize::MAX, 2, None),
         };
         if let Some(c) = corpus {
-            crate::edit::stats::check_documents(c)
+            crate::stats::check_documents(c)
                 .map_err(|e| bad(format!("method.stats_corpus: {e}")))?;
         }
         if seq > ctx {

@@ -33,7 +33,6 @@
 //!   few rows cost about 7% of a step: every weight is read for a handful of positions).
 
 use crate::error::{Error, Result};
-use crate::locate::subject_span_from;
 use crate::model::{Batch, HookPoint, KvCache, Model, Op, Positions, Trace};
 use candle_core::{DType, IndexOp, Tensor, Var, D};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
@@ -66,6 +65,18 @@ pub struct Request<'a> {
     pub subject: &'a str,
     /// The new object, as a continuation (leading space included: " Rome").
     pub target: &'a str,
+}
+
+impl<'a> Request<'a> {
+    /// A rewrite as a request for `target` (usually [`crate::fact::continuation`]`(&r.target_new)`,
+    /// which the caller keeps alive).
+    pub fn of(r: &'a crate::fact::Rewrite, target: &'a str) -> Request<'a> {
+        Request {
+            prompt: &r.prompt,
+            subject: &r.subject,
+            target,
+        }
+    }
 }
 
 /// What the search did for one request, for reports.
@@ -205,7 +216,9 @@ fn build_rows(model: &Model, reqs: &[Request<'_>], prefixes: &[String]) -> Resul
         for pre in prefixes {
             let text = format!("{pre}{}", req.prompt);
             let (p, t) = tok.continuation(&text, req.target)?;
-            let (_, end) = subject_span_from(model, &text, req.subject, &p, pre.len())?;
+            let (_, end) = model
+                .tok()?
+                .subject_span(&text, req.subject, &p, pre.len())?;
             let mut ids = p.clone();
             ids.extend_from_slice(&t[..t.len() - 1]);
             rows.push(Row {
@@ -220,7 +233,9 @@ fn build_rows(model: &Model, reqs: &[Request<'_>], prefixes: &[String]) -> Resul
         }
         let kl_text = format!("{} is a", req.subject);
         let mut kl_ids = tok.encode(&kl_text)?;
-        let (_, kl_end) = subject_span_from(model, &kl_text, req.subject, &kl_ids, 0)?;
+        let (_, kl_end) = model
+            .tok()?
+            .subject_span(&kl_text, req.subject, &kl_ids, 0)?;
         // The KL term reads the subject's last token; under causal attention the tokens
         // after it cannot change that position, so they are dropped (a tail of one).
         kl_ids.truncate(kl_end);

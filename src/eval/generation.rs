@@ -20,8 +20,8 @@
 //! restated subject. Its WILD protocol also asks questions and judges the free answer with an
 //! LLM; we do not judge with a model.
 
-use crate::edit::spec::Rewrite;
 use crate::error::Result;
+use crate::fact::Rewrite;
 use crate::model::generate::{generate_until, GenParams};
 use crate::model::Model;
 

@@ -7,8 +7,8 @@
 //! (KL and top-1 agreement) and perplexity on general text.
 
 use super::logprob::target_logprobs;
-use crate::edit::spec::{continuation, Rewrite};
 use crate::error::{Error, Result};
+use crate::fact::{continuation, Rewrite};
 use crate::model::{Batch, Model, PadSide, Trace};
 use candle_core::{DType, IndexOp, Tensor, D};
 

@@ -1,7 +1,6 @@
 //! Evaluation: the probability of a target continuation (the quantity every metric is built
 //! on), and the metrics and reports built from it.
 
-pub mod counterfact;
 pub mod generation;
 pub mod logprob;
 pub mod metrics;

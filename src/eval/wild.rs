@@ -35,8 +35,8 @@
 //!   turn at once: an empty answer for most questions.
 
 use super::generation::{continuations_cut, prompts, split_scores, GenScores};
-use crate::edit::spec::Rewrite;
 use crate::error::Result;
+use crate::fact::Rewrite;
 use crate::model::Model;
 
 /// Most new tokens in a free answer.

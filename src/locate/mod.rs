@@ -83,7 +83,7 @@ pub struct Setup {
     pub noise_std: f64,
 }
 
-/// Token span `[start, end)` of `subject` inside `prompt`'s tokens.
+/// Token span `[start, end)` of `subject` inside `prompt`'s tokens ([`crate::model::Tok::subject_span`]).
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] naming `subject` when it does not occur in the prompt.
@@ -93,42 +93,7 @@ pub fn subject_span(
     subject: &str,
     ids: &[u32],
 ) -> Result<(usize, usize)> {
-    subject_span_from(model, prompt, subject, ids, 0)
-}
-
-/// Like [`subject_span`], for the first occurrence at or after byte `from` (a prompt behind a
-/// context prefix).
-pub fn subject_span_from(
-    model: &Model,
-    prompt: &str,
-    subject: &str,
-    ids: &[u32],
-    from: usize,
-) -> Result<(usize, usize)> {
-    let tok = model.tok()?;
-    let not_found = || {
-        Error::invalid(
-            "subject",
-            format!("`{subject}` does not occur in the prompt `{prompt}`"),
-        )
-    };
-    if subject.trim().is_empty() {
-        return Err(Error::invalid("subject", "must not be empty"));
-    }
-    let start = prompt
-        .get(from..)
-        .and_then(|p| p.find(subject))
-        .ok_or_else(not_found)?
-        + from;
-    let end = start + subject.len();
-    // Byte offset where each token ends, from the decoded prefixes.
-    let mut ends = Vec::with_capacity(ids.len());
-    for k in 1..=ids.len() {
-        ends.push(tok.decode(&ids[..k])?.len());
-    }
-    let first = ends.iter().position(|&e| e > start).ok_or_else(not_found)?;
-    let last = ends.iter().position(|&e| e >= end).ok_or_else(not_found)?;
-    Ok((first, last + 1))
+    model.tok()?.subject_span(prompt, subject, ids, 0)
 }
 
 /// Standard deviation of every entry of the token embedding matrix.

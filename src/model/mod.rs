@@ -6,6 +6,7 @@
 //! ([`Model::weight`] with a [`Site`]).
 
 pub mod config;
+pub mod delta;
 pub mod fetch;
 pub mod fused;
 pub mod generate;

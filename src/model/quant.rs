@@ -216,6 +216,36 @@ pub fn requantize(model: &Model, ty: DeployType) -> Result<Model> {
     Ok(m)
 }
 
+/// The edited tensors `names` as the GGUF file stores them: each re-quantized to its input
+/// type (the type `save_gguf` writes a changed tensor in; a K-quant that does not fit the
+/// rows falls back as llama.cpp does). Returns what restores the f32 edit, or `None` for a
+/// model that was not loaded from GGUF.
+pub fn requantize_edited(
+    model: &mut Model,
+    names: &[&str],
+) -> Result<Option<Vec<super::delta::Applied>>> {
+    let Some(types) = input_types(model) else {
+        return Ok(None);
+    };
+    let mut saved: Vec<super::delta::Applied> = Vec::new();
+    for &n in names {
+        if saved.iter().any(|a| a.name == n) {
+            continue;
+        }
+        let w = model.weights.dense(n)?;
+        let ty = match types.get(n) {
+            Some(&t) if w.rank() == 2 => fitting_type(t, w.dim(1)?),
+            _ => continue,
+        };
+        model.set_tensor(n, fake_quant(&w, ty)?)?;
+        saved.push(super::delta::Applied {
+            name: n.to_string(),
+            previous: w,
+        });
+    }
+    Ok(Some(saved))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -33,6 +33,44 @@ impl std::fmt::Debug for Tok {
 }
 
 impl Tok {
+    /// Token span `[start, end)` of `subject` inside `prompt`'s tokens `ids`, for its first
+    /// occurrence at or after byte `from` (a prompt behind a context prefix: `from` is the
+    /// prefix's length).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `subject` when it does not occur in the prompt.
+    pub fn subject_span(
+        &self,
+        prompt: &str,
+        subject: &str,
+        ids: &[u32],
+        from: usize,
+    ) -> Result<(usize, usize)> {
+        let not_found = || {
+            Error::invalid(
+                "subject",
+                format!("`{subject}` does not occur in the prompt `{prompt}`"),
+            )
+        };
+        if subject.trim().is_empty() {
+            return Err(Error::invalid("subject", "must not be empty"));
+        }
+        let start = prompt
+            .get(from..)
+            .and_then(|p| p.find(subject))
+            .ok_or_else(not_found)?
+            + from;
+        let end = start + subject.len();
+        // Byte offset where each token ends, from the decoded prefixes.
+        let mut ends = Vec::with_capacity(ids.len());
+        for k in 1..=ids.len() {
+            ends.push(self.decode(&ids[..k])?.len());
+        }
+        let first = ends.iter().position(|&e| e > start).ok_or_else(not_found)?;
+        let last = ends.iter().position(|&e| e >= end).ok_or_else(not_found)?;
+        Ok((first, last + 1))
+    }
+
     /// Load a `tokenizer.json`.
     pub fn from_file(path: &Path) -> Result<Tok> {
         let inner = Tokenizer::from_file(path)

@@ -759,7 +759,7 @@ fn greedy_and_logprobs(
         .iter()
         .map(|q| Example {
             prompt: sw(q),
-            answer: crate::edit::spec::continuation(value),
+            answer: crate::fact::continuation(value),
         })
         .collect();
     let lp = mean_example_logprob_each(model, &tokenize(model, &examples, usize::MAX)?)?;

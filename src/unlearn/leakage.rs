@@ -224,7 +224,7 @@ pub fn greedy(model: &Model, prompts: &[String], max_new: usize) -> Result<Vec<S
 /// every candidate, 128 at a time.
 pub fn candidate_scores(model: &Model, prompt: &str, all: &[String]) -> Result<Vec<f64>> {
     let tok = model.tok()?;
-    let target = |s: &str| crate::edit::spec::continuation(s);
+    let target = |s: &str| crate::fact::continuation(s);
     let p = tok.encode(prompt)?;
     let conts: Vec<Vec<u32>> = all
         .iter()

@@ -25,7 +25,6 @@ pub mod rewrite;
 pub mod rmu;
 pub mod run;
 pub mod simnpo;
-pub mod tofu;
 
 use crate::error::{Error, Result};
 use crate::model::quant::{self, DeployType};
@@ -134,9 +133,9 @@ pub fn load_records(path: &Path) -> Result<Vec<Record>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     let recs: Vec<Record> = if ext == "yaml" || ext == "yml" {
-        crate::edit::spec::from_yaml(path, &text)?
+        crate::data::from_yaml(path, &text)?
     } else {
-        crate::edit::spec::from_jsonl(path, &text)?
+        crate::data::from_jsonl(path, &text)?
     };
     if recs.is_empty() {
         return Err(Error::Spec {

@@ -18,8 +18,9 @@
 //! ```
 
 use super::{Example, Record};
-use crate::edit::spec::{continuation, from_yaml};
+use crate::data::from_yaml;
 use crate::error::{Error, Result};
+use crate::fact::continuation;
 use std::path::{Path, PathBuf};
 
 /// The unlearning objective.

@@ -27,10 +27,9 @@
 //! can be rewritten in turn (`layers`), each search run on the model with the earlier
 //! layers' rewrites in place, as in sequential ROME.
 
-use crate::edit::linalg::Cholesky;
-use crate::edit::{apply, Applied, WeightDelta};
 use crate::error::{Error, Result};
-use crate::locate::subject_span_from;
+use crate::linalg::Cholesky;
+use crate::model::delta::{apply, Applied, WeightDelta};
 use crate::model::{Batch, HookPoint, Model, Op, PadSide, Positions, Site, Trace};
 use candle_core::{DType, IndexOp, Tensor, Var, D};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
@@ -41,7 +40,7 @@ use super::run::{
     perplexity, teacher_answers, Options, StopCheck, StopReason, TrainLog, GUARD_TEXTS, MAX_LEN,
 };
 use super::{mean_token_logprob, tokenize, Example};
-use crate::edit::stats::{load_or_compute_layers, StatsSpec};
+use crate::stats::{load_or_compute_layers, StatsSpec};
 
 /// Hyper-parameters of the search (defaults: ROME's v* search on this model, see
 /// `edit::rome::RomeParams`, with more steps because there are several targets).
@@ -161,7 +160,7 @@ fn rows(model: &Model, subject: &str, terms: &[Term]) -> Result<Vec<Row>> {
         .iter()
         .map(|t| {
             let (p, a) = tok.continuation(&t.prompt, &t.answer)?;
-            let (_, end) = subject_span_from(model, &t.prompt, subject, &p, 0)?;
+            let (_, end) = model.tok()?.subject_span(&t.prompt, subject, &p, 0)?;
             let mut ids = p.clone();
             ids.extend_from_slice(&a[..a.len() - 1]);
             Ok(Row {
@@ -447,13 +446,8 @@ pub fn train(
         p.say_tokens,
     )?;
     let terms = terms(&answers, &req.subject, forget, retain);
-    let rp = crate::edit::rome::RomeParams::default();
-    let spec = StatsSpec {
-        samples: rp.stats_samples,
-        seq_len: rp.stats_seq_len,
-        seed: rp.seed,
-        ..Default::default()
-    };
+    // The defaults are ROME's (200 x 128 self-sampled, seed 0), so the cache is shared.
+    let spec = StatsSpec::default();
     let stats =
         load_or_compute_layers(model, &model.fingerprint()?, &spec, layers, &mut |_, _| {})?;
     let t_train = std::time::Instant::now();
@@ -470,7 +464,7 @@ pub fn train(
     }
     if opts.grid.is_some() {
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        crate::eval::counterfact::requantize_edited(&mut m, &names)?;
+        crate::model::quant::requantize_edited(&mut m, &names)?;
     }
     let train_seconds = t_train.elapsed().as_secs_f64();
     let ratio =

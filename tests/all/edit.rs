@@ -2,8 +2,9 @@
 
 use crate::cli_errors::engram;
 use crate::common::*;
-use engram::edit::spec::{EditSpec, Rewrite};
+use engram::edit::spec::EditSpec;
 use engram::edit::{apply, patch, revert};
+use engram::fact::Rewrite;
 use std::path::Path;
 
 fn eiffel() -> Rewrite {

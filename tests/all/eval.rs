@@ -44,7 +44,7 @@ fn compare_against_itself_and_a_scaled_copy() {
 #[test]
 fn counterfact_runner_on_20_records() {
     let data = Path::new(CF_DEV);
-    let cases = engram::eval::counterfact::load(data, 0, 20).unwrap();
+    let cases = engram::bench::counterfact::load(data, 0, 20).unwrap();
     assert_eq!(cases.len(), 20);
     let mut m = real().clone();
     let method = engram::edit::spec::Method::Ft(engram::edit::ft::FtParams {
@@ -55,7 +55,7 @@ fn counterfact_runner_on_20_records() {
     });
     let dir = tempfile::tempdir().unwrap();
     let resume = dir.path().join("rows.jsonl");
-    let rows = engram::eval::counterfact::run(
+    let rows = engram::bench::counterfact::run(
         &mut m,
         method.clone(),
         &cases,
@@ -70,7 +70,7 @@ fn counterfact_runner_on_20_records() {
         std::fs::read_to_string(&resume).unwrap().lines().count(),
         20
     );
-    let s = engram::eval::counterfact::summarise(&rows, "ft");
+    let s = engram::bench::counterfact::summarise(&rows, "ft");
     // Second way: P(new) > P(true) straight from the log-probabilities.
     let mut wins = 0;
     for c in &cases {
@@ -97,7 +97,7 @@ fn counterfact_runner_on_20_records() {
         "every case reverts"
     );
     // Resuming skips what is done.
-    let again = engram::eval::counterfact::run(
+    let again = engram::bench::counterfact::run(
         &mut m,
         method,
         &cases,
@@ -222,7 +222,7 @@ fn counterfact_runner_takes_wild_and_auto_types() {
     let c = json(&cj);
     let s = &c["summary"];
     let cases = c["cases"].as_array().unwrap();
-    let data = engram::eval::counterfact::load(Path::new(CF_DEV), 0, 2).unwrap();
+    let data = engram::bench::counterfact::load(Path::new(CF_DEV), 0, 2).unwrap();
     let mut said = 0.0;
     for (row, case) in cases.iter().zip(&data) {
         let w = &row["pre"]["wild"];
@@ -269,7 +269,7 @@ fn early_stopping_changes_no_generated_text() {
     use engram::eval::generation::{continuations, first_sentence, GEN_TOKENS};
     let m = real();
     let data = Path::new(CF_DEV);
-    let cases = engram::eval::counterfact::load(data, 0, 6).unwrap();
+    let cases = engram::bench::counterfact::load(data, 0, 6).unwrap();
     let mut prompts: Vec<&str> = Vec::new();
     for c in &cases {
         prompts.push(&c.rewrite.prompt);

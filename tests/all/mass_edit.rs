@@ -164,13 +164,12 @@ fn key_reads_match_full_passes() {
     use engram::edit::batch::KeyPrompts;
     use engram::edit::vsearch::Request;
     use engram::edit::DeltaKind;
-    use engram::locate::subject_span_from;
     use engram::model::Site;
     let mut m = real().clone();
     let spec = ten();
     let reqs: Vec<Request> = spec.rewrites[..4]
         .iter()
-        .map(|r| r.request(&r.target_new))
+        .map(|r| engram::edit::vsearch::Request::of(r, &r.target_new))
         .collect();
     let prefixes = vec![
         String::new(),
@@ -187,7 +186,11 @@ fn key_reads_match_full_passes() {
             for pre in &prefixes {
                 let text = format!("{pre}{}", req.prompt);
                 let ids = tok.encode(&text).unwrap();
-                let (_, end) = subject_span_from(m, &text, req.subject, &ids, pre.len()).unwrap();
+                let (_, end) = m
+                    .tok()
+                    .unwrap()
+                    .subject_span(&text, req.subject, &ids, pre.len())
+                    .unwrap();
                 let mut tr = Trace::new();
                 tr.capture(HookPoint::MlpKey(layer));
                 tr.capture(HookPoint::ResidPost(6));
@@ -263,8 +266,8 @@ fn key_reads_match_full_passes() {
 /// into groups of like subject position) finds what each rewrite's search alone finds.
 #[test]
 fn searching_rewrites_together_equals_searching_each_alone() {
-    use engram::edit::spec::continuation;
     use engram::edit::vsearch::{search, Request, SearchParams, Where};
+    use engram::fact::continuation;
     let m = real();
     let spec = ten();
     let targets: Vec<String> = spec.rewrites[..3]
@@ -274,7 +277,7 @@ fn searching_rewrites_together_equals_searching_each_alone() {
     let reqs: Vec<Request> = spec.rewrites[..3]
         .iter()
         .zip(&targets)
-        .map(|(r, t)| r.request(t))
+        .map(|(r, t)| engram::edit::vsearch::Request::of(r, t))
         .collect();
     let prefixes = vec![
         String::new(),

@@ -620,7 +620,7 @@ fn a_rewrite_is_one_rank_one_update_that_moves_its_answers_and_little_else() {
     for i in 0..n {
         eye[i * n + i] = 1.0;
     }
-    let chol = engram::edit::linalg::Cholesky::factor(&eye, n).unwrap();
+    let chol = engram::linalg::Cholesky::factor(&eye, n).unwrap();
     let params = RewriteParams {
         steps: 15,
         ..Default::default()

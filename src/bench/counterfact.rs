@@ -6,18 +6,19 @@
 //! rephrase_prompt, locality_prompt, locality_ground_truth), or ROME's original
 //! `counterfact.json` (requested_rewrite, paraphrase_prompts, neighborhood_prompts).
 
-use super::generation::GenScores;
-use super::metrics::{
-    efficacy, fluency, harmonic_mean, locality, mean_ci95, run_suite, score_rewrites, Locality,
-    RewriteScores, Suite,
-};
 use crate::edit::auto::{choose_for_rewrites, TypeChoice};
 use crate::edit::nas::NormAnchor;
 use crate::edit::resume::{self, RunKey};
 use crate::edit::run::{Editor, RetentionPoint};
-use crate::edit::spec::{Method, Neighbor, Rewrite};
-use crate::edit::{apply, revert, Applied};
+use crate::edit::spec::Method;
 use crate::error::{Error, Result};
+use crate::eval::generation::GenScores;
+use crate::eval::metrics::{
+    efficacy, fluency, harmonic_mean, locality, mean_ci95, run_suite, score_rewrites, Locality,
+    RewriteScores, Suite,
+};
+use crate::fact::{Neighbor, Rewrite};
+use crate::model::delta::{apply, revert, Applied};
 use crate::model::Model;
 use serde_json::Value;
 use std::io::Write;
@@ -103,29 +104,7 @@ pub fn parse_record(v: &Value, line: usize, path: &Path) -> Result<Case> {
 /// Read `n` cases from `offset` (JSONL, or a JSON array).
 pub fn load(path: &Path, offset: usize, n: usize) -> Result<Vec<Case>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let values: Vec<(usize, Value)> = if text.trim_start().starts_with('[') {
-        let arr: Vec<Value> = serde_json::from_str(&text).map_err(|e| Error::Spec {
-            path: path.into(),
-            message: e.to_string(),
-        })?;
-        arr.into_iter()
-            .enumerate()
-            .map(|(i, v)| (i + 1, v))
-            .collect()
-    } else {
-        text.lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| {
-                serde_json::from_str(l)
-                    .map(|v| (i + 1, v))
-                    .map_err(|e| Error::Spec {
-                        path: path.into(),
-                        message: format!("line {}: {e}", i + 1),
-                    })
-            })
-            .collect::<Result<_>>()?
-    };
+    let values: Vec<(usize, Value)> = crate::data::from_json_records(path, &text)?;
     if n == 0 {
         return Err(Error::invalid("--n", "must be at least 1"));
     }
@@ -178,7 +157,7 @@ pub struct CaseRow {
     #[serde(default)]
     pub error: Option<String>,
     /// For GGUF input: the post-edit scores with the edited tensors re-quantized to the types
-    /// they are written in ([`requantize_edited`], or the types [`RunOptions::auto_types`]
+    /// they are written in ([`crate::model::quant::requantize_edited`], or the types [`RunOptions::auto_types`]
     /// chose).
     #[serde(default)]
     pub requant: Option<Scores>,
@@ -397,17 +376,7 @@ pub fn run(
     let mut rows: Vec<CaseRow> = Vec::new();
     if let Some(p) = resume.filter(|p| p.exists()) {
         let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
-        for (i, l) in text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-        {
-            let r: CaseRow = serde_json::from_str(l).map_err(|e| Error::Spec {
-                path: p.into(),
-                message: format!("line {}: {e}", i + 1),
-            })?;
-            rows.push(r);
-        }
+        rows = crate::data::from_jsonl(p, &text)?;
     }
     let done: std::collections::HashSet<i64> = rows.iter().map(|r| r.case_id).collect();
     let mut out = match resume {
@@ -466,7 +435,10 @@ fn with_wild(
 ) -> Result<Vec<Scores>> {
     let mut rows: Vec<Scores> = scores.iter().map(Scores::from).collect();
     if opts.wild {
-        for (s, w) in rows.iter_mut().zip(super::wild::score_many(model, rs)?) {
+        for (s, w) in rows
+            .iter_mut()
+            .zip(crate::eval::wild::score_many(model, rs)?)
+        {
             s.wild = Some(w);
         }
     }
@@ -589,42 +561,14 @@ fn score_edited(
     })
 }
 
-/// The edited tensors `names` as the GGUF file stores them: each re-quantized to its input
-/// type (the type `save_gguf` writes a changed tensor in; a K-quant that does not fit the
-/// rows falls back as llama.cpp does). Returns what restores the f32 edit, or `None` for a
-/// model that was not loaded from GGUF.
-pub fn requantize_edited(model: &mut Model, names: &[&str]) -> Result<Option<Vec<Applied>>> {
-    use crate::model::quant::{fake_quant, fitting_type, input_types};
-    let Some(types) = input_types(model) else {
-        return Ok(None);
-    };
-    let mut saved: Vec<Applied> = Vec::new();
-    for &n in names {
-        if saved.iter().any(|a| a.name == n) {
-            continue;
-        }
-        let w = model.weights.dense(n)?;
-        let ty = match types.get(n) {
-            Some(&t) if w.rank() == 2 => fitting_type(t, w.dim(1)?),
-            _ => continue,
-        };
-        model.set_tensor(n, fake_quant(&w, ty)?)?;
-        saved.push(Applied {
-            name: n.to_string(),
-            previous: w,
-        });
-    }
-    Ok(Some(saved))
-}
-
-/// Score `rewrites` with the edited tensors re-quantized ([`requantize_edited`]), then
+/// Score `rewrites` with the edited tensors re-quantized ([`crate::model::quant::requantize_edited`]), then
 /// restore the f32 edit. `None` for a model not loaded from GGUF.
 fn score_requantized(
     model: &mut Model,
     names: &[&str],
     rewrites: &[Rewrite],
 ) -> Result<Option<Vec<RewriteScores>>> {
-    let Some(saved) = requantize_edited(model, names)? else {
+    let Some(saved) = crate::model::quant::requantize_edited(model, names)? else {
         return Ok(None);
     };
     let scores = score_rewrites(model, rewrites);

@@ -119,8 +119,8 @@ impl KeyStats {
     ///
     /// # Errors
     /// A covariance that is not positive definite (too few samples).
-    pub fn cholesky(&self) -> Result<super::linalg::Cholesky> {
-        super::linalg::Cholesky::factor_tensor(&self.mom2)
+    pub fn cholesky(&self) -> Result<crate::linalg::Cholesky> {
+        crate::linalg::Cholesky::factor_tensor(&self.mom2)
     }
 }
 

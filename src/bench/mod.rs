@@ -1,6 +1,9 @@
 //! Throughput measurements stated against the machine's own matmul peak, measured in the same
 //! process, so the numbers mean something on any machine (time alone is noisy here).
 
+pub mod counterfact;
+pub mod tofu;
+
 use crate::error::Result;
 use crate::model::{Batch, Model, Trace};
 use candle_core::{DType, Device, Tensor};

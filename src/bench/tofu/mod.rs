@@ -11,7 +11,7 @@
 //! Departures from open-unlearning, all stated in the README:
 //! - Questions are shown as `Question: {q}\nAnswer:` ([`super::qa_prompt`]), not in a chat
 //!   template; the same prompt is used to learn, unlearn and score.
-//! - ROUGE-L is [`super::leakage::rouge_l_recall`]: lower-cased alphanumeric words, no
+//! - ROUGE-L is [`crate::unlearn::leakage::rouge_l_recall`]: lower-cased alphanumeric words, no
 //!   stemmer (open-unlearning's `rouge_score` uses `use_stemmer=True`). Greedy answers stop
 //!   at their first line break.
 //! - The retain set is scored on its first `retain_eval_per_author` records per author (TOFU
@@ -20,13 +20,13 @@
 
 pub mod metrics;
 
-use super::learn::{learn, LearnParams, LearnReport};
-use super::request::{LayerSel, Method, Request};
-use super::run::{train, Options, StopReason};
-use super::{answer_logp_with, mean_example_logprob_each, tokenize, Example, Record};
 use crate::error::{Error, Result};
 use crate::eval::metrics::Suite;
 use crate::model::Model;
+use crate::unlearn::learn::{learn, LearnParams, LearnReport};
+use crate::unlearn::request::{LayerSel, Method, Request};
+use crate::unlearn::run::{train, Options, StopReason};
+use crate::unlearn::{answer_logp_with, mean_example_logprob_each, tokenize, Example, Record};
 use candle_core::{Tensor, D};
 use metrics as m;
 use std::collections::{BTreeMap, HashSet};
@@ -63,11 +63,10 @@ pub fn load_tofu(path: &Path) -> Result<Vec<TofuRecord>> {
         path: path.into(),
         message,
     };
-    let recs: Vec<TofuRecord> = if text.trim_start().starts_with('[') {
-        serde_json::from_str(&text).map_err(|e| spec(format!("JSON array: {e}")))?
-    } else {
-        crate::edit::spec::from_jsonl(path, &text)?
-    };
+    let recs: Vec<TofuRecord> = crate::data::from_json_records(path, &text)?
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect();
     if recs.is_empty() {
         return Err(spec("no records".into()));
     }
@@ -395,7 +394,7 @@ fn mean_nlls(model: &Model, examples: &[Example]) -> Result<Vec<f64>> {
 
 /// Mean token NLLs of each record's `correct` answer and of its perturbed answers. Each
 /// question's prompt runs once, its keys and values serving all of its options
-/// ([`super::leakage::candidate_scores`]).
+/// ([`crate::unlearn::leakage::candidate_scores`]).
 fn option_nlls(
     model: &Model,
     recs: &[TofuRecord],
@@ -404,14 +403,14 @@ fn option_nlls(
     let tok = model.tok()?;
     let mut out = Vec::with_capacity(recs.len());
     for r in recs {
-        let prompt = super::qa_prompt(&r.question);
+        let prompt = crate::unlearn::qa_prompt(&r.question);
         let mut opts = vec![correct(r)];
         opts.extend(r.perturbed_answer.iter().cloned());
         let opts: Vec<String> = opts
             .iter()
             .map(|o| format!(" {}", o.trim_start()))
             .collect();
-        let sums = super::leakage::candidate_scores(model, &prompt, &opts)?;
+        let sums = crate::unlearn::leakage::candidate_scores(model, &prompt, &opts)?;
         let mut nll = Vec::with_capacity(opts.len());
         for (s, o) in sums.iter().zip(&opts) {
             let n = tok.continuation(&prompt, o)?.1.len().max(1);
@@ -437,7 +436,11 @@ fn utility_set(
     normalised: bool,
     max_new: usize,
 ) -> Result<(f64, f64, Option<f64>)> {
-    let rouge = m::mean(super::leakage::greedy_rouge(model, &qa(recs), max_new)?);
+    let rouge = m::mean(crate::unlearn::leakage::greedy_rouge(
+        model,
+        &qa(recs),
+        max_new,
+    )?);
     let with_opts: Vec<TofuRecord> = recs
         .iter()
         .filter(|r| !r.perturbed_answer.is_empty())
@@ -498,7 +501,7 @@ pub fn score(
     // Forget: answers (prob, ES, MIA), greedy ROUGE, paraphrased vs perturbed truth ratio.
     let forget_qa = qa(&data.forget);
     let fs = answer_stats(model, &forget_qa)?;
-    let forget_rouge = m::mean(super::leakage::greedy_rouge(
+    let forget_rouge = m::mean(crate::unlearn::leakage::greedy_rouge(
         model,
         &forget_qa,
         p.max_new_tokens,
