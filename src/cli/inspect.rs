@@ -54,10 +54,7 @@ pub fn run(a: Args) -> Result<()> {
     let mut layer_tensors = Vec::new();
     if let Some(l) = a.layer {
         c.check_layer(l)?;
-        let prefix = match c.arch {
-            engram::model::Arch::Llama => format!("model.layers.{l}."),
-            engram::model::Arch::Gpt2 => format!("h.{l}."),
-        };
+        let prefix = format!("{}.", c.arch.layer_prefix(l));
         for (name, t) in m.weights.iter().filter(|(n, _)| n.starts_with(&prefix)) {
             let norm = t.dense()?.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64;
             layer_tensors.push((name.clone(), t.dims().to_vec(), norm));

@@ -98,10 +98,7 @@ pub fn subject_span(
 
 /// Standard deviation of every entry of the token embedding matrix.
 pub fn embedding_std(model: &Model) -> Result<f64> {
-    let name = match model.config.arch {
-        crate::model::Arch::Llama => "model.embed_tokens.weight",
-        crate::model::Arch::Gpt2 => "wte.weight",
-    };
+    let name = model.config.arch.embedding();
     // A copy in f32 (a stored embedding is dequantized), then f64.
     let e = model
         .weights

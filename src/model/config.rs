@@ -15,7 +15,48 @@ pub enum Arch {
     Gpt2,
 }
 
+/// Each family's checkpoint names (Hugging Face naming, as [`super::Weights`] holds them; the
+/// GGUF names of llama-family files are mapped in `load::gguf_to_hf` and back in `save`).
+/// Everything that needs a weight's name asks here.
 impl Arch {
+    /// The prefix of layer `l`'s tensors, without the trailing dot.
+    pub fn layer_prefix(self, l: usize) -> String {
+        match self {
+            Arch::Llama => format!("model.layers.{l}"),
+            Arch::Gpt2 => format!("h.{l}"),
+        }
+    }
+
+    /// The layer a tensor belongs to, for a name of this family (`None`: embeddings, final
+    /// norm, head). A GPT-2 name may keep its checkpoint's `transformer.` prefix.
+    pub fn layer_of(self, name: &str) -> Option<usize> {
+        let rest = match self {
+            Arch::Llama => name.strip_prefix("model.layers."),
+            Arch::Gpt2 => name
+                .strip_prefix("transformer.")
+                .unwrap_or(name)
+                .strip_prefix("h."),
+        }?;
+        rest.split('.').next()?.parse().ok()
+    }
+
+    /// The token embedding matrix `[vocab, d_model]` (GPT-2's is also the tied head).
+    pub fn embedding(self) -> &'static str {
+        match self {
+            Arch::Llama => "model.embed_tokens.weight",
+            Arch::Gpt2 => "wte.weight",
+        }
+    }
+
+    /// The matrix ROME, MEMIT and AlphaEdit rewrite: layer `l`'s MLP output projection
+    /// `[d_model, d_mlp]`.
+    pub fn mlp_out(self, l: usize) -> String {
+        match self {
+            Arch::Llama => format!("model.layers.{l}.mlp.down_proj.weight"),
+            Arch::Gpt2 => format!("h.{l}.mlp.c_proj.weight"),
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Arch::Llama => "llama",
@@ -253,5 +294,34 @@ impl Config {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Arch;
+
+    #[test]
+    fn layer_of_knows_both_families() {
+        assert_eq!(
+            Arch::Llama.layer_of("model.layers.12.mlp.down_proj.weight"),
+            Some(12)
+        );
+        // GPT-2 weights are named `h.{l}.` once the `transformer.` prefix is stripped.
+        assert_eq!(Arch::Gpt2.layer_of("h.3.mlp.c_proj.weight"), Some(3));
+        assert_eq!(
+            Arch::Gpt2.layer_of("transformer.h.3.attn.c_attn.weight"),
+            Some(3)
+        );
+        assert_eq!(Arch::Gpt2.layer_of("wte.weight"), None);
+        assert_eq!(Arch::Llama.layer_of("model.norm.weight"), None);
+        assert_eq!(Arch::Llama.layer_of("h.3.mlp.c_proj.weight"), None);
+        for arch in [Arch::Llama, Arch::Gpt2] {
+            assert_eq!(arch.layer_of(&arch.mlp_out(7)), Some(7));
+            assert_eq!(
+                arch.layer_of(&format!("{}.x", arch.layer_prefix(4))),
+                Some(4)
+            );
+        }
     }
 }

@@ -7,7 +7,7 @@
 //! loading transposes them to `[out, in]` so every family shares one convention, and saving
 //! transposes them back. Names drop the optional `transformer.` prefix.
 
-use super::config::Config;
+use super::config::{Arch, Config};
 use super::hooks::{HookPoint, Trace};
 use super::layers::{attend, hook, layer_norm, linear, BlockCtx, KvCache, Step};
 use super::Weights;
@@ -32,7 +32,7 @@ pub fn expected_tensors(cfg: &Config) -> Vec<(String, Vec<usize>)> {
         ("ln_f.bias".to_string(), vec![d]),
     ];
     for l in 0..cfg.n_layers {
-        let p = format!("h.{l}");
+        let p = Arch::Gpt2.layer_prefix(l);
         for ln in ["ln_1", "ln_2"] {
             v.push((format!("{p}.{ln}.weight"), vec![d]));
             v.push((format!("{p}.{ln}.bias"), vec![d]));
@@ -100,7 +100,7 @@ pub fn block(
     let diff = trace.is_differentiable();
     let stop = trace.stop_point();
     let (nh, hd, d) = (cfg.n_heads, cfg.head_dim, cfg.d_model);
-    let p = format!("h.{l}");
+    let p = Arch::Gpt2.layer_prefix(l);
     let g = |n: &str| w.get(&format!("{p}.{n}"));
     let mat = |n: &str| w.mat(&format!("{p}.{n}"));
     let x = hook!(trace, stop, HookPoint::ResidPre(l), x);

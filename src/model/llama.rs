@@ -6,7 +6,7 @@
 //! grouped-query attention, and a SwiGLU MLP: `down_proj(silu(gate_proj(x)) * up_proj(x))`.
 //! Weight names are the checkpoint's (`model.layers.{l}.mlp.down_proj.weight`, ...).
 
-use super::config::Config;
+use super::config::{Arch, Config};
 use super::fused::swiglu;
 use super::hooks::{HookPoint, Trace};
 use super::layers::{attend, hook, linear, rms_norm, BlockCtx, KvCache, Step};
@@ -29,7 +29,7 @@ pub fn expected_tensors(cfg: &Config) -> Vec<(String, Vec<usize>)> {
         v.push(("lm_head.weight".to_string(), vec![cfg.vocab_size, d]));
     }
     for l in 0..cfg.n_layers {
-        let p = format!("model.layers.{l}");
+        let p = Arch::Llama.layer_prefix(l);
         v.push((format!("{p}.input_layernorm.weight"), vec![d]));
         v.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
         v.push((format!("{p}.self_attn.q_proj.weight"), vec![q, d]));
@@ -121,7 +121,7 @@ pub fn block(
         .rope
         .as_ref()
         .ok_or_else(|| crate::Error::invalid("rope", "missing tables"))?;
-    let p = format!("model.layers.{l}");
+    let p = Arch::Llama.layer_prefix(l);
     let g = |n: &str| w.get(&format!("{p}.{n}"));
     let mat = |n: &str| w.mat(&format!("{p}.{n}"));
     let opt = |n: &str| if cfg.attn_bias { g(n).ok() } else { None };

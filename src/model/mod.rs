@@ -401,9 +401,8 @@ impl Model {
     /// [`Error::LayerOutOfRange`].
     pub fn weight_name(&self, layer: usize, site: Site) -> Result<String> {
         self.config.check_layer(layer)?;
-        Ok(match (self.config.arch, site) {
-            (Arch::Llama, Site::MlpOut) => format!("model.layers.{layer}.mlp.down_proj.weight"),
-            (Arch::Gpt2, Site::MlpOut) => format!("h.{layer}.mlp.c_proj.weight"),
+        Ok(match site {
+            Site::MlpOut => self.config.arch.mlp_out(layer),
         })
     }
 

@@ -189,7 +189,9 @@ impl Trainable {
         let mut m = model.clone();
         let mut vars = Vec::new();
         for (name, t) in model.weights.iter() {
-            let Some(l) = layer_of(name) else { continue };
+            let Some(l) = model.config.arch.layer_of(name) else {
+                continue;
+            };
             if layers.contains(&l) && t.rank() == 2 {
                 let v = Var::from_tensor(&t.dense()?)?;
                 m.weights.insert(name.clone(), v.as_tensor().clone());
@@ -364,16 +366,6 @@ impl Trainable {
         self.vars = kept;
         Ok(self)
     }
-}
-
-/// The layer a weight belongs to: `model.layers.{l}.…` (Llama) or `h.{l}.…` (GPT-2, whose
-/// `transformer.` prefix is stripped at load; the prefixed form is accepted too).
-fn layer_of(name: &str) -> Option<usize> {
-    let rest = name
-        .strip_prefix("model.layers.")
-        .or_else(|| name.strip_prefix("transformer.h."))
-        .or_else(|| name.strip_prefix("h."))?;
-    rest.split('.').next()?.parse().ok()
 }
 
 /// Examples tokenized for scoring: rows `prompt + answer[..-1]` and where the answer sits.
@@ -693,20 +685,5 @@ pub fn finite_loss(name: &str, v: f64) -> Result<f64> {
         Ok(v)
     } else {
         Err(Error::NonFinite { name: name.into() })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::layer_of;
-
-    #[test]
-    fn layer_of_knows_both_families() {
-        assert_eq!(layer_of("model.layers.12.mlp.down_proj.weight"), Some(12));
-        // GPT-2 weights are named `h.{l}.` once the `transformer.` prefix is stripped.
-        assert_eq!(layer_of("h.3.mlp.c_proj.weight"), Some(3));
-        assert_eq!(layer_of("transformer.h.3.attn.c_attn.weight"), Some(3));
-        assert_eq!(layer_of("wte.weight"), None);
-        assert_eq!(layer_of("model.norm.weight"), None);
     }
 }
