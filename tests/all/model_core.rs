@@ -424,3 +424,68 @@ fn sharded_safetensors_load_like_a_single_file() {
     let b = sharded.forward(&rows(), &mut Trace::new()).unwrap();
     assert_eq!(max_abs_diff(&a, &b), 0.0);
 }
+
+/// A character-level tokenizer for the tiny GPT-2 (vocabulary 96: the 95 printable ASCII
+/// characters, then `<|endoftext|>`), so that text-level code runs on it.
+fn char_tokenizer_json() -> String {
+    let vocab: serde_json::Map<String, serde_json::Value> = (32u8..127)
+        .enumerate()
+        .map(|(i, c)| ((c as char).to_string(), serde_json::json!(i)))
+        .collect();
+    serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [{"id": 95, "content": "<|endoftext|>", "single_word": false,
+            "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
+        "normalizer": null, "pre_tokenizer": null, "post_processor": null,
+        "decoder": {"type": "Fuse"},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
+            "byte_fallback": false, "vocab": vocab, "merges": []}
+    })
+    .to_string()
+}
+
+/// Learning on GPT-2 selects its layers' matrices by the family's names (`h.{l}.`; the
+/// earlier `layer_of` matched only `transformer.h.` and trained nothing) and the loss falls.
+#[test]
+fn learning_on_gpt2_trains_its_layers() {
+    use engram::unlearn::learn::{learn, LearnParams};
+    use engram::unlearn::Example;
+    let src = fixture("tiny-gpt2");
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    std::fs::write(dir.path().join("tokenizer.json"), char_tokenizer_json()).unwrap();
+    let m = engram::model::load(Some(dir.path().to_str().unwrap()), &Device::Cpu).unwrap();
+    assert_eq!(m.tok().unwrap().encode("Ab c").unwrap().len(), 4);
+    let data = vec![Example {
+        prompt: "Q: code?\nA:".into(),
+        answer: " 7341".into(),
+    }];
+    let mut p = LearnParams::defaults(m.config.n_layers);
+    p.steps = 20;
+    p.lr = 1e-2;
+    p.target_loss = 0.0;
+    let (_, r) = learn(&m, &data, &p, &mut |_, _| {}).unwrap();
+    // Every layer's four matrices: c_attn, attn c_proj, c_fc, mlp c_proj.
+    let want: usize = (0..m.config.n_layers)
+        .flat_map(|l| ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"].map(move |n| (l, n)))
+        .map(|(l, n)| {
+            m.weights
+                .param(&format!("h.{l}.{n}.weight"))
+                .unwrap()
+                .elem_count()
+        })
+        .sum();
+    assert_eq!(r.trained_params, want);
+    // The tied head is not trained and its random rows are small (std 0.02 in 32 dims), so
+    // logits span about +-0.6 and the NLL cannot fall far below ln(96) - 0.6 = 3.97: measured
+    // 4.58 -> 3.94 in 20 steps.
+    assert!(
+        r.loss_after < r.loss_before - 0.4,
+        "{} -> {}",
+        r.loss_before,
+        r.loss_after
+    );
+}
