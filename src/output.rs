@@ -237,19 +237,19 @@ mod tests {
         std::fs::write(&input, b"x").unwrap();
         let mut o = Outputs::new(&[&input]);
         assert!(o
-            .file("--out", &input)
+            .file("out", &input)
             .unwrap_err()
             .to_string()
-            .contains("--out"));
-        assert!(o.file("--json", d.path()).is_err());
-        let a = o.file("--json", &d.path().join("new/sub/a.json")).unwrap();
-        assert!(o.file("--plot", &d.path().join("new/sub/a.json")).is_err());
+            .contains("out"));
+        assert!(o.file("json", d.path()).is_err());
+        let a = o.file("json", &d.path().join("new/sub/a.json")).unwrap();
+        assert!(o.file("plot", &d.path().join("new/sub/a.json")).is_err());
         std::fs::write(&a, b"1").unwrap();
         drop(o); // a failure: nothing stays
         assert!(!d.path().join("new").exists());
         let mut o = Outputs::new(&[&input]);
-        let a = o.file("--json", &d.path().join("a.json")).unwrap();
-        let m = o.model("--out", &d.path().join("m"), true).unwrap();
+        let a = o.file("json", &d.path().join("a.json")).unwrap();
+        let m = o.model("out", &d.path().join("m"), true).unwrap();
         std::fs::write(&a, b"1").unwrap();
         std::fs::create_dir(&m).unwrap();
         std::fs::write(m.join("w"), b"2").unwrap();

@@ -390,7 +390,7 @@ pub fn corpus_sequences(
                 .collect();
             if out.is_empty() {
                 return Err(Error::invalid(
-                    "--corpus",
+                    "corpus",
                     format!("{} has no text", path.display()),
                 ));
             }

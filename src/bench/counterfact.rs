@@ -106,7 +106,7 @@ pub fn load(path: &Path, offset: usize, n: usize) -> Result<Vec<Case>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let values: Vec<(usize, Value)> = crate::data::from_json_records(path, &text)?;
     if n == 0 {
-        return Err(Error::invalid("--n", "must be at least 1"));
+        return Err(Error::invalid("n", "must be at least 1"));
     }
     if values.is_empty() {
         return Err(Error::Spec {
@@ -116,7 +116,7 @@ pub fn load(path: &Path, offset: usize, n: usize) -> Result<Vec<Case>> {
     }
     if offset >= values.len() {
         return Err(Error::invalid(
-            "--offset",
+            "offset",
             format!(
                 "{offset}: {} holds only {} records (allowed: 0 to {})",
                 path.display(),

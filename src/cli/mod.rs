@@ -18,7 +18,7 @@ mod tofu;
 mod unlearn;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -75,7 +75,9 @@ enum Cmd {
 }
 
 pub fn run() -> Result<ExitCode> {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let leaf = leaf_command(&matches);
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
     tracing_subscriber::fmt()
@@ -85,23 +87,26 @@ pub fn run() -> Result<ExitCode> {
     if let Some(w) = cli.weights {
         engram::model::load::set_default_mode(w);
     }
-    match cli.cmd {
-        Cmd::Model(a) => model_cmd::run(a),
-        Cmd::Inspect(a) => inspect::run(a),
-        Cmd::Generate(a) => generate::run(a),
-        Cmd::Logprob(a) => logprob::run(a),
-        Cmd::Locate(a) => locate::run(a),
-        Cmd::Edit(a) => edit::run(a),
-        Cmd::Stats(a) => stats::run(a),
-        Cmd::Eval(a) => eval::run(*a),
-        Cmd::Patch(a) => patch::run(a),
-        Cmd::Bench(a) => bench::run(a),
-        Cmd::Learn(a) => learn::run(a),
-        Cmd::Unlearn(a) => unlearn::run(a),
-        Cmd::Audit(a) => return audit::run(a),
-        Cmd::Receipt(a) => return receipt::run(a),
-    }?;
-    Ok(ExitCode::SUCCESS)
+    let result = (move || -> Result<ExitCode> {
+        match cli.cmd {
+            Cmd::Model(a) => model_cmd::run(a),
+            Cmd::Inspect(a) => inspect::run(a),
+            Cmd::Generate(a) => generate::run(a),
+            Cmd::Logprob(a) => logprob::run(a),
+            Cmd::Locate(a) => locate::run(a),
+            Cmd::Edit(a) => edit::run(a),
+            Cmd::Stats(a) => stats::run(a),
+            Cmd::Eval(a) => eval::run(*a),
+            Cmd::Patch(a) => patch::run(a),
+            Cmd::Bench(a) => bench::run(a),
+            Cmd::Learn(a) => learn::run(a),
+            Cmd::Unlearn(a) => unlearn::run(a),
+            Cmd::Audit(a) => return audit::run(a),
+            Cmd::Receipt(a) => return receipt::run(a),
+        }?;
+        Ok(ExitCode::SUCCESS)
+    })();
+    result.map_err(|e| with_flag_names(e, &leaf))
 }
 
 /// Load `--model` (default alias when absent) on the CPU, or CUDA with the `cuda` feature.
@@ -231,4 +236,36 @@ pub fn check_outputs(outputs: &[(&str, Option<&Path>)], inputs: &[&Path]) -> Res
         }
     }
     Ok(()) // dropping `o` removes any directory it created
+}
+
+/// The subcommand that runs (`eval counterfact`), as clap describes it.
+fn leaf_command(matches: &clap::ArgMatches) -> clap::Command {
+    let mut cmd = Cli::command();
+    let mut m = matches;
+    while let Some((name, sub)) = m.subcommand() {
+        match cmd.find_subcommand(name) {
+            Some(c) => cmd = c.clone(),
+            None => break,
+        }
+        m = sub;
+    }
+    cmd
+}
+
+/// The library names the field a bad value came from (`top_p`); on the command line that
+/// value came from a flag, so the message names the flag (`--top-p`) where the running
+/// subcommand has one of that name. Other errors pass unchanged.
+fn with_flag_names(e: anyhow::Error, cmd: &clap::Command) -> anyhow::Error {
+    let Some(engram::Error::InvalidArgument { option, reason }) = e.downcast_ref() else {
+        return e;
+    };
+    let id = option.replace('-', "_");
+    match cmd
+        .get_arguments()
+        .find(|a| a.get_id().as_str() == id)
+        .and_then(|a| a.get_long())
+    {
+        Some(long) => engram::Error::invalid(format!("--{long}"), reason.clone()).into(),
+        None => e,
+    }
 }

@@ -101,11 +101,10 @@ pub fn save<P: serde::Serialize>(
         anchor: carried.anchor,
         progress,
     };
-    let json =
-        serde_json::to_string(&meta).map_err(|e| Error::invalid("--resume", e.to_string()))?;
+    let json = serde_json::to_string(&meta).map_err(|e| Error::invalid("resume", e.to_string()))?;
     let md = HashMap::from([(META.to_string(), json)]);
     let bytes = safetensors::serialize(views, Some(md))
-        .map_err(|e| Error::invalid("--resume", e.to_string()))?;
+        .map_err(|e| Error::invalid("resume", e.to_string()))?;
     crate::model::save::write_atomic(path, |w| {
         use std::io::Write;
         w.write_all(&bytes).map_err(|e| Error::io(path, e))
@@ -130,7 +129,7 @@ pub fn load<P: serde::de::DeserializeOwned>(
     }
     let bad = |why: String| {
         Error::invalid(
-            "--resume",
+            "resume",
             format!("{}: {why}; give a new file to start afresh", path.display()),
         )
     };

@@ -201,7 +201,7 @@ impl Method {
         }
         serde_yaml::from_str(&format!("{{method: {name}}}")).map_err(|_| {
             Error::invalid(
-                "--method",
+                "method",
                 format!(
                     "unknown method `{name}`; allowed: rome, ft, memit, alphaedit, alphaedit-nas"
                 ),

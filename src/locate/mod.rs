@@ -120,10 +120,10 @@ pub fn setup(
     params: &LocateParams,
 ) -> Result<Setup> {
     if params.samples == 0 {
-        return Err(Error::invalid("--samples", "must be at least 1"));
+        return Err(Error::invalid("samples", "must be at least 1"));
     }
     if params.window == 0 {
-        return Err(Error::invalid("--window", "must be at least 1"));
+        return Err(Error::invalid("window", "must be at least 1"));
     }
     let tok = model.tok()?;
     let prompt_ids = tok.encode(prompt)?;
@@ -280,7 +280,7 @@ pub fn default_layer(
     }
     if facts.is_empty() {
         return Err(Error::invalid(
-            "--layer",
+            "layer",
             "give a layer: the model is not a known alias and there is no fact to locate it from",
         ));
     }

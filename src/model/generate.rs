@@ -40,12 +40,12 @@ impl GenParams {
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             return Err(Error::invalid(
-                "--temperature",
+                "temperature",
                 "must be a finite number >= 0",
             ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(Error::invalid("--top-p", "must be in (0, 1]"));
+            return Err(Error::invalid("top_p", "must be in (0, 1]"));
         }
         Ok(())
     }
@@ -112,10 +112,7 @@ fn decode(
 ) -> Result<Vec<Vec<u32>>> {
     p.validate()?;
     if prompts.is_empty() || prompts.iter().any(|r| r.is_empty()) {
-        return Err(Error::invalid(
-            "--prompt",
-            "must contain at least one token",
-        ));
+        return Err(Error::invalid("prompt", "must contain at least one token"));
     }
     if groups.iter().map(|g| g.0).sum::<usize>() != prompts.len() {
         return Err(Error::invalid(
@@ -126,7 +123,7 @@ fn decode(
     let longest = prompts.iter().map(|r| r.len()).max().unwrap_or(0);
     if longest.saturating_add(p.max_new_tokens) > model.config.max_positions {
         return Err(Error::invalid(
-            "--max-new-tokens",
+            "max_new_tokens",
             format!(
                 "prompt ({longest}) + new tokens ({}) exceed the context of {}",
                 p.max_new_tokens, model.config.max_positions

@@ -253,12 +253,12 @@ mod tests {
     #[test]
     fn types_parse_and_errors_list_the_allowed() {
         assert_eq!(
-            parse_types("q8_0, Q4_1,q8_0", "--types").unwrap(),
+            parse_types("q8_0, Q4_1,q8_0", "types").unwrap(),
             vec![DeployType::Q8_0, DeployType::Q4_1]
         );
-        let e = parse_types("q8_0,q3", "--types").unwrap_err().to_string();
+        let e = parse_types("q8_0,q3", "types").unwrap_err().to_string();
         assert!(
-            e.contains("--types") && e.contains("q3") && e.contains("q4_k"),
+            e.contains("types") && e.contains("q3") && e.contains("q4_k"),
             "{e}"
         );
     }

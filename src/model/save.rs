@@ -33,7 +33,7 @@ fn guard_input(model: &Model, out: &Path) -> Result<()> {
     };
     if same {
         return Err(Error::invalid(
-            "--out",
+            "out",
             format!(
                 "{} is the input checkpoint; engram never overwrites it",
                 out.display()
@@ -165,7 +165,7 @@ pub fn save_gguf(
     check_all_finite(model)?;
     let Format::Gguf { metadata, tensors } = &model.source.format else {
         return Err(Error::invalid(
-            "--out",
+            "out",
             "GGUF output needs a GGUF input (its metadata and tokenizer are copied)",
         ));
     };

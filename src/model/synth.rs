@@ -111,7 +111,7 @@ pub fn shape(name: &str) -> Result<Shape> {
         .ok_or_else(|| {
             let known: Vec<&str> = SHAPES.iter().map(|s| s.name).collect();
             Error::invalid(
-                "--like",
+                "like",
                 format!("unknown shape `{name}`; known: {}", known.join(", ")),
             )
         })

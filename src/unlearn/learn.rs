@@ -58,13 +58,13 @@ impl LearnParams {
 
     fn validate(&self) -> Result<()> {
         if self.steps == 0 {
-            return Err(Error::invalid("--steps", "must be at least 1"));
+            return Err(Error::invalid("steps", "must be at least 1"));
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return Err(Error::invalid("--lr", "must be a finite number > 0"));
+            return Err(Error::invalid("lr", "must be a finite number > 0"));
         }
         if self.batch_size == 0 {
-            return Err(Error::invalid("--batch-size", "must be at least 1"));
+            return Err(Error::invalid("batch_size", "must be at least 1"));
         }
         Ok(())
     }

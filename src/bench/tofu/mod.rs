@@ -143,10 +143,10 @@ impl TofuData {
             Ok(v)
         };
         let strip = |v: Vec<(usize, TofuRecord)>| v.into_iter().map(|x| x.1).collect::<Vec<_>>();
-        let forget_v = strip(pick(forget, "--forget-authors")?);
-        let retain_v = pick(retain, "--retain-authors")?;
+        let forget_v = strip(pick(forget, "forget_authors")?);
+        let retain_v = pick(retain, "retain_authors")?;
         let holdout_v = match holdout {
-            Some(h) => strip(pick(h, "--holdout-authors")?),
+            Some(h) => strip(pick(h, "holdout_authors")?),
             None => vec![],
         };
         let ra = match real_authors {
