@@ -7,6 +7,7 @@ mod cli_errors;
 mod common;
 mod edit;
 mod eval;
+mod floors;
 mod fuzz;
 mod hostile;
 mod lifelong;
