@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The scale benchmark (issue 25): synthetic checkpoints with real block shapes, and the default
-# model, in both weight modes. Run from the repository root after `cargo build --release`.
+# model, in each weight mode that fits. Run from the repository root after `cargo build --release`.
 # A benchmark, not a test: numbers depend on the machine and on what else it runs. Run it on
 # an idle machine; it takes hours for the 8B shape (see README "Models people run").
 #

@@ -9,7 +9,7 @@ use engram::edit::apply;
 use engram::edit::batch::{spread_targets, LayerSolver};
 use engram::edit::memit::{Memit, MemitParams};
 use engram::edit::spec::EditSpec;
-use engram::edit::vsearch::{search, Request, Where};
+use engram::edit::vsearch::{search, SearchRequest, Where};
 use engram::eval::metrics::{locality, run_suite, score_rewrite, Suite};
 use engram::fact::continuation;
 use engram::stats::{load_or_compute_layers, StatsSpec};
@@ -43,11 +43,11 @@ fn main() -> engram::Result<()> {
         .iter()
         .map(|r| continuation(&r.target_new))
         .collect();
-    let reqs: Vec<Request> = spec
+    let reqs: Vec<SearchRequest> = spec
         .rewrites
         .iter()
         .zip(&targets)
-        .map(|(r, t)| engram::edit::vsearch::Request::of(r, t))
+        .map(|(r, t)| engram::edit::vsearch::SearchRequest::of(r, t))
         .collect();
     let found = search(
         &m,

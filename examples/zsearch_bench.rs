@@ -6,7 +6,7 @@
 //! PARAMS is a YAML map of the method's spec parameters to change, e.g. `'{v_lr: 1.0}'`.
 use engram::edit::memit::MemitParams;
 use engram::edit::rome::RomeParams;
-use engram::edit::vsearch::{search, Request, Where};
+use engram::edit::vsearch::{search, SearchRequest, Where};
 use engram::fact::continuation;
 use std::path::Path;
 use std::time::Instant;
@@ -31,10 +31,10 @@ fn main() -> engram::Result<()> {
         .iter()
         .map(|c| continuation(&c.rewrite.target_new))
         .collect();
-    let reqs: Vec<Request> = cases
+    let reqs: Vec<SearchRequest> = cases
         .iter()
         .zip(&targets)
-        .map(|(c, t)| engram::edit::vsearch::Request::of(&c.rewrite, t))
+        .map(|(c, t)| engram::edit::vsearch::SearchRequest::of(&c.rewrite, t))
         .collect();
     let overrides = args.get(3).map(String::as_str).unwrap_or("{}");
     let bad = |e: serde_yaml::Error| engram::Error::invalid("PARAMS", e.to_string());

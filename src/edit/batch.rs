@@ -14,7 +14,7 @@
 //! also on errors.
 
 use super::nas::NormAnchor;
-use super::vsearch::{self, Found, Request, SearchParams, SearchTrace, Where};
+use super::vsearch::{self, Found, SearchParams, SearchRequest, SearchTrace, Where};
 use super::{apply, revert, Applied, DeltaKind, WeightDelta};
 use crate::error::{Error, Result};
 use crate::model::{Batch, HookPoint, Model, PadSide, Site, Trace};
@@ -52,7 +52,7 @@ pub struct LayerTrace {
 #[allow(clippy::too_many_arguments)]
 pub fn compute(
     model: &mut Model,
-    reqs: &[Request<'_>],
+    reqs: &[SearchRequest<'_>],
     layers: &[usize],
     prefixes: &[String],
     search: &SearchParams,
@@ -105,7 +105,7 @@ pub fn compute(
 /// `layers`) over `layers`. The model is restored before returning.
 pub fn spread_targets(
     model: &mut Model,
-    reqs: &[Request<'_>],
+    reqs: &[SearchRequest<'_>],
     layers: &[usize],
     prefixes: &[String],
     z: &Tensor,
@@ -145,7 +145,7 @@ fn last_layer(model: &Model, layers: &[usize]) -> Result<usize> {
 #[allow(clippy::too_many_arguments)]
 fn spread(
     model: &mut Model,
-    reqs: &[Request<'_>],
+    reqs: &[SearchRequest<'_>],
     layers: &[usize],
     prefixes: &[String],
     z_layer: usize,
@@ -288,7 +288,11 @@ impl KeyPrompts {
     ///
     /// # Errors
     /// A subject not in its prompt, tokenizer errors.
-    pub fn new(model: &Model, reqs: &[Request<'_>], prefixes: &[String]) -> Result<KeyPrompts> {
+    pub fn new(
+        model: &Model,
+        reqs: &[SearchRequest<'_>],
+        prefixes: &[String],
+    ) -> Result<KeyPrompts> {
         let tok = model.tok()?;
         let mut seqs = Vec::with_capacity(reqs.len() * prefixes.len());
         for req in reqs {

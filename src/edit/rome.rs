@@ -127,7 +127,7 @@ impl Default for RomeParams {
     }
 }
 
-pub use super::vsearch::Request;
+pub use super::vsearch::SearchRequest;
 /// What the v* search did, for reports.
 pub type RomeTrace = super::vsearch::SearchTrace;
 
@@ -180,7 +180,7 @@ pub fn context_prefixes(model: &Model, spec: &[(usize, usize)], seed: u64) -> Re
 /// non-finite result.
 pub fn compute(
     model: &Model,
-    req: &Request<'_>,
+    req: &SearchRequest<'_>,
     params: &RomeParams,
     stats: &KeyStats,
     chol: &Cholesky,

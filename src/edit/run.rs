@@ -9,7 +9,7 @@ use super::memit::Memit;
 use super::nas::NormAnchor;
 use super::rome;
 use super::spec::{EditSpec, Method};
-use super::vsearch::{Request, SearchTrace};
+use super::vsearch::{SearchRequest, SearchTrace};
 use super::{apply, ft, Applied, WeightDelta};
 use crate::error::{Error, Result};
 use crate::eval::metrics::{
@@ -306,7 +306,7 @@ impl Editor {
         let target = continuation(&r.target_new);
         match &self.method {
             Method::Rome(p) => {
-                let req = Request::of(r, &target);
+                let req = SearchRequest::of(r, &target);
                 let chol = self
                     .chol
                     .as_ref()
@@ -369,10 +369,10 @@ impl Editor {
     ) -> Result<(Vec<WeightDelta>, BatchTrace)> {
         self.prepare(model, &mut |_, _| {})?;
         let targets: Vec<String> = rs.iter().map(|r| continuation(&r.target_new)).collect();
-        let reqs: Vec<Request<'_>> = rs
+        let reqs: Vec<SearchRequest<'_>> = rs
             .iter()
             .zip(&targets)
-            .map(|(r, t)| Request::of(r, t))
+            .map(|(r, t)| SearchRequest::of(r, t))
             .collect();
         let prefixes = self.prefixes.clone().unwrap_or_default();
         match &self.method {

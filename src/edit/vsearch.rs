@@ -59,7 +59,7 @@ pub struct SearchParams {
 
 /// One requested rewrite.
 #[derive(Debug, Clone)]
-pub struct Request<'a> {
+pub struct SearchRequest<'a> {
     /// The prompt, containing the subject (e.g. "The Eiffel Tower is located in the city of").
     pub prompt: &'a str,
     pub subject: &'a str,
@@ -67,11 +67,11 @@ pub struct Request<'a> {
     pub target: &'a str,
 }
 
-impl<'a> Request<'a> {
+impl<'a> SearchRequest<'a> {
     /// A rewrite as a request for `target` (usually [`crate::fact::continuation`]`(&r.target_new)`,
     /// which the caller keeps alive).
-    pub fn of(r: &'a crate::fact::Rewrite, target: &'a str) -> Request<'a> {
-        Request {
+    pub fn of(r: &'a crate::fact::Rewrite, target: &'a str) -> SearchRequest<'a> {
+        SearchRequest {
             prompt: &r.prompt,
             subject: &r.subject,
             target,
@@ -122,7 +122,7 @@ pub struct Found {
 /// Subject not in a prompt, an empty target, a layer out of range, tensor errors.
 pub fn search(
     model: &Model,
-    reqs: &[Request<'_>],
+    reqs: &[SearchRequest<'_>],
     prefixes: &[String],
     layer: usize,
     at: Where,
@@ -206,7 +206,7 @@ impl Row {
     }
 }
 
-fn build_rows(model: &Model, reqs: &[Request<'_>], prefixes: &[String]) -> Result<Vec<Row>> {
+fn build_rows(model: &Model, reqs: &[SearchRequest<'_>], prefixes: &[String]) -> Result<Vec<Row>> {
     let tok = model.tok()?;
     let mut rows = Vec::new();
     for (q, req) in reqs.iter().enumerate() {
@@ -349,7 +349,7 @@ impl Rows {
 /// position only, and padding it to the prompts' tail made about a tenth of every step's
 /// positions (`zsearch_bench memit 48`, debug log).
 struct Active {
-    /// Request ids, ascending.
+    /// SearchRequest ids, ascending.
     reqs: Vec<usize>,
     req_ids: Tensor,
     /// The prompt rows (indices into the chunk's row list) and their batch.
@@ -854,17 +854,17 @@ mod tests {
         }
         let m = crate::model::load(None, &candle_core::Device::Cpu).expect("smollm2-135m");
         let reqs = [
-            Request {
+            SearchRequest {
                 prompt: "Danielle Darrieux's mother tongue is",
                 subject: "Danielle Darrieux",
                 target: " English",
             },
-            Request {
+            SearchRequest {
                 prompt: "The mother tongue of Danielle Darrieux is",
                 subject: "Danielle Darrieux",
                 target: " English",
             },
-            Request {
+            SearchRequest {
                 prompt: "Toko Yasuda plays the",
                 subject: "Toko Yasuda",
                 target: " piano",

@@ -162,14 +162,14 @@ fn sequential_alphaedit_keeps_earlier_edits() {
 fn key_reads_match_full_passes() {
     use candle_core::IndexOp;
     use engram::edit::batch::KeyPrompts;
-    use engram::edit::vsearch::Request;
+    use engram::edit::vsearch::SearchRequest;
     use engram::edit::DeltaKind;
     use engram::model::Site;
     let mut m = real().clone();
     let spec = ten();
-    let reqs: Vec<Request> = spec.rewrites[..4]
+    let reqs: Vec<SearchRequest> = spec.rewrites[..4]
         .iter()
-        .map(|r| engram::edit::vsearch::Request::of(r, &r.target_new))
+        .map(|r| engram::edit::vsearch::SearchRequest::of(r, &r.target_new))
         .collect();
     let prefixes = vec![
         String::new(),
@@ -266,7 +266,7 @@ fn key_reads_match_full_passes() {
 /// into groups of like subject position) finds what each rewrite's search alone finds.
 #[test]
 fn searching_rewrites_together_equals_searching_each_alone() {
-    use engram::edit::vsearch::{search, Request, SearchParams, Where};
+    use engram::edit::vsearch::{search, SearchParams, SearchRequest, Where};
     use engram::fact::continuation;
     let m = real();
     let spec = ten();
@@ -274,10 +274,10 @@ fn searching_rewrites_together_equals_searching_each_alone() {
         .iter()
         .map(|r| continuation(&r.target_new))
         .collect();
-    let reqs: Vec<Request> = spec.rewrites[..3]
+    let reqs: Vec<SearchRequest> = spec.rewrites[..3]
         .iter()
         .zip(&targets)
-        .map(|(r, t)| engram::edit::vsearch::Request::of(r, t))
+        .map(|(r, t)| engram::edit::vsearch::SearchRequest::of(r, t))
         .collect();
     let prefixes = vec![
         String::new(),
