@@ -3,7 +3,7 @@
 //! Each op that has a fused candle kernel without a backward pass (softmax, RMSNorm,
 //! LayerNorm) takes a `differentiable` flag and then uses a form with a backward pass, so
 //! gradients can flow (ROME's v* search, fine-tuning, unlearning): our fused ops in
-//! `fused.rs` (RMSNorm, softmax), candle's composed form for LayerNorm. A test checks both
+//! `fused/` (RMSNorm, softmax), candle's composed form for LayerNorm. A test checks both
 //! give the same logits.
 
 use super::param::Mat;
