@@ -9,7 +9,7 @@
 //!    holdout set (MIA), the retain set, real authors and world facts.
 //!
 //! Departures from open-unlearning, all stated in the README:
-//! - Questions are shown as `Question: {q}\nAnswer:` ([`super::qa_prompt`]), not in a chat
+//! - Questions are shown as `Question: {q}\nAnswer:` ([`crate::unlearn::qa_prompt`]), not in a chat
 //!   template; the same prompt is used to learn, unlearn and score.
 //! - ROUGE-L is [`crate::unlearn::leakage::rouge_l_recall`]: lower-cased alphanumeric words, no
 //!   stemmer (open-unlearning's `rouge_score` uses `use_stemmer=True`). Greedy answers stop
@@ -124,7 +124,7 @@ impl TofuData {
     /// holdout share no question.
     ///
     /// # Errors
-    /// [`Error::Spec`] / [`Error::InvalidValue`] naming the file or flag.
+    /// [`Error::Spec`] / [`Error::InvalidArgument`] naming the file or flag.
     pub fn load(
         forget: &SetSpec,
         retain: &SetSpec,
