@@ -169,29 +169,23 @@ fn outputs_get_the_umask_mode_not_a_temp_files() {
 /// f32 silently), naming the variable's values.
 #[test]
 fn unknown_weight_mode_in_the_environment() {
-    let out = crate::common::engram()
-        .env("ENGRAM_WEIGHTS", "q4")
-        .args([
-            "inspect",
-            "--model",
-            fixture("tiny-llama").to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let inspect_with = |mode: &str| {
+        crate::common::engram()
+            .env("ENGRAM_WEIGHTS", mode)
+            .args([
+                "inspect",
+                "--model",
+                fixture("tiny-llama").to_str().unwrap(),
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = inspect_with("q4");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
         err.contains("'q4'") && err.contains("stored-kernel") && err.contains("--weights"),
         "{err}"
     );
-    let ok = crate::common::engram()
-        .env("ENGRAM_WEIGHTS", "stored")
-        .args([
-            "inspect",
-            "--model",
-            fixture("tiny-llama").to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(ok.status.code(), Some(0));
+    assert_eq!(inspect_with("stored").status.code(), Some(0));
 }
