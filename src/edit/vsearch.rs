@@ -349,7 +349,7 @@ impl Rows {
 /// position only, and padding it to the prompts' tail made about a tenth of every step's
 /// positions (`zsearch_bench memit 48`, debug log).
 struct Active {
-    /// SearchRequest ids, ascending.
+    /// Ids of the requests, ascending.
     reqs: Vec<usize>,
     req_ids: Tensor,
     /// The prompt rows (indices into the chunk's row list) and their batch.

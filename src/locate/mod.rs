@@ -83,19 +83,6 @@ pub struct Setup {
     pub noise_std: f64,
 }
 
-/// Token span `[start, end)` of `subject` inside `prompt`'s tokens ([`crate::model::Tok::subject_span`]).
-///
-/// # Errors
-/// [`Error::InvalidArgument`] naming `subject` when it does not occur in the prompt.
-pub fn subject_span(
-    model: &Model,
-    prompt: &str,
-    subject: &str,
-    ids: &[u32],
-) -> Result<(usize, usize)> {
-    model.tok()?.subject_span(prompt, subject, ids, 0)
-}
-
 /// Standard deviation of every entry of the token embedding matrix.
 pub fn embedding_std(model: &Model) -> Result<f64> {
     let name = model.config.arch.embedding();
@@ -130,7 +117,7 @@ pub fn setup(
     if prompt_ids.is_empty() {
         return Err(Error::invalid("prompt", "must not be empty"));
     }
-    let subject_range = subject_span(model, prompt, subject, &prompt_ids)?;
+    let subject_range = tok.subject_span(prompt, subject, &prompt_ids, 0)?;
     let target_id = match target {
         Some(t) => tok.continuation(prompt, t)?.1[0],
         None => {

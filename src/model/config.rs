@@ -51,10 +51,11 @@ impl Arch {
     /// The matrix ROME, MEMIT and AlphaEdit rewrite: layer `l`'s MLP output projection
     /// `[d_model, d_mlp]`.
     pub fn mlp_out(self, l: usize) -> String {
-        match self {
-            Arch::Llama => format!("model.layers.{l}.mlp.down_proj.weight"),
-            Arch::Gpt2 => format!("h.{l}.mlp.c_proj.weight"),
-        }
+        let proj = match self {
+            Arch::Llama => "mlp.down_proj",
+            Arch::Gpt2 => "mlp.c_proj",
+        };
+        format!("{}.{proj}.weight", self.layer_prefix(l))
     }
 
     pub fn name(&self) -> &'static str {

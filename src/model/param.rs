@@ -23,6 +23,7 @@
 //!   trains is made dense first.
 
 use crate::error::{Error, Result};
+use candle_core::quantized::k_quants::{self as kq, GgmlType};
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 use std::borrow::Cow;
@@ -80,8 +81,6 @@ impl Drop for QKernelScope {
         QKERNEL.with(|q| q.set(self.0));
     }
 }
-
-use candle_core::quantized::k_quants::{self as kq, GgmlType};
 
 /// Runs `$body` with `$t` bound to the block type of `$dtype` (every GGUF type candle's
 /// `k_quants` implements), else `$other`.

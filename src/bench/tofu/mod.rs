@@ -124,7 +124,7 @@ impl TofuData {
     /// holdout share no question.
     ///
     /// # Errors
-    /// [`Error::Spec`] / [`Error::InvalidArgument`] naming the file or flag.
+    /// [`Error::Spec`] / [`Error::InvalidArgument`] naming the file or field (the CLI names its flag).
     pub fn load(
         forget: &SetSpec,
         retain: &SetSpec,
