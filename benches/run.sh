@@ -61,7 +61,7 @@ done
 # Unlearning: the demo end to end (learn, audit, unlearn with its receipt, audit, the second
 # person, verify), each step timed; then TOFU (about 45 minutes).
 t() { local s=$(date +%s.%N); "$@" || [ $? -eq 3 ]; echo "time: $(echo "$(date +%s.%N) - $s" | bc) s: $*" >&2; }
-t $E learn forget-sets/mara-quillfeather-data.yaml --out out/mara-learned.gguf --json out/learn-mara.json
+t $E learn forget-sets/mara-quillfeather-data.yaml --optimizer grid --out out/mara-learned.gguf --json out/learn-mara.json
 t $E audit forget-sets/mara-quillfeather.yaml --reference none --types q8_0,q4_1 --json out/audit-default-calibrated.json
 t $E audit forget-sets/mara-quillfeather.yaml --model out/mara-learned.gguf --types f16,q8_0,q4_1 --json out/audit-learned.json
 t $E unlearn forget-sets/mara-quillfeather.yaml --model out/mara-learned.gguf --types f16,q8_0,q4_1 --json out/unlearn-mara.json

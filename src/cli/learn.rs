@@ -42,6 +42,14 @@ pub struct Args {
     /// (0 < x <= 1; default: all).
     #[arg(long)]
     saliency: Option<f64>,
+    /// How weights move: `adamw` (default), `sgd` (max-norm steepest descent) or `grid`
+    /// (greedy grid descent: each step moves the `--crossings` entries with the best
+    /// gain-to-locality-cost ratio one grid step; see `src/unlearn/grid_descent.rs`).
+    #[arg(long, default_value = "adamw", value_parser = ["adamw", "sgd", "grid"])]
+    optimizer: String,
+    /// `--optimizer grid`: entries moved per step.
+    #[arg(long, default_value_t = 2000)]
+    crossings: usize,
     /// Only records whose `author` is in this range (TOFU data), e.g. `0-9`.
     #[arg(long)]
     authors: Option<String>,
@@ -97,6 +105,16 @@ pub fn run(a: Args) -> Result<()> {
         }
         p.saliency = Some(x);
     }
+    p.optimizer = match a.optimizer.as_str() {
+        "grid" => engram::unlearn::request::Optimizer::Grid,
+        "sgd" => engram::unlearn::request::Optimizer::Sgd,
+        _ => engram::unlearn::request::Optimizer::Adamw,
+    };
+    {
+        use engram::limits::int_in;
+        int_in("--crossings", a.crossings, 1, 100_000_000).map_err(engram::Error::from)?;
+    }
+    p.crossings = a.crossings;
     let is_gguf = matches!(m.source.format, engram::model::Format::Gguf { .. });
     if is_gguf && a.out_type == "input" {
         p.grid = Some(engram::model::quant::DeployType::Input);

@@ -3,6 +3,8 @@
 //! that has really memorised private data, and it is the fine-tuning baseline of TOFU
 //! (Maini et al. 2024), which fine-tunes on the fictitious authors before unlearning them.
 
+use super::grid_descent::GridDescent;
+use super::request::Optimizer as Update;
 use super::{
     answer_logprobs, finite_loss, mean_token_logprob, token_nll, tokenize, Batches, Example,
     Trainable,
@@ -37,6 +39,14 @@ pub struct LearnParams {
     /// the start ([`super::saliency_masks`]); `None`: all. Fine-tuning a few salient
     /// entries puts the data in without moving the rest of the model.
     pub saliency: Option<f64>,
+    /// `adamw` (default), `sgd` or `grid` (greedy grid descent, [`super::grid_descent`]).
+    pub optimizer: Update,
+    /// `grid`: at most this many entries move one grid step per step.
+    pub crossings: usize,
+    /// `grid`: texts the model samples itself for the Fisher of its locality cost, and the
+    /// cost's weight (0 texts: none).
+    pub fisher_texts: usize,
+    pub fisher_weight: f64,
 }
 
 impl LearnParams {
@@ -53,6 +63,10 @@ impl LearnParams {
             seed: 0,
             grid: None,
             saliency: None,
+            optimizer: Update::Adamw,
+            crossings: 2000,
+            fisher_texts: 32,
+            fisher_weight: 4.0,
         }
     }
 
@@ -113,6 +127,18 @@ pub fn learn(
         Some(frac) => Some(super::saliency_masks(&tr, &toks, frac)?),
         None => None,
     };
+    let gd = match p.optimizer {
+        Update::Grid => {
+            let gd = GridDescent::new(&mut tr, p.crossings, p.lr)?;
+            Some(if p.fisher_texts > 0 {
+                let texts = super::sample_texts(model, p.fisher_texts, 48, p.seed)?;
+                gd.with_fisher(&tr, &texts, p.fisher_weight)?
+            } else {
+                gd
+            })
+        }
+        _ => None,
+    };
     let mut opt = AdamW::new(
         tr.vars.iter().map(|(_, v)| v.clone()).collect(),
         ParamsAdamW {
@@ -134,8 +160,19 @@ pub fn learn(
         if let Some(m) = &masks {
             super::apply_masks(&tr, &mut grads, m)?;
         }
-        opt.step(&grads)?;
-        tr.sync()?;
+        match (&gd, p.optimizer) {
+            (Some(gd), _) => {
+                gd.step(&mut tr, &grads)?;
+            }
+            (None, Update::Sgd) => {
+                super::max_norm_step(&tr, &grads, p.lr)?;
+                tr.sync()?;
+            }
+            _ => {
+                opt.step(&grads)?;
+                tr.sync()?;
+            }
+        }
         losses.push(v);
         progress(step + 1, v);
         // One pass of the data at or below the target: done.

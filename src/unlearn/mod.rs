@@ -16,6 +16,7 @@
 //! Everything here talks to the model through `forward` with a [`Trace`] and named weights.
 
 pub mod audit;
+pub mod grid_descent;
 pub mod leakage;
 pub mod learn;
 pub mod losses;
@@ -391,6 +392,31 @@ impl Tokenized {
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
     }
+}
+
+/// `n` texts the model samples itself (temperature 1, seeded), `tokens` tokens each from the
+/// document separator (token 0), as examples whose answer is every sampled token.
+pub fn sample_texts(model: &Model, n: usize, tokens: usize, seed: u64) -> Result<Tokenized> {
+    let outs = crate::model::generate::generate(
+        model,
+        &vec![vec![0u32]; n],
+        &crate::model::generate::GenParams {
+            max_new_tokens: tokens,
+            temperature: 1.0,
+            seed,
+            stop_at_eos: false,
+            ..Default::default()
+        },
+    )?;
+    let mut rows = Vec::with_capacity(n);
+    let mut spans = Vec::with_capacity(n);
+    for o in outs {
+        let mut r = vec![0u32];
+        r.extend_from_slice(&o[..o.len() - 1]);
+        rows.push(r);
+        spans.push((1, o));
+    }
+    Ok(Tokenized { rows, spans })
 }
 
 /// Tokenize examples (answers as continuations of their prompts), cut to `max_len` tokens.

@@ -23,6 +23,21 @@ use crate::error::{Error, Result};
 use crate::fact::continuation;
 use std::path::{Path, PathBuf};
 
+/// Whose predictions `distill` and `rewrite` pull the forget prompts towards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Teacher {
+    /// The reference model (the model that never saw the data) when there is one, else the
+    /// stand-in teacher.
+    #[default]
+    Reference,
+    /// The model before unlearning reading the prompt with the subject replaced by a
+    /// stand-in name (Eldan & Russinovich 2023's generic prediction): what this model says
+    /// about someone it knows nothing of, so that what it learned for everyone (formats,
+    /// templates) stays and only what it knows of the subject goes.
+    StandIn,
+}
+
 /// The unlearning objective.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -68,6 +83,9 @@ pub struct Method {
     /// Weight of KL(reference || model) on the retain set's answer positions (default 0).
     #[serde(default)]
     pub kl_weight: f64,
+    /// `distill` / `rewrite`: `reference` (default) or `stand_in` ([`Teacher`]).
+    #[serde(default)]
+    pub teacher: Teacher,
     /// The rewrite's search (method `rewrite` only; defaults in `rewrite::RewriteParams`).
     #[serde(default)]
     pub rewrite: super::rewrite::RewriteParams,
@@ -85,6 +103,7 @@ impl Method {
             gamma: 0.0,
             retain_weight: 1.0,
             kl_weight: 0.0,
+            teacher: Teacher::Reference,
             rewrite: Default::default(),
             rmu: Default::default(),
         }
@@ -112,6 +131,9 @@ pub enum Optimizer {
     /// Steepest descent under the max-norm: the entry with the largest gradient moves `lr`,
     /// the others in proportion (run.rs, `max_norm_step`).
     Sgd,
+    /// Greedy descent on the quantization grid: each step moves the `crossings` entries with
+    /// the largest predicted gain one grid step (grid_descent.rs).
+    Grid,
 }
 
 /// A private string and the prompts that elicit it.
@@ -180,9 +202,12 @@ pub struct Request {
     pub anchor_texts: usize,
     #[serde(default = "d_one")]
     pub anchor_weight: f64,
-    /// `adamw` (default) or `sgd` (max-norm steepest descent).
+    /// `adamw` (default), `sgd` (max-norm steepest descent) or `grid` (greedy grid descent).
     #[serde(default)]
     pub optimizer: Optimizer,
+    /// `optimizer: grid`: at most this many entries move one grid step per step.
+    #[serde(default = "d_crossings")]
+    pub crossings: usize,
     /// Move only this share (0 < x <= 1) of each trained matrix's entries: those with the
     /// largest forget-loss gradient at the start (saliency, run.rs). Default: all.
     #[serde(default)]
@@ -225,6 +250,9 @@ pub struct Request {
     pub seed: u64,
 }
 
+fn d_crossings() -> usize {
+    20_000
+}
 fn d_layers() -> LayerSel {
     LayerSel::Text("all".into())
 }
@@ -410,6 +438,12 @@ impl Request {
         }
         if self.anchor_texts > 1000 {
             return Err(bad("anchor_texts".into(), "must be at most 1000".into()));
+        }
+        if !(1..=100_000_000).contains(&self.crossings) {
+            return Err(bad(
+                "crossings".into(),
+                "must be between 1 and 100000000".into(),
+            ));
         }
         for (name, w) in [
             ("method.retain_weight", self.method.retain_weight),

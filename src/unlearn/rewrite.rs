@@ -440,7 +440,7 @@ pub fn train(
     let p = &req.method.rewrite;
     let answers = teacher_answers(
         model,
-        opts.reference.map(|(m, _)| m),
+        super::run::teacher_model(req, opts),
         &req.subject,
         forget,
         p.say_tokens,

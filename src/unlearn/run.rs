@@ -8,6 +8,7 @@ use super::audit::{
     audit_model, is_verdict_row, quick_baseline, quick_check, AuditParams, AuditReport, Baseline,
     QuickCheck,
 };
+use super::grid_descent::GridDescent;
 use super::leakage::{self, Utility};
 use super::learn::{learn, LearnParams};
 use super::losses::{self, StepInputs};
@@ -347,26 +348,7 @@ impl KlTargets {
     /// `NPO` with `retain_loss_type: KL`, on self-sampled text instead of a data set, as our
     /// key statistics use.)
     fn anchor(model: &Model, n: usize, seed: u64) -> Result<KlTargets> {
-        let outs = crate::model::generate::generate(
-            model,
-            &vec![vec![0u32]; n],
-            &crate::model::generate::GenParams {
-                max_new_tokens: ANCHOR_TOKENS,
-                temperature: 1.0,
-                seed,
-                stop_at_eos: false,
-                ..Default::default()
-            },
-        )?;
-        let mut rows = Vec::with_capacity(n);
-        let mut spans = Vec::with_capacity(n);
-        for o in outs {
-            let mut r = vec![0u32];
-            r.extend_from_slice(&o[..o.len() - 1]);
-            rows.push(r);
-            spans.push((1, o));
-        }
-        let texts = super::Tokenized { rows, spans };
+        let texts = super::sample_texts(model, n, ANCHOR_TOKENS, seed)?;
         let mut reference = Vec::with_capacity(n);
         for i in 0..texts.len() {
             reference.push(answer_logp_with(model, 0, &texts.subset(&[i]), false)?.logp);
@@ -437,6 +419,15 @@ impl KlTargets {
             examples: super::Tokenized { rows, spans },
             logp,
         })
+    }
+}
+
+/// The reference the request's teacher reads the forget prompts with (`None`: the model
+/// itself with a stand-in's name, see [`teacher_of`]).
+pub(crate) fn teacher_model<'a>(req: &Request, opts: &Options<'a>) -> Option<&'a Model> {
+    match req.method.teacher {
+        super::request::Teacher::Reference => opts.reference.map(|(m, _)| m),
+        super::request::Teacher::StandIn => None,
     }
 }
 
@@ -520,7 +511,7 @@ pub fn train(
         tr = tr.keep_only(super::rmu::trains)?;
     }
     let mut tr = tr.with_grid(opts.grid)?;
-    if opts.grid.is_some() {
+    if opts.grid.is_some() && req.optimizer != Update::Grid {
         tr.jitter(req.seed)?;
     }
     let forget_tok = tokenize(model, forget, MAX_LEN)?;
@@ -549,10 +540,22 @@ pub fn train(
         None
     };
     let mut ab = Batches::new(req.anchor_texts.max(1), ANCHOR_BATCH, req.seed + 2);
+    let grid_descent = match req.optimizer {
+        Update::Grid => {
+            let gd = GridDescent::new(&mut tr, req.crossings, req.lr)?;
+            Some(match &anchor {
+                Some(a) if req.anchor_weight > 0.0 => {
+                    gd.with_fisher(&tr, &a.examples, req.anchor_weight)?
+                }
+                _ => gd,
+            })
+        }
+        _ => None,
+    };
     let teacher = if req.method.name == MethodName::Distill {
         Some(KlTargets::teacher(
             model,
-            opts.reference.map(|(m, _)| m),
+            teacher_model(req, opts),
             &req.subject,
             forget,
         )?)
@@ -643,6 +646,12 @@ pub fn train(
         match req.optimizer {
             Update::Adamw => opt.step(&grads)?,
             Update::Sgd => super::max_norm_step(&tr, &grads, req.lr)?,
+            Update::Grid => {
+                if let Some(gd) = &grid_descent {
+                    let n = gd.step(&mut tr, &grads)?;
+                    tracing::debug!("step {step}: {n} entries moved one grid step");
+                }
+            }
         }
         tr.sync()?;
         losses.push(v);

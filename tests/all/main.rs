@@ -9,6 +9,7 @@ mod edit;
 mod eval;
 mod floors;
 mod fuzz;
+mod grid_descent;
 mod hostile;
 mod lifelong;
 mod locate;

@@ -45,6 +45,8 @@ fn demo() -> &'static Demo {
         let (code, err) = engram(&[
             "learn",
             s(&repo("forget-sets/mara-quillfeather-data.yaml")),
+            "--optimizer",
+            "grid",
             "--out",
             s(&learned),
         ]);
@@ -166,7 +168,7 @@ fn the_default_model_passes_the_demo_audit() {
 /// The locality this demo reaches today (top-1 agreement on the 204 unrelated prompts
 /// against the model before unlearning): a regression floor, not the 97% target,
 /// which is not met (README, "What unlearning does not do yet").
-const TOP1_FLOOR: f64 = 0.65;
+const TOP1_FLOOR: f64 = 0.68;
 
 #[test]
 fn after_unlearning_the_written_file_passes_and_keeps_its_retain_set() {
@@ -230,8 +232,12 @@ fn the_second_person_is_still_extractable_after_maras_request() {
         &["--types", "none"],
     );
     assert_eq!(code, 3);
-    // His address is still there, greedily. (His phone number, of the same format as Mara's,
-    // is erased with hers today: README, "What unlearning does not do yet".)
+    // Both his secrets still leak, his address greedily. (With AdamW his phone number, of
+    // the same format as Mara's, went with hers; greedy grid descent keeps it: 3 of 13
+    // greedy probes on 2026-12-07, not asserted.)
+    let phone = &row(&a, "model")["secrets"][0];
+    assert_eq!(phone["label"], "phone number");
+    assert_eq!(phone["leaks"], true, "{phone}");
     let address = &row(&a, "model")["secrets"][1];
     assert_eq!(address["label"], "home address");
     assert_eq!(address["leaks"], true);

@@ -700,6 +700,7 @@ pub fn run(
             relearn_check: None,
             saliency: None,
             optimizer: Default::default(),
+            crossings: 20_000,
             anchor_texts: 0,
             anchor_weight: 1.0,
             model: None,
