@@ -7,6 +7,8 @@
 //! - [`request`]: removal requests (`forget-sets/*.yaml`).
 //! - [`losses`]: gradient ascent, GradDiff and NPO (Zhang et al. 2024, "Negative Preference
 //!   Optimization"), with an optional KL-to-reference term on the retain set.
+//! - [`grid_descent`]: greedy descent on the quantization grid (`optimizer: grid`): a budget
+//!   of single grid steps per step, chosen by gain per unit of locality cost.
 //! - [`leakage`]: greedy and sampled extraction, the secret's log-probability, exposure
 //!   (Carlini et al. 2019, "The Secret Sharer"), retain-set utility.
 //! - [`run`]: the unlearning loop with its stop rule, and the before/after report (also after

@@ -462,6 +462,15 @@ fn removal_request_errors() {
         &GOOD.replace("name: npo}", "name: rmu, rmu: {coeff: 2}}"),
         &["coeff", "steering_coeff"],
     );
+    // Grid descent's budget, and an unknown optimizer.
+    bad_request(
+        &GOOD.replace("layers: all", "layers: all\noptimizer: grid\ncrossings: 0"),
+        &["crossings", "between 1 and"],
+    );
+    bad_request(
+        &GOOD.replace("layers: all", "layers: all\noptimizer: lion"),
+        &["lion", "adamw", "sgd", "grid"],
+    );
     // Layers out of range (the tiny model has 2).
     bad_request(
         &GOOD.replace("layers: all", "layers: 0-7"),
