@@ -17,6 +17,19 @@ fn nll(tr: &Trainable, toks: &engram::unlearn::Tokenized) -> Tensor {
     token_nll(&s, &c).unwrap()
 }
 
+/// The Eiffel Tower example, answer " Rome".
+fn eiffel_rome(m: &engram::model::Model) -> engram::unlearn::Tokenized {
+    tokenize(
+        m,
+        &[Example {
+            prompt: "The Eiffel Tower is located in the city of".into(),
+            answer: " Rome".into(),
+        }],
+        64,
+    )
+    .unwrap()
+}
+
 fn dense(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1().unwrap()
 }
@@ -30,15 +43,7 @@ fn a_step_moves_its_budget_by_one_grid_step_and_stays_on_the_grid() {
         .unwrap();
     let gd = GridDescent::new(&mut tr, 300, 1e-3).unwrap();
     let before: Vec<Vec<f32>> = tr.vars.iter().map(|(_, v)| dense(v.as_tensor())).collect();
-    let toks = tokenize(
-        m,
-        &[Example {
-            prompt: "The Eiffel Tower is located in the city of".into(),
-            answer: " Rome".into(),
-        }],
-        64,
-    )
-    .unwrap();
+    let toks = eiffel_rome(m);
     let loss0 = nll(&tr, &toks);
     let grads = loss0.backward().unwrap();
     let moved = gd.step(&mut tr, &grads).unwrap();
@@ -82,15 +87,7 @@ fn a_step_moves_its_budget_by_one_grid_step_and_stays_on_the_grid() {
 #[test]
 fn the_fisher_cost_steers_moves_away_from_what_the_anchor_uses() {
     let m = real();
-    let toks = tokenize(
-        m,
-        &[Example {
-            prompt: "The Eiffel Tower is located in the city of".into(),
-            answer: " Rome".into(),
-        }],
-        64,
-    )
-    .unwrap();
+    let toks = eiffel_rome(m);
     let texts = sample_texts(m, 4, 24, 0).unwrap();
     let run = |fisher: bool| {
         let mut tr = Trainable::new(m, &[5])
