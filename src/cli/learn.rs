@@ -5,6 +5,7 @@ use comfy_table::Table;
 use engram::limits::parse_layers;
 use engram::output::Outputs;
 use engram::unlearn::learn::{learn, LearnParams};
+use engram::unlearn::request::Optimizer;
 use engram::unlearn::{load_records, Example};
 use std::path::PathBuf;
 
@@ -45,8 +46,8 @@ pub struct Args {
     /// How weights move: `adamw` (default), `sgd` (max-norm steepest descent) or `grid`
     /// (greedy grid descent: each step moves the `--crossings` entries with the best
     /// gain-to-locality-cost ratio one grid step; see `src/unlearn/grid_descent.rs`).
-    #[arg(long, default_value = "adamw", value_parser = ["adamw", "sgd", "grid"])]
-    optimizer: String,
+    #[arg(long, value_enum, default_value_t = Optimizer::Adamw)]
+    optimizer: Optimizer,
     /// `--optimizer grid`: entries moved per step.
     #[arg(long, default_value_t = 2000)]
     crossings: usize,
@@ -105,11 +106,7 @@ pub fn run(a: Args) -> Result<()> {
         }
         p.saliency = Some(x);
     }
-    p.optimizer = match a.optimizer.as_str() {
-        "grid" => engram::unlearn::request::Optimizer::Grid,
-        "sgd" => engram::unlearn::request::Optimizer::Sgd,
-        _ => engram::unlearn::request::Optimizer::Adamw,
-    };
+    p.optimizer = a.optimizer;
     {
         use engram::limits::int_in;
         int_in("--crossings", a.crossings, 1, 100_000_000).map_err(engram::Error::from)?;

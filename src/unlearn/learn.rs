@@ -131,7 +131,8 @@ pub fn learn(
         Update::Grid => {
             let gd = GridDescent::new(&mut tr, p.crossings, p.lr)?;
             Some(if p.fisher_texts > 0 {
-                let texts = super::sample_texts(model, p.fisher_texts, 48, p.seed)?;
+                let texts =
+                    super::sample_texts(model, p.fisher_texts, super::run::ANCHOR_TOKENS, p.seed)?;
                 gd.with_fisher(&tr, &texts, p.fisher_weight)?
             } else {
                 gd
@@ -164,15 +165,10 @@ pub fn learn(
             (Some(gd), _) => {
                 gd.step(&mut tr, &grads)?;
             }
-            (None, Update::Sgd) => {
-                super::max_norm_step(&tr, &grads, p.lr)?;
-                tr.sync()?;
-            }
-            _ => {
-                opt.step(&grads)?;
-                tr.sync()?;
-            }
+            (None, Update::Sgd) => super::max_norm_step(&tr, &grads, p.lr)?,
+            _ => opt.step(&grads)?,
         }
+        tr.sync()?;
         losses.push(v);
         progress(step + 1, v);
         // One pass of the data at or below the target: done.

@@ -122,7 +122,17 @@ fn d_one() -> f64 {
 }
 
 /// How the unlearning loop updates the weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Deserialize,
+    serde::Serialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Optimizer {
     /// AdamW (NPO's and open-unlearning's choice).
@@ -250,8 +260,11 @@ pub struct Request {
     pub seed: u64,
 }
 
+/// `crossings` when a request does not set it.
+pub const DEFAULT_CROSSINGS: usize = 20_000;
+
 fn d_crossings() -> usize {
-    20_000
+    DEFAULT_CROSSINGS
 }
 fn d_layers() -> LayerSel {
     LayerSel::Text("all".into())

@@ -314,7 +314,7 @@ pub fn unlearn(
 /// Anchor texts per step.
 const ANCHOR_BATCH: usize = 4;
 /// Tokens per anchor text.
-const ANCHOR_TOKENS: usize = 48;
+pub(crate) const ANCHOR_TOKENS: usize = 48;
 
 /// Tokens of the teacher's own continuation of a forget prompt.
 const TEACHER_TOKENS: usize = 16;
@@ -648,8 +648,7 @@ pub fn train(
             Update::Sgd => super::max_norm_step(&tr, &grads, req.lr)?,
             Update::Grid => {
                 if let Some(gd) = &grid_descent {
-                    let n = gd.step(&mut tr, &grads)?;
-                    tracing::debug!("step {step}: {n} entries moved one grid step");
+                    gd.step(&mut tr, &grads)?;
                 }
             }
         }

@@ -47,6 +47,7 @@ fn a_step_moves_its_budget_by_one_grid_step_and_stays_on_the_grid() {
     let loss0 = nll(&tr, &toks);
     let grads = loss0.backward().unwrap();
     let moved = gd.step(&mut tr, &grads).unwrap();
+    tr.sync().unwrap();
     // The budget is met through a sampled threshold and one entry per row: roughly, never
     // wildly over.
     assert!((50..=600).contains(&moved), "{moved} entries moved");
@@ -102,6 +103,7 @@ fn the_fisher_cost_steers_moves_away_from_what_the_anchor_uses() {
         let a0 = nll(&tr, &texts).to_scalar::<f32>().unwrap();
         let grads = nll(&tr, &toks).backward().unwrap();
         gd.step(&mut tr, &grads).unwrap();
+        tr.sync().unwrap();
         nll(&tr, &texts).to_scalar::<f32>().unwrap() - a0
     };
     let plain = run(false);

@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::eval::metrics::Suite;
 use crate::model::Model;
 use crate::unlearn::learn::{learn, LearnParams, LearnReport};
-use crate::unlearn::request::{LayerSel, Method, Request};
+use crate::unlearn::request::{LayerSel, Method, Request, DEFAULT_CROSSINGS};
 use crate::unlearn::run::{train, Options, StopReason};
 use crate::unlearn::{answer_logp_with, mean_example_logprob_each, tokenize, Example, Record};
 use candle_core::{Tensor, D};
@@ -700,7 +700,7 @@ pub fn run(
             relearn_check: None,
             saliency: None,
             optimizer: Default::default(),
-            crossings: 20_000,
+            crossings: DEFAULT_CROSSINGS,
             anchor_texts: 0,
             anchor_weight: 1.0,
             model: None,
