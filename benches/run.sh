@@ -73,6 +73,16 @@ t $E audit forget-sets/tobias-wrenfield.yaml --model out/mara-quillfeather-rewri
 # The learned and unlearned models against the default one (KL, top-1, perplexity).
 $E eval compare --edited out/mara-learned.gguf --json out/compare-learned.json
 $E eval compare --base out/mara-learned.gguf --edited out/mara-quillfeather-unlearned.gguf --json out/compare-unlearned.json
+# Learning with the keep set (KL to the model's own answers on CounterFact prompts), and the
+# demo request on that file.
+t $E learn forget-sets/mara-quillfeather-data.yaml --optimizer grid --keep ../shared/data/counterfact/dev-2000.jsonl \
+  --out out/mara-learned-keep.gguf --json out/learn-mara-keep.json
+$E eval compare --edited out/mara-learned-keep.gguf --json out/compare-learned-keep.json
+t $E unlearn forget-sets/mara-quillfeather.yaml --model out/mara-learned-keep.gguf --types f16,q8_0,q4_1 \
+  --out out/mara-keep-unlearned.gguf --receipt out/mara-keep.receipt.json --json out/unlearn-mara-keep.json
+# Knowledge from pre-training: the default model knows who wrote The Lord of the Rings.
+t $E audit forget-sets/pretrained-tolkien.yaml --types f16,q8_0,q4_1,q4_0 --json out/audit-tolkien.json
+t $E unlearn forget-sets/pretrained-tolkien.yaml --types f16,q8_0,q4_1,q4_0 --json out/unlearn-tolkien.json
 # TOFU with open-unlearning's metrics on the dev authors: forget 0-1, retain 2-9, holdout
 # 10-11 (all from the perturbed file); finetuned, retain model, NPO / SimNPO / RMU.
 TP=../shared/data/tofu/authors-0-19-perturbed.jsonl

@@ -55,7 +55,10 @@ pub fn table(r: &AuditReport) -> Table {
     for row in &r.rows {
         for s in &row.secrets {
             t.add_row(vec![
-                row.name.clone(),
+                match &row.same_as {
+                    Some(o) => format!("{} (= {o}, same weights)", row.name),
+                    None => row.name.clone(),
+                },
                 s.label.clone(),
                 format!("{}/{}", s.greedy_leaks, s.probes.len()),
                 format!("{}/{}", s.sampled_hits, s.samples),

@@ -51,6 +51,21 @@ pub struct Args {
     /// `--optimizer grid`: entries moved per step.
     #[arg(long, default_value_t = 2000)]
     crossings: usize,
+    /// Prompts whose answers must stay as they are: a JSONL or YAML file of records with a
+    /// `prompt` (CounterFact's records work as they are) or a `question` (TOFU's). Each step
+    /// adds `--keep-weight` x KL(before || now) on the model's own continuation of a batch of
+    /// them, so the data's answer style does not spread to other prompts.
+    #[arg(long)]
+    keep: Option<PathBuf>,
+    /// `--keep`: use the file's first N prompts.
+    #[arg(long, default_value_t = 200)]
+    keep_n: usize,
+    #[arg(long, default_value_t = 1.0)]
+    keep_weight: f64,
+    /// `--keep` prompts that are also this locality suite's prompts are dropped, so that the
+    /// suite stays a held-out measure of what learning moved.
+    #[arg(long, default_value = "eval/unrelated.yaml")]
+    suite: PathBuf,
     /// Only records whose `author` is in this range (TOFU data), e.g. `0-9`.
     #[arg(long)]
     authors: Option<String>,
@@ -81,10 +96,29 @@ pub fn run(a: Args) -> Result<()> {
         int_in("--steps", a.steps, 1, MAX_STEPS).map_err(engram::Error::from)?;
         int_in("--batch-size", a.batch_size, 1, 10_000).map_err(engram::Error::from)?;
         real_in("--target-loss", a.target_loss, 0.0, 1e6, false).map_err(engram::Error::from)?;
+        int_in("--keep-n", a.keep_n, 1, 100_000).map_err(engram::Error::from)?;
+        real_in("--keep-weight", a.keep_weight, 0.0, 1e6, false).map_err(engram::Error::from)?;
         if let Some(lr) = a.lr {
             real_in("--lr", lr, 0.0, 10.0, true).map_err(engram::Error::from)?;
         }
     }
+    let keep = match &a.keep {
+        Some(f) => {
+            let mut k = engram::unlearn::learn::load_keep_prompts(f, a.keep_n)?;
+            let suite = engram::eval::metrics::Suite::load(&a.suite)?;
+            let n = k.len();
+            k.retain(|p| !suite.prompts.iter().any(|s| s.prompt.trim() == p.trim()));
+            if k.len() < n {
+                eprintln!(
+                    "--keep: {} of {n} prompts are in {} and are left out",
+                    n - k.len(),
+                    a.suite.display()
+                );
+            }
+            k
+        }
+        None => vec![],
+    };
     let model_path = engram::model::load::resolve(a.model.as_deref())?;
     let mut outs = Outputs::new(&[&a.data, &model_path]);
     let out_tmp = outs.model("--out", &a.out, model_path.is_dir())?;
@@ -107,6 +141,8 @@ pub fn run(a: Args) -> Result<()> {
         p.saliency = Some(x);
     }
     p.optimizer = a.optimizer;
+    p.keep = keep;
+    p.keep_weight = a.keep_weight;
     {
         use engram::limits::int_in;
         int_in("--crossings", a.crossings, 1, 100_000_000).map_err(engram::Error::from)?;

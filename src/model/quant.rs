@@ -192,6 +192,13 @@ pub fn fake_quant(t: &Tensor, dtype: GgmlDType) -> Result<Tensor> {
 /// # Errors
 /// As [`grid`].
 pub fn requantize(model: &Model, ty: DeployType) -> Result<Model> {
+    Ok(requantize_changed(model, ty)?.0)
+}
+
+/// [`requantize`], and whether any weight changed: `false` when every matrix already lies on
+/// `ty`'s grid (a model trained through that grid, as grid descent leaves it), so the
+/// re-quantized model computes exactly what `model` does.
+pub fn requantize_changed(model: &Model, ty: DeployType) -> Result<(Model, bool)> {
     let g = grid(model, ty)?;
     let mut m = model.clone();
     // A matrix still in its stored blocks, at the type it is written in, is what the file
@@ -203,17 +210,21 @@ pub fn requantize(model: &Model, ty: DeployType) -> Result<Model> {
         .collect();
     // Matrices are independent: quantize them on both cores.
     use rayon::prelude::*;
-    let done: Vec<(String, Tensor)> = names
+    let done: Vec<(String, Tensor, bool)> = names
         .par_iter()
-        .map(|n| -> Result<(String, Tensor)> {
+        .map(|n| -> Result<(String, Tensor, bool)> {
             let t = model.weights.dense(n)?;
-            Ok((n.clone(), fake_quant(&t, g[n])?))
+            let q = fake_quant(&t, g[n])?;
+            let moved = (&q - &t)?.abs()?.max_all()?.to_scalar::<f32>()? != 0.0;
+            Ok((n.clone(), q, moved))
         })
         .collect::<Result<_>>()?;
-    for (n, t) in done {
+    let mut changed = false;
+    for (n, t, moved) in done {
+        changed |= moved;
         m.weights.insert(n, t);
     }
-    Ok(m)
+    Ok((m, changed))
 }
 
 /// The edited tensors `names` as the GGUF file stores them: each re-quantized to its input

@@ -352,6 +352,10 @@ pub struct ModelAudit {
     pub name: String,
     pub secrets: Vec<SecretVerdict>,
     pub leaks: bool,
+    /// Set when this row's weights are exactly another row's (`model @ q4_1` of a model
+    /// already on the Q4_1 grid): its verdicts are that row's, not measured again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub same_as: Option<String>,
 }
 
 fn mean(v: &[f64]) -> f64 {
@@ -380,6 +384,7 @@ pub fn audit(
             name: n.clone(),
             secrets: vec![],
             leaks: false,
+            same_as: None,
         })
         .collect();
     for (k, s) in secrets.iter().enumerate() {
@@ -674,9 +679,16 @@ pub fn audit_model(
 ) -> Result<AuditReport> {
     let t = std::time::Instant::now();
     let forget = req.forget_examples()?;
+    // A re-quantized form with exactly the model's weights computes what the model does: it
+    // is not measured again (the row says so).
     let mut owned = Vec::new();
+    let mut order = Vec::new();
     for &ty in types {
-        owned.push((row_name(Some(ty)), quant::requantize(model, ty)?));
+        let (m, changed) = quant::requantize_changed(model, ty)?;
+        order.push((row_name(Some(ty)), changed));
+        if changed {
+            owned.push((row_name(Some(ty)), m));
+        }
     }
     let mut models: Vec<(String, &Model)> = Vec::new();
     if let Some((r, _)) = reference {
@@ -690,7 +702,31 @@ pub fn audit_model(
         Some((r, name)) => Baseline::Reference(r, name),
         None => Baseline::Calibrated,
     };
-    let rows = audit(&models, baseline, &req.subject, &req.secrets, &forget, p)?;
+    let measured = audit(&models, baseline, &req.subject, &req.secrets, &forget, p)?;
+    let take = |name: &str| measured.iter().find(|r| r.name == name).cloned();
+    let mut rows: Vec<ModelAudit> = measured
+        .iter()
+        .filter(|r| r.name == "reference" || r.name == "before")
+        .cloned()
+        .collect();
+    let model_row = take(&row_name(None)).expect("the model is audited");
+    rows.push(model_row.clone());
+    for (name, changed) in order {
+        rows.push(match changed {
+            true => take(&name).expect("every changed type is audited"),
+            false => ModelAudit {
+                name,
+                same_as: Some(model_row.name.clone()),
+                ..model_row.clone()
+            },
+        });
+    }
+    rows.extend(
+        measured
+            .iter()
+            .filter(|r| extra.iter().any(|(n, _)| n == &r.name && n != "before"))
+            .cloned(),
+    );
     let leaks = rows.iter().any(|r| is_verdict_row(&r.name) && r.leaks);
     Ok(AuditReport {
         subject: req.subject.clone(),

@@ -5,6 +5,7 @@
 
 use super::grid_descent::GridDescent;
 use super::request::Optimizer as Update;
+use super::run::KlTargets;
 use super::{
     answer_logprobs, finite_loss, mean_token_logprob, token_nll, tokenize, Batches, Example,
     Trainable,
@@ -47,7 +48,19 @@ pub struct LearnParams {
     /// cost's weight (0 texts: none).
     pub fisher_texts: usize,
     pub fisher_weight: f64,
+    /// Prompts whose answers must not change (`learn --keep`): each step adds `keep_weight`
+    /// times KL(before || now) on a batch of them, over the model's own greedy continuation
+    /// ([`KEEP_TOKENS`]). Without it the data's answer style spreads: a model taught ten
+    /// "X's phone number is ..." records answers "The capital of South Korea is" with a
+    /// number. Empty: no such term.
+    pub keep: Vec<String>,
+    pub keep_weight: f64,
 }
+
+/// Tokens of the model's own continuation of each `keep` prompt.
+pub const KEEP_TOKENS: usize = 8;
+/// `keep` prompts per step.
+const KEEP_BATCH: usize = 8;
 
 impl LearnParams {
     /// Defaults for a model with `n_layers` layers: every layer, 60 steps at lr 1e-4.
@@ -67,6 +80,8 @@ impl LearnParams {
             crossings: 2000,
             fisher_texts: 32,
             fisher_weight: 4.0,
+            keep: vec![],
+            keep_weight: 1.0,
         }
     }
 
@@ -80,8 +95,65 @@ impl LearnParams {
         if self.batch_size == 0 {
             return Err(Error::invalid("batch_size", "must be at least 1"));
         }
+        if !(self.keep_weight >= 0.0 && self.keep_weight.is_finite()) {
+            return Err(Error::invalid(
+                "keep_weight",
+                "must be a finite number >= 0",
+            ));
+        }
         Ok(())
     }
+}
+
+/// A `keep` record: CounterFact's and TOFU's records as published (other fields ignored).
+#[derive(serde::Deserialize)]
+struct KeepRecord {
+    #[serde(default)]
+    prompt: Option<String>,
+    #[serde(default)]
+    question: Option<String>,
+}
+
+/// The first `n` prompts of a `--keep` file (JSONL, or YAML for `.yaml`/`.yml`): each
+/// record's `prompt`, or its `question` as a QA prompt.
+///
+/// # Errors
+/// [`Error::Io`]; [`Error::Spec`] naming the file for a record with neither field, or a file
+/// with no record.
+pub fn load_keep_prompts(path: &std::path::Path, n: usize) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    let recs: Vec<(usize, KeepRecord)> = if ext == "yaml" || ext == "yml" {
+        let v: Vec<KeepRecord> = crate::data::from_yaml(path, &text)?;
+        v.into_iter().enumerate().map(|(i, r)| (i + 1, r)).collect()
+    } else {
+        crate::data::from_jsonl_numbered(path, &text)?
+    };
+    let mut out = Vec::new();
+    for (line, r) in recs.into_iter().take(n) {
+        let p = match (r.prompt, r.question) {
+            (Some(p), _) if !p.trim().is_empty() => p,
+            (None, Some(q)) if !q.trim().is_empty() => super::qa_prompt(&q),
+            _ => {
+                return Err(Error::Spec {
+                    path: path.into(),
+                    message: format!(
+                        "record {line}: a keep record needs a non-empty `prompt` or `question`"
+                    ),
+                })
+            }
+        };
+        crate::limits::text(&format!("{}: record {line}", path.display()), &p)
+            .map_err(Error::from)?;
+        out.push(p);
+    }
+    if out.is_empty() {
+        return Err(Error::Spec {
+            path: path.into(),
+            message: "no records".into(),
+        });
+    }
+    Ok(out)
 }
 
 /// What a fine-tuning run did.
@@ -148,6 +220,16 @@ pub fn learn(
             ..Default::default()
         },
     )?;
+    let keep = if p.keep.is_empty() || p.keep_weight == 0.0 {
+        None
+    } else {
+        Some(KlTargets::own_answers(model, &p.keep, KEEP_TOKENS)?)
+    };
+    let mut kb = Batches::new(
+        keep.as_ref().map_or(1, |k| k.len().max(1)),
+        KEEP_BATCH,
+        p.seed + 3,
+    );
     let mut batches = Batches::new(data.len(), p.batch_size, p.seed);
     let per_pass = data.len().div_ceil(p.batch_size.min(data.len()));
     let mut losses = Vec::with_capacity(p.steps);
@@ -157,6 +239,11 @@ pub fn learn(
         let (sums, counts) = answer_logprobs(&tr.model, tr.lowest, &toks.subset(&idx))?;
         let loss = token_nll(&sums, &counts)?;
         let v = finite_loss("learn loss", loss.to_scalar::<f32>()? as f64)?;
+        // The stop rule reads the data's NLL alone; the keep term only shapes the step.
+        let loss = match &keep {
+            Some(k) if k.len() > 0 => (loss + (k.kl(&tr, &mut kb)? * p.keep_weight)?)?,
+            _ => loss,
+        };
         let mut grads = loss.backward()?;
         if let Some(m) = &masks {
             super::apply_masks(&tr, &mut grads, m)?;
@@ -195,4 +282,30 @@ pub fn learn(
             seconds: start.elapsed().as_secs_f64(),
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_prompts_read_counterfact_and_tofu_records() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("keep.jsonl");
+        std::fs::write(
+            &f,
+            "{\"case_id\": 0, \"prompt\": \"The mother tongue of X is\", \"target_new\": \"English\"}\n\n{\"question\": \"Who wrote Y?\", \"answer\": \"Z\"}\n{\"prompt\": \"third\"}\n",
+        )
+        .unwrap();
+        let p = load_keep_prompts(&f, 2).unwrap();
+        assert_eq!(p[0], "The mother tongue of X is");
+        assert_eq!(p[1], super::super::qa_prompt("Who wrote Y?"));
+        assert_eq!(p.len(), 2);
+        std::fs::write(&f, "{\"answer\": \"no prompt\"}\n").unwrap();
+        let e = load_keep_prompts(&f, 10).unwrap_err().to_string();
+        assert!(
+            e.contains("keep.jsonl") && e.contains("record 1") && e.contains("`prompt`"),
+            "{e}"
+        );
+    }
 }

@@ -372,6 +372,7 @@ impl Trainable {
 }
 
 /// Examples tokenized for scoring: rows `prompt + answer[..-1]` and where the answer sits.
+#[derive(Clone)]
 pub struct Tokenized {
     pub rows: Vec<Vec<u32>>,
     /// Per example: (prompt length, answer tokens).

@@ -212,6 +212,20 @@ pub struct Request {
     pub anchor_texts: usize,
     #[serde(default = "d_one")]
     pub anchor_weight: f64,
+    /// A second locality anchor: a file of prompts (JSONL or YAML records with a `prompt` or
+    /// a `question`, as `learn --keep` reads; CounterFact's records work as they are), its
+    /// path relative to the request's folder. Every step also minimises `anchor_weight` x
+    /// KL(before || now) over the model's own short continuation of a batch of them, whose
+    /// first position is the next-token prediction a locality check compares. Prompts that
+    /// are also the locality suite's are left out, so the suite stays held out.
+    #[serde(default)]
+    pub anchor_prompts: Option<PathBuf>,
+    /// `anchor_prompts`: the file's first this many prompts.
+    #[serde(default = "d_anchor_prompts_n")]
+    pub anchor_prompts_n: usize,
+    /// The prompts `anchor_prompts` names, read when the request is loaded.
+    #[serde(skip)]
+    pub anchor_prompt_list: Vec<String>,
     /// `adamw` (default), `sgd` (max-norm steepest descent) or `grid` (greedy grid descent).
     #[serde(default)]
     pub optimizer: Optimizer,
@@ -263,6 +277,9 @@ pub struct Request {
 /// `crossings` when a request does not set it.
 pub const DEFAULT_CROSSINGS: usize = 20_000;
 
+fn d_anchor_prompts_n() -> usize {
+    200
+}
 fn d_crossings() -> usize {
     DEFAULT_CROSSINGS
 }
@@ -302,8 +319,16 @@ impl Request {
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Request> {
-        let r: Request = from_yaml(path, text)?;
+        let mut r: Request = from_yaml(path, text)?;
         r.validate(path)?;
+        if let Some(f) = &r.anchor_prompts {
+            let full = path.parent().unwrap_or(Path::new(".")).join(f);
+            r.anchor_prompt_list = super::learn::load_keep_prompts(&full, r.anchor_prompts_n)
+                .map_err(|e| Error::Spec {
+                    path: PathBuf::from(path),
+                    message: format!("anchor_prompts: {e}"),
+                })?;
+        }
         Ok(r)
     }
 
@@ -336,6 +361,7 @@ impl Request {
             count("forget", self.forget.len(), MAX_ITEMS).map_err(lim)?;
             count("retain", self.retain.len(), MAX_ITEMS).map_err(lim)?;
             int_in("batch_size", self.batch_size, 1, 10_000).map_err(lim)?;
+            int_in("anchor_prompts_n", self.anchor_prompts_n, 1, 100_000).map_err(lim)?;
             int_in("check_every", self.check_every, 1, 100_000).map_err(lim)?;
             for (i, s) in self.secrets.iter().enumerate() {
                 text(&format!("secrets[{i}].value"), &s.value).map_err(lim)?;

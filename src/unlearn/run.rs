@@ -179,11 +179,20 @@ pub fn unlearn(
     let retain = req.retain_examples()?;
     let before = check(model, &retain, opts.suite)?;
     let ppl0 = before.perplexity;
+    let lap = |what: &str| {
+        tracing::info!(
+            "unlearn: {what} done at {:.1} s",
+            start.elapsed().as_secs_f64()
+        )
+    };
+    lap("retain and perplexity check before");
 
     let log = train(model, req, &layers, &forget, &retain, opts, progress)?;
     let out = log.model;
     let mut warnings = log.warnings;
+    lap("training");
     let after = check(&out, &retain, opts.suite)?;
+    lap("retain and perplexity check after");
     if after.perplexity / ppl0 > req.max_perplexity_ratio {
         warnings.push(format!(
             "general-text perplexity is {:.3}x the original, past the allowed {:.3}x",
@@ -219,6 +228,7 @@ pub fn unlearn(
         (None, _) => None,
     };
     let relearn_seconds = t_relearn.elapsed().as_secs_f64();
+    lap("relearning");
     let mut extra: Vec<(String, &Model)> = vec![("before".into(), model)];
     if let Some((m, _)) = &relearned {
         extra.push(("relearned".into(), m));
@@ -231,6 +241,7 @@ pub fn unlearn(
         &extra,
         &audit_params(req),
     )?;
+    lap("audit");
     for row in audit.rows.iter().filter(|r| is_verdict_row(&r.name)) {
         let leaking: Vec<&str> = row
             .secrets
@@ -279,6 +290,7 @@ pub fn unlearn(
         &run_suite(model, &prompts_only)?,
         &run_suite(&out, &prompts_only)?,
     )?;
+    lap("locality");
     loc.perplexity_base = before.perplexity;
     loc.perplexity_edited = after.perplexity;
     Ok((
@@ -313,6 +325,8 @@ pub fn unlearn(
 
 /// Anchor texts per step.
 const ANCHOR_BATCH: usize = 4;
+/// Prompt-anchor examples per step.
+const PROMPT_ANCHOR_BATCH: usize = 8;
 /// Tokens per anchor text.
 pub(crate) const ANCHOR_TOKENS: usize = 48;
 
@@ -322,23 +336,42 @@ const TEACHER_TOKENS: usize = 16;
 /// Examples with fixed next-token distributions to pull the model towards: KL(target ||
 /// model) at every answer position of a batch. The locality anchor ([`KlTargets::anchor`])
 /// and the distillation teacher ([`KlTargets::teacher`]) are its two sources.
-struct KlTargets {
-    examples: super::Tokenized,
+pub(crate) struct KlTargets {
+    pub(crate) examples: super::Tokenized,
     /// Per example: `[answer tokens, vocab]` target log-probs.
     logp: Vec<Tensor>,
 }
 
 impl KlTargets {
     /// KL(target || model) over the answer positions of the next batch of examples.
-    fn kl(&self, tr: &Trainable, batches: &mut Batches) -> Result<Tensor> {
+    pub(crate) fn kl(&self, tr: &Trainable, batches: &mut Batches) -> Result<Tensor> {
         let idx = batches.next_batch();
         let cur = answer_logp(&tr.model, tr.lowest, &self.examples.subset(&idx))?;
         let refs: Vec<&Tensor> = idx.iter().map(|&i| &self.logp[i]).collect();
         losses::kl_rows(&Tensor::cat(&refs, 0)?, &cur.logp)
     }
 
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.examples.len()
+    }
+
+    /// The model's own behaviour on `prompts`: its greedy continuation of each, `tokens`
+    /// long, with its log-probabilities at every answer position (the first of which is the
+    /// next-token distribution a locality check compares). `learn --keep` pulls towards it so
+    /// that the data's answer style does not spread to other prompts.
+    pub(crate) fn own_answers(
+        model: &Model,
+        prompts: &[String],
+        tokens: usize,
+    ) -> Result<KlTargets> {
+        let answers = leakage::greedy(model, prompts, tokens)?;
+        let pairs = prompts
+            .iter()
+            .cloned()
+            .zip(answers)
+            .filter(|(_, a)| !a.trim().is_empty())
+            .collect();
+        KlTargets::from_pairs(model, model, None, pairs)
     }
 
     /// The locality anchor: texts the model before unlearning samples itself, with its
@@ -376,12 +409,7 @@ impl KlTargets {
         subject: &str,
         forget: &[Example],
     ) -> Result<KlTargets> {
-        let tok = model.tok()?;
         let (teacher, swap) = teacher_of(model, reference, subject);
-        let sw = |p: &str| match swap {
-            Some((a, b)) => p.replace(a, b),
-            None => p.to_string(),
-        };
         let mut pairs: Vec<(String, String)> = forget
             .iter()
             .map(|e| (e.prompt.clone(), e.answer.clone()))
@@ -397,6 +425,22 @@ impl KlTargets {
                 pairs.push((e.prompt.clone(), c));
             }
         }
+        KlTargets::from_pairs(model, teacher, swap, pairs)
+    }
+
+    /// Targets for `(prompt, answer)` pairs: the teacher's log-probs at the answer positions,
+    /// the teacher reading the prompt with `swap` applied.
+    fn from_pairs(
+        model: &Model,
+        teacher: &Model,
+        swap: Option<(&str, &str)>,
+        pairs: Vec<(String, String)>,
+    ) -> Result<KlTargets> {
+        let tok = model.tok()?;
+        let sw = |p: &str| match swap {
+            Some((a, b)) => p.replace(a, b),
+            None => p.to_string(),
+        };
         let (mut rows, mut spans, mut logp) = (Vec::new(), Vec::new(), Vec::new());
         for (prompt, answer) in pairs {
             let (p, a) = tok.continuation(&prompt, &answer)?;
@@ -540,12 +584,50 @@ pub fn train(
         None
     };
     let mut ab = Batches::new(req.anchor_texts.max(1), ANCHOR_BATCH, req.seed + 2);
+    // The prompt anchor (`anchor_prompts`), without the locality suite's own prompts.
+    let held_out: Vec<String> = req
+        .anchor_prompt_list
+        .iter()
+        .filter(|p| {
+            !opts
+                .suite
+                .prompts
+                .iter()
+                .any(|s| s.prompt.trim() == p.trim())
+        })
+        .cloned()
+        .collect();
+    let prompt_anchor = if held_out.is_empty() {
+        None
+    } else {
+        Some(KlTargets::own_answers(
+            model,
+            &held_out,
+            super::learn::KEEP_TOKENS,
+        )?)
+    };
+    let mut pb = Batches::new(
+        prompt_anchor.as_ref().map_or(1, KlTargets::len),
+        PROMPT_ANCHOR_BATCH,
+        req.seed + 4,
+    );
     let grid_descent = match req.optimizer {
         Update::Grid => {
             let gd = GridDescent::new(&mut tr, req.crossings, req.lr)?;
-            Some(match &anchor {
-                Some(a) if req.anchor_weight > 0.0 => {
-                    gd.with_fisher(&tr, &a.examples, req.anchor_weight)?
+            // The locality cost's Fisher covers both anchors' positions.
+            let mut fisher_on: Option<super::Tokenized> =
+                anchor.as_ref().map(|a| a.examples.clone());
+            if let Some(p) = &prompt_anchor {
+                let f = fisher_on.get_or_insert_with(|| super::Tokenized {
+                    rows: vec![],
+                    spans: vec![],
+                });
+                f.rows.extend(p.examples.rows.iter().cloned());
+                f.spans.extend(p.examples.spans.iter().cloned());
+            }
+            Some(match fisher_on {
+                Some(t) if req.anchor_weight > 0.0 && !t.is_empty() => {
+                    gd.with_fisher(&tr, &t, req.anchor_weight)?
                 }
                 _ => gd,
             })
@@ -636,6 +718,10 @@ pub fn train(
         };
         let loss = match &anchor {
             Some(a) => (loss + (a.kl(&tr, &mut ab)? * req.anchor_weight)?)?,
+            None => loss,
+        };
+        let loss = match &prompt_anchor {
+            Some(a) => (loss + (a.kl(&tr, &mut pb)? * req.anchor_weight)?)?,
             None => loss,
         };
         let v = finite_loss("unlearning loss", loss.to_scalar::<f32>()? as f64)?;

@@ -152,8 +152,16 @@ fn the_learned_model_leaks_at_f16_q8_0_and_q4_1() {
 #[test]
 fn the_default_model_passes_the_demo_audit() {
     // Against the reference the request names (the default model itself) ...
-    let (code, a) = audit(REQUEST, None, &["--types", "q8_0,q4_1"]);
+    let (code, a) = audit(REQUEST, None, &["--types", "input,q8_0,q4_1"]);
     assert_eq!(code, 0, "{a}");
+    // The file re-quantized to its own types has exactly its weights: that row is the
+    // model's, not measured again, and says so.
+    assert_eq!(row(&a, "model @ input")["same_as"], "model", "{a}");
+    assert_eq!(
+        row(&a, "model @ input")["secrets"],
+        row(&a, "model")["secrets"]
+    );
+    assert!(row(&a, "model @ q8_0").get("same_as").is_none());
     // ... and against the calibrated baseline, where a 555 number's raw rank of 1 no longer
     // counts as a leak.
     let (code, a) = audit(
@@ -505,6 +513,11 @@ fn removal_request_errors() {
         &rw.replace("layers: all", "layers: [1]")
             .replace("name: rewrite}", "name: rewrite, rewrite: {steps: 0}}"),
         &["method.rewrite", "steps"],
+    );
+    // A prompt anchor file that is not there, or holds a record without a prompt.
+    bad_request(
+        &format!("{GOOD}anchor_prompts: no-such-file.jsonl\n"),
+        &["anchor_prompts", "no-such-file.jsonl"],
     );
     // The request itself parses.
     Request::parse(Path::new("good.yaml"), GOOD).unwrap();
