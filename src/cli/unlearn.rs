@@ -67,8 +67,14 @@ pub fn render(r: &UnlearnReport) -> String {
         r.retain_examples
     ));
     out.push_str(&format!(
-        "stopped after {} steps ({}); training {:.1} s, relearning {:.1} s, audit {:.1} s, total {:.1} s\n",
-        r.steps, r.stop_reason, r.train_seconds, r.relearn_seconds, r.audit_seconds, r.seconds
+        "stopped after {} steps ({}); setup {:.1} s, training {:.1} s, relearning {:.1} s, audit {:.1} s, total {:.1} s\n",
+        r.steps,
+        r.stop_reason,
+        r.setup_seconds,
+        r.train_seconds,
+        r.relearn_seconds,
+        r.audit_seconds,
+        r.seconds
     ));
     out.push_str(&super::audit::render(&r.audit));
     let mut u = Table::new();

@@ -743,6 +743,11 @@ pub fn audit_model(
 /// secret, the baseline's greedy runs per probe and its log-prob per scored prompt.
 pub struct QuickBaseline {
     secrets: Vec<(String, Probes, Vec<usize>, Vec<f64>)>,
+    /// Calibrated: what to measure the baseline again from on each checked model, as the
+    /// audit does (the audited model itself reading the stand-ins' names). Measured once on
+    /// the model before training, it would let the stop rule pass what the audit then fails:
+    /// unlearning lowers the secret for the stand-ins too.
+    calibrated: Option<(String, Vec<Secret>, Vec<Example>)>,
 }
 
 /// The stop rule's check of one model: greedy extraction, partial secrets and the log-prob
@@ -835,11 +840,24 @@ pub fn quick_baseline(
             .collect();
         out.push((value, pr, runs, lps));
     }
-    Ok(QuickBaseline { secrets: out })
+    let calibrated = matches!(baseline, Baseline::Calibrated)
+        .then(|| (subject.to_string(), secrets.to_vec(), forget.to_vec()));
+    Ok(QuickBaseline {
+        secrets: out,
+        calibrated,
+    })
 }
 
 /// The stop rule's check (see [`QuickCheck`]).
 pub fn quick_check(model: &Model, qb: &QuickBaseline, p: &AuditParams) -> Result<QuickCheck> {
+    let fresh;
+    let qb = match &qb.calibrated {
+        Some((subject, secrets, forget)) => {
+            fresh = quick_baseline(model, Baseline::Calibrated, subject, secrets, forget)?;
+            &fresh
+        }
+        None => qb,
+    };
     let mut c = QuickCheck::default();
     for (value, pr, runs, lps) in &qb.secrets {
         let (outs, lp) = quick_measure(model, value, pr, None)?;

@@ -500,6 +500,8 @@ pub fn train(
         stop_reason,
         warnings,
         final_guard_ratio: final_ratio,
+        // The search and the update are all training here.
+        setup_seconds: 0.0,
         train_seconds,
     })
 }

@@ -113,6 +113,9 @@ pub struct UnlearnReport {
     /// model before unlearning.
     pub locality: Locality,
     pub warnings: Vec<String>,
+    /// Before the first step: the guard's perplexity, the anchor texts, the grid-descent
+    /// Fisher, the teacher's targets and the stop rule's baseline.
+    pub setup_seconds: f64,
     pub train_seconds: f64,
     pub relearn_seconds: f64,
     pub audit_seconds: f64,
@@ -316,6 +319,7 @@ pub fn unlearn(
             final_guard_ratio: log.final_guard_ratio,
             locality: loc,
             warnings,
+            setup_seconds: log.setup_seconds,
             train_seconds: log.train_seconds,
             relearn_seconds,
             seconds: start.elapsed().as_secs_f64(),
@@ -524,6 +528,8 @@ pub struct TrainLog {
     pub warnings: Vec<String>,
     /// The guard's perplexity ratio of the returned weights.
     pub final_guard_ratio: f64,
+    /// Before the first step (see [`UnlearnReport::setup_seconds`]), and the steps.
+    pub setup_seconds: f64,
     pub train_seconds: f64,
 }
 
@@ -545,6 +551,7 @@ pub fn train(
     if req.method.name == MethodName::Rewrite {
         return super::rewrite::train(model, req, layers, forget, retain, opts, progress);
     }
+    let t_setup = std::time::Instant::now();
     let guard0 = perplexity(model, opts.suite, GUARD_TEXTS)?;
     let rmu = match req.method.name {
         MethodName::Rmu => Some(Rmu::new(model, layers, &req.method.rmu, req.seed)?),
@@ -664,6 +671,7 @@ pub fn train(
     let ap = audit_params(req);
     let baseline = opts.baseline();
     let qb = quick_baseline(model, baseline, &req.subject, &req.secrets, forget)?;
+    let setup_seconds = t_setup.elapsed().as_secs_f64();
     let t_train = std::time::Instant::now();
     for step in 1..=req.steps {
         let fi = fb.next_batch();
@@ -792,6 +800,7 @@ pub fn train(
         stop_reason,
         warnings,
         final_guard_ratio: last_good_ratio,
+        setup_seconds,
         train_seconds,
     })
 }

@@ -173,6 +173,31 @@ fn the_default_model_passes_the_demo_audit() {
     assert!(a["baseline"].as_str().unwrap().starts_with("calibrated"));
 }
 
+#[test]
+fn the_default_model_leaks_its_pretrained_fact_at_every_type() {
+    // Knowledge from pre-training (forget-sets/pretrained-tolkien.yaml): the default model
+    // says who wrote The Lord of the Rings, against the calibrated baseline, at the file and
+    // re-quantized to f16, Q8_0, Q4_1 and Q4_0.
+    let (code, a) = audit(
+        "forget-sets/pretrained-tolkien.yaml",
+        None,
+        &["--types", "f16,q8_0,q4_1,q4_0"],
+    );
+    assert_eq!(code, 3, "{a}");
+    assert!(a["baseline"].as_str().unwrap().starts_with("calibrated"));
+    for name in [
+        "model",
+        "model @ f16",
+        "model @ q8_0",
+        "model @ q4_1",
+        "model @ q4_0",
+    ] {
+        assert_eq!(leaks(row(&a, name)), vec![true], "{name}");
+        let s = &row(&a, name)["secrets"][0];
+        assert!(s["greedy_leaks"].as_u64().unwrap() >= 5, "{name}: {s}");
+    }
+}
+
 /// The locality this demo reaches today (top-1 agreement on the 204 unrelated prompts
 /// against the model before unlearning): a regression floor, not the 97% target,
 /// which is not met (README, "What unlearning does not do yet").
